@@ -1,0 +1,146 @@
+"""RAM tier: a byte-capacity store with a pluggable eviction policy (LRU by default) and max_age.
+
+Holds bytes only; thread-safe; never copies a value on read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from promptcache.errors import CapacityError
+from promptcache.store.policies import Entry, get_policy
+
+
+class MemoryStore:
+    """In-process store. `capacity_bytes` holds after every operation.
+
+    policy: "lru" (default), "fifo", "ttl" or "size"; max_age (seconds) expires entries under any policy
+    and is required by "ttl". `on_evict(key)` is called for each entry evicted or expired.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self,
+        capacity_bytes: int = 2 << 30,
+        *,
+        policy: str = "lru",
+        max_age: float | None = None,
+        on_evict: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise ValueError("capacity_bytes must be a positive int")
+        self.policy = get_policy(policy)
+        if policy == "ttl" and not max_age:
+            raise ValueError("policy 'ttl' needs max_age (seconds)")
+        if max_age is not None and max_age <= 0:
+            raise ValueError("max_age must be positive seconds or None")
+        self.capacity_bytes = capacity_bytes
+        self.max_age = max_age
+        self.on_evict = on_evict
+        self._clock = clock
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self.hits = self.misses = self.puts = self.evictions = self.expirations = 0
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self._bytes -= entry.size
+        if self.on_evict is not None:
+            self.on_evict(key)
+
+    def _expired(self, entry: Entry, now: float) -> bool:
+        return self.max_age is not None and now - entry.created > self.max_age
+
+    def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            now = self._clock()
+            if entry is None or self._expired(entry, now):
+                if entry is not None:
+                    self._drop(key)
+                    self.expirations += 1
+                self.misses += 1
+                return None
+            entry.accessed = now
+            if self.policy.refresh_on_read:
+                self._entries.move_to_end(key)
+            self.hits += 1
+            return entry.value
+
+    def put(self, key: str, value: bytes, *, fingerprint: str = "") -> None:
+        size = len(value)
+        if size > self.capacity_bytes:
+            raise CapacityError(
+                f"value of {size} bytes exceeds the memory store's capacity of {self.capacity_bytes}; "
+                "raise capacity_bytes"
+            )
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= self._entries.pop(key).size
+            while self._entries and self._bytes + size > self.capacity_bytes:
+                self._drop(self.policy.victim(self._entries))
+                self.evictions += 1
+            now = self._clock()
+            self._entries[key] = Entry(value, size, now, now)
+            self._bytes += size
+            self.puts += 1
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            self._bytes -= entry.size
+            return True
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and not self._expired(entry, self._clock())
+
+    def expire(self) -> int:
+        """Remove entries older than max_age now; returns how many."""
+        if self.max_age is None:
+            return 0
+        with self._lock:
+            now = self._clock()
+            old = [k for k, e in self._entries.items() if self._expired(e, now)]
+            for key in old:
+                self._drop(key)
+            self.expirations += len(old)
+            return len(old)
+
+    def size(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(self._entries))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def stats(self) -> dict[str, int | float | str]:
+        return {
+            "tier": self.name,
+            "policy": self.policy.name,
+            "entries": len(self._entries),
+            "bytes": self._bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "puts": self.puts,
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+        }
