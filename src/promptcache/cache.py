@@ -1,0 +1,424 @@
+"""PromptCache: the one entry point engines use; longest cached prefix in, state for exactly those tokens out.
+
+Owns the index, the chunking of states into content-addressed blocks and the byte budget;
+it does not run models (engines do) and does not lay out bytes on disk (stores do).
+
+Chunking. A state covering tokens [0, n) is cut at every multiple of `block_size`. The chunk
+for [j*B, e) (e = (j+1)*B, or n for the tail) is keyed by chain(h_j, tokens[j*B:e]) where h_j is
+the hash chain over (fingerprint, the full blocks before it): full blocks are shared by every
+sequence with the same prefix (stored once), and any process can compute their keys from a
+prompt alone, which is how a fresh process finds what others wrote to a shared store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from promptcache import keys as K
+from promptcache.codec import FixedWidthCodec, OpaqueCodec, StateCodec
+from promptcache.errors import CapacityError, CodecError, PromptCacheError
+from promptcache.index import Node, RadixIndex
+from promptcache.store import MemoryStore, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A cached prefix: `state` covers exactly the first `tokens_reused` tokens of the prompt."""
+
+    tokens_reused: int
+    state: bytes
+    source: str
+    fingerprint: str
+
+
+@dataclass
+class _Record:
+    """What one cached sequence holds: its chunk keys (in token order) and their sizes."""
+
+    keys: list[str]
+    sizes: list[int]
+    opaque: bool = False
+
+
+@dataclass
+class CacheStats:
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    tokens_looked_up: int = 0
+    tokens_reused: int = 0
+    inserts: int = 0
+    bytes_written: int = 0
+    chunks_written: int = 0
+    chunks_deduplicated: int = 0
+    evicted_sequences: int = 0
+    missing_chunks: int = 0
+    hits_by_tier: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+def _hex(key: bytes) -> str:
+    return "kv-" + key.hex()
+
+
+class PromptCache:
+    """Longest-prefix cache of engine states over a byte store.
+
+    store: any Store (MemoryStore by default, DiskStore, a tiered store); capacity_bytes sizes the
+    default MemoryStore and is otherwise the store's own. codec: how states are cut and joined
+    (engines pass theirs; a non-splittable codec means whole entries only). block_size: tokens per
+    chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md).
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        capacity_bytes: int | None = None,
+        codec: StateCodec | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError("block_size must be a positive int")
+        if store is None:
+            store = MemoryStore(capacity_bytes if capacity_bytes is not None else 2 << 30)
+        elif capacity_bytes is not None and capacity_bytes != store.capacity_bytes:
+            raise ValueError("give capacity_bytes to the store, not to PromptCache, when passing a store")
+        self.store = store
+        self.codec: StateCodec = codec if codec is not None else OpaqueCodec()
+        self.block_size = block_size
+        # A store this cache alone writes holds nothing the index does not know; others may.
+        self._probe_store = not isinstance(store, MemoryStore)
+        self._indexes: dict[str, RadixIndex] = {}
+        self._refs: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self._stats = CacheStats()
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.store.capacity_bytes
+
+    def lookup(
+        self,
+        tokens: Sequence[int],
+        fingerprint: str,
+        *,
+        max_tokens: int | None = None,
+        codec: StateCodec | None = None,
+    ) -> Hit | None:
+        """The longest cached prefix of `tokens` (at most `max_tokens` long), or None.
+
+        Raises TypeError/ValueError for malformed tokens or fingerprint; store faults are misses.
+        """
+        tb = K.token_bytes(tokens)
+        K.root_key(fingerprint)
+        codec = codec or self.codec
+        n = len(tb) // 4
+        limit = n if max_tokens is None else max(0, min(n, int(max_tokens)))
+        with self._lock:
+            self._stats.lookups += 1
+            self._stats.tokens_looked_up += n
+            hit = None
+            if limit > 0:
+                try:
+                    hit = (self._lookup_chunks if codec.splittable else self._lookup_whole)(
+                        tb, limit, fingerprint, codec
+                    )
+                except CodecError as exc:
+                    log.warning("cached state failed to join (%s); treating as a miss", exc)
+                    hit = None
+            if hit is None:
+                self._stats.misses += 1
+                return None
+            self._stats.hits += 1
+            self._stats.tokens_reused += hit.tokens_reused
+            self._stats.hits_by_tier[hit.source] = self._stats.hits_by_tier.get(hit.source, 0) + 1
+            return hit
+
+    def insert(
+        self,
+        tokens: Sequence[int],
+        state: bytes,
+        fingerprint: str,
+        *,
+        codec: StateCodec | None = None,
+    ) -> int:
+        """Cache `state`, which covers exactly `tokens`; returns the bytes newly written.
+
+        Raises TypeError/ValueError for malformed input, CodecError if the codec cannot read the
+        state, CapacityError if the sequence alone exceeds the capacity.
+        """
+        tb = K.token_bytes(tokens)
+        K.root_key(fingerprint)
+        if not tb:
+            raise ValueError("cannot cache an empty token sequence")
+        if not isinstance(state, (bytes, bytearray, memoryview)):
+            raise TypeError(f"state must be bytes, not {type(state).__name__}")
+        codec = codec or self.codec
+        n = len(tb) // 4
+        if codec.splittable:
+            have = codec.n_tokens(state)
+            if have != n:
+                raise ValueError(f"state covers {have} tokens but {n} tokens were given")
+            bounds = self._bounds(n)
+            chunk_keys = self._chunk_keys(tb, fingerprint, bounds)
+        else:
+            bounds = [0, n]
+            chunk_keys = [_hex(K.chain(K.root_key(fingerprint), tb)) + "-w"]
+        with self._lock:
+            index = self._indexes.setdefault(fingerprint, RadixIndex())
+            existing = index.find(tb)
+            if existing is not None and existing.value is not None:
+                index.touch(existing)
+                if all(self.store.contains(k) for k in existing.value.keys):
+                    return 0
+                self._forget(index, existing)
+            new = [i for i, k in enumerate(chunk_keys) if k not in self._refs]
+            if codec.splittable:
+                segments = codec.split(bytes(state), bounds) if new else []
+            else:
+                segments = [bytes(state)]
+            sizes = [len(s) for s in segments] if segments else [self._sizes[k] for k in chunk_keys]
+            new_bytes = sum(sizes[i] for i in new)
+            if new_bytes > self.capacity_bytes:
+                raise CapacityError(
+                    f"a {n}-token state needs {new_bytes} bytes, more than the cache's capacity of "
+                    f"{self.capacity_bytes}; raise capacity_bytes"
+                )
+            node, _ = index.insert(tb, _Record(chunk_keys, sizes, not codec.splittable))
+            for k in chunk_keys:
+                self._refs[k] = self._refs.get(k, 0) + 1
+            self._make_room(new_bytes, keep=node)
+            written = 0
+            # Tail first, root block last: a shared prefix ends up the most recently used.
+            for i in reversed(new):
+                key = chunk_keys[i]
+                self._sizes[key] = sizes[i]
+                self._bytes += sizes[i]
+                if self._probe_store and self.store.contains(key):
+                    self._stats.chunks_deduplicated += 1
+                    continue
+                self.store.put(key, segments[i], fingerprint=fingerprint)
+                written += sizes[i]
+                self._stats.chunks_written += 1
+            self._stats.chunks_deduplicated += len(chunk_keys) - len(new)
+            self._stats.inserts += 1
+            self._stats.bytes_written += written
+            return written
+
+    def contains(self, tokens: Sequence[int], fingerprint: str) -> bool:
+        """Whether exactly this token sequence is cached under `fingerprint` (by this process's index)."""
+        tb = K.token_bytes(tokens)
+        with self._lock:
+            index = self._indexes.get(fingerprint)
+            return bool(tb) and index is not None and index.find(tb) is not None
+
+    def remove(self, tokens: Sequence[int], fingerprint: str) -> bool:
+        """Forget one cached sequence (chunks it alone used are deleted); True if it was cached."""
+        tb = K.token_bytes(tokens)
+        with self._lock:
+            index = self._indexes.get(fingerprint)
+            node = index.find(tb) if index else None
+            if node is None:
+                return False
+            self._forget(index, node)
+            return True
+
+    def clear(self) -> None:
+        """Forget everything and empty the store."""
+        with self._lock:
+            self._indexes.clear()
+            self._refs.clear()
+            self._sizes.clear()
+            self._bytes = 0
+            self.store.clear()
+
+    def __len__(self) -> int:
+        return sum(len(ix) for ix in self._indexes.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state this cache's index references (each chunk counted once)."""
+        return self._bytes
+
+    def stats(self) -> dict[str, object]:
+        """Counters of this cache and of its store."""
+        s = self._stats
+        return {
+            "sequences": len(self),
+            "chunks": len(self._refs),
+            "bytes": self._bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "block_size": self.block_size,
+            "lookups": s.lookups,
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hit_rate,
+            "tokens_looked_up": s.tokens_looked_up,
+            "tokens_reused": s.tokens_reused,
+            "inserts": s.inserts,
+            "bytes_written": s.bytes_written,
+            "chunks_written": s.chunks_written,
+            "chunks_deduplicated": s.chunks_deduplicated,
+            "evicted_sequences": s.evicted_sequences,
+            "missing_chunks": s.missing_chunks,
+            "hits_by_tier": dict(s.hits_by_tier),
+            "store": self.store.stats(),
+        }
+
+    # ---------------------------------------------------------------- internals
+
+    def _bounds(self, n: int) -> list[int]:
+        b = self.block_size
+        return list(range(0, n, b)) + [n]
+
+    def _chunk_keys(self, tb: bytes, fingerprint: str, bounds: list[int]) -> list[str]:
+        prefix = K.block_keys(fingerprint, tb, self.block_size, (len(bounds) - 1))
+        view = memoryview(tb)
+        out = []
+        for j, (a, e) in enumerate(zip(bounds, bounds[1:])):
+            full = e - a == self.block_size
+            out.append(_hex(prefix[j + 1] if full else K.chain(prefix[j], view[4 * a : 4 * e])))
+        return out
+
+    def _fetch(self, key: str, fingerprint: str) -> tuple[bytes | None, str]:
+        get_with_tier = getattr(self.store, "get_with_tier", None)
+        if get_with_tier is not None:
+            return get_with_tier(key, fingerprint=fingerprint)
+        return self.store.get(key, fingerprint=fingerprint), self.store.name
+
+    def _lookup_chunks(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
+        B = self.block_size
+        index = self._indexes.get(fingerprint)
+        match = index.match(tb[: 4 * limit]) if index else None
+        length = match.length if match else 0
+        if length:
+            assert index is not None and match is not None
+            index.touch(index.terminal_below(match.node))
+        n_full = length // B
+        prefix = K.block_keys(fingerprint, tb, B, limit // B)
+        chunk_keys = [_hex(prefix[j + 1]) for j in range(n_full)]
+        partial_key, partial_len = None, length - n_full * B
+        if partial_len:
+            assert index is not None and match is not None
+            # The chunk that covers the match's last tokens belongs to a cached sequence that goes on
+            # differently (or further): its key comes from that sequence's tokens, not the prompt's.
+            seq_tokens = index.tokens_of(index.terminal_below(match.node))
+            end = min(len(seq_tokens) // 4, (n_full + 1) * B)
+            partial_key = _hex(K.chain(prefix[n_full], memoryview(seq_tokens)[4 * n_full * B : 4 * end]))
+        if self._probe_store:
+            # Other processes may have written what this index does not know: probe the prompt's own blocks.
+            j = n_full
+            while j < limit // B and self.store.contains(_hex(prefix[j + 1])):
+                j += 1
+            if j > n_full:
+                chunk_keys += [_hex(prefix[i + 1]) for i in range(n_full, j)]
+                n_full, partial_key, partial_len = j, None, 0
+            if partial_len == 0 and n_full * B < limit:
+                view = memoryview(tb)
+                for r in range(min(B - 1, limit - n_full * B), 0, -1):
+                    key = _hex(K.chain(prefix[n_full], view[4 * n_full * B : 4 * (n_full * B + r)]))
+                    if self.store.contains(key):
+                        partial_key, partial_len = key, r
+                        break
+        if partial_key is not None:
+            chunk_keys.append(partial_key)
+        if not chunk_keys:
+            return None
+        segments: list[bytes] = [b""] * len(chunk_keys)
+        tiers = set()
+        usable = len(chunk_keys)
+        for i in reversed(range(len(chunk_keys))):  # deepest first: the root block ends most recent
+            value, tier = self._fetch(chunk_keys[i], fingerprint)
+            if value is None:
+                usable = i
+                continue
+            segments[i] = value
+            tiers.add(tier)
+        if usable < len(chunk_keys):
+            self._stats.missing_chunks += len(chunk_keys) - usable
+            self._drop_missing(fingerprint, chunk_keys[usable])
+            segments, partial_len = segments[:usable], 0
+            if not segments:
+                return None
+        if partial_len:
+            segments[-1] = codec.cut(segments[-1], partial_len)
+        reused = (len(segments) - (1 if partial_len else 0)) * B + partial_len
+        state = codec.join(segments)
+        return Hit(reused, state, _slowest(tiers), fingerprint)
+
+    def _lookup_whole(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
+        index = self._indexes.get(fingerprint)
+        candidates: list[int] = []
+        if index is not None:
+            candidates = [t.depth for t in index.match(tb[: 4 * limit]).terminals]
+        if self._probe_store and limit not in candidates:
+            candidates.append(limit)
+        root = K.root_key(fingerprint)
+        for depth in sorted(set(candidates), reverse=True):
+            key = _hex(K.chain(root, tb[: 4 * depth])) + "-w"
+            value, tier = self._fetch(key, fingerprint)
+            if value is None:
+                continue
+            if index is not None and (node := index.find(tb[: 4 * depth])) is not None:
+                index.touch(node)
+            return Hit(depth, codec.join([value]), tier, fingerprint)
+        return None
+
+    def _drop_missing(self, fingerprint: str, key: str) -> None:
+        """A chunk vanished from the store (evicted by another process, or corrupt): forget its users."""
+        index = self._indexes.get(fingerprint)
+        if index is None:
+            return
+        for node in [n for n in index.sequences() if key in n.value.keys]:
+            self._forget(index, node)
+
+    def _forget(self, index: RadixIndex, node: Node) -> None:
+        record: _Record = node.value
+        index.remove(node)
+        for k in record.keys:
+            left = self._refs.get(k, 0) - 1
+            if left > 0:
+                self._refs[k] = left
+                continue
+            self._refs.pop(k, None)
+            self._bytes -= self._sizes.pop(k, 0)
+            if not self._probe_store:
+                self.store.delete(k)
+
+    def _make_room(self, new_bytes: int, keep: Node) -> None:
+        """Evict least recently used leaf sequences until new_bytes fit (a shared prefix outlives its branches)."""
+        while self._bytes + new_bytes > self.capacity_bytes:
+            victim = None
+            for index in self._indexes.values():
+                leaf = index.lru_leaf(exclude=keep)
+                if leaf is not None and (victim is None or leaf.last_access < victim[1].last_access):
+                    victim = (index, leaf)
+            if victim is None:
+                raise PromptCacheError("nothing left to evict")  # unreachable: new_bytes <= capacity
+            self._forget(*victim)
+            self._stats.evicted_sequences += 1
+
+
+_TIER_ORDER = {"memory": 0, "disk": 1, "redis": 2}
+
+
+def _slowest(tiers: set[str]) -> str:
+    return max(tiers, key=lambda t: _TIER_ORDER.get(t, 3)) if tiers else "none"
+
+
+__all__ = ["PromptCache", "Hit", "CacheStats", "DEFAULT_BLOCK_SIZE", "FixedWidthCodec"]

@@ -1,0 +1,175 @@
+"""PromptCache over synthetic fixed-width states: token-granular hits, shared prefixes once, capacity, fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import WIDTH, synthetic_state
+from promptcache import CapacityError, FixedWidthCodec, MemoryStore, OpaqueCodec, PromptCache
+
+FP = "model-a"
+seqs = st.lists(st.integers(0, 2), min_size=1, max_size=40)
+
+
+def brute_force(cached, query, limit):
+    best = 0
+    for seq in cached:
+        k = 0
+        while k < min(len(seq), len(query), limit) and seq[k] == query[k]:
+            k += 1
+        best = max(best, k)
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(seqs, max_size=8), seqs, st.integers(1, 9))
+def test_lookup_equals_brute_force_and_returns_exact_state(cached, query, block):
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block)
+    for seq in cached:
+        cache.insert(seq, synthetic_state(seq), FP)
+    expected = brute_force(cached, query, len(query))
+    hit = cache.lookup(query, FP)
+    if expected == 0:
+        assert hit is None
+    else:
+        assert hit.tokens_reused == expected
+        assert hit.state == synthetic_state(query[:expected])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(seqs, min_size=1, max_size=8), seqs)
+def test_max_tokens_caps_the_hit(cached, query):
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    for seq in cached:
+        cache.insert(seq, synthetic_state(seq), FP)
+    limit = max(0, len(query) - 2)
+    hit = cache.lookup(query, FP, max_tokens=limit)
+    expected = brute_force(cached, query, limit)
+    assert (hit.tokens_reused if hit else 0) == expected
+
+
+def test_hit_inside_a_longer_cached_sequence_and_strict_prefix():
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    long = list(range(100, 130))
+    cache.insert(long, synthetic_state(long), FP)
+    prompt = long[:13] + [1, 2, 3]
+    hit = cache.lookup(prompt, FP)
+    assert hit.tokens_reused == 13 and hit.state == synthetic_state(long[:13])
+    hit = cache.lookup(long[:21], FP)  # a strict prefix of a cached sequence
+    assert hit.tokens_reused == 21 and hit.state == synthetic_state(long[:21])
+
+
+def test_shared_prefix_is_stored_once():
+    block, prefix_len, k = 16, 2000, 50
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block)
+    prefix = [(i * 7919) % 40000 for i in range(prefix_len)]
+    suffixes = [[50000 + i, 50100 + i, 50200 + i] for i in range(k)]
+    for suffix in suffixes:
+        seq = prefix + suffix
+        cache.insert(seq, synthetic_state(seq), FP)
+    unique_tokens = prefix_len + sum(len(s) for s in suffixes)
+    # Each sequence repeats at most the part of the prefix inside its last partial block.
+    assert cache.nbytes <= (unique_tokens + k * (block - 1)) * WIDTH
+    assert cache.nbytes == cache.store.size()
+    assert cache.nbytes < 2 * prefix_len * WIDTH  # K x P would be 50x
+    assert cache.stats()["chunks_deduplicated"] >= (k - 1) * (prefix_len // block)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(seqs, min_size=1, max_size=30), st.integers(40, 400))
+def test_capacity_holds_after_every_operation(stream, capacity):
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4, capacity_bytes=capacity * WIDTH)
+    for i, seq in enumerate(stream):
+        try:
+            cache.insert(seq, synthetic_state(seq), FP)
+        except CapacityError:
+            assert len(seq) * WIDTH > capacity * WIDTH
+        assert cache.store.size() <= cache.capacity_bytes
+        assert cache.nbytes == cache.store.size()
+        if i % 3 == 0:
+            hit = cache.lookup(seq, FP)
+            if hit:
+                assert hit.state == synthetic_state(seq[: hit.tokens_reused])
+
+
+def test_eviction_keeps_the_shared_prefix():
+    block = 4
+    prefix = list(range(1000, 1016))  # 4 full blocks
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block, capacity_bytes=(16 + 3 * 4) * WIDTH)
+    for i in range(6):
+        seq = prefix + [i] * 4
+        cache.insert(seq, synthetic_state(seq), FP)
+        assert cache.store.size() <= cache.capacity_bytes
+    assert cache.stats()["evicted_sequences"] >= 3
+    hit = cache.lookup(prefix + [99], FP)
+    assert hit.tokens_reused == 16
+
+
+def test_another_fingerprint_is_never_loaded():
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    seq = list(range(20))
+    cache.insert(seq, synthetic_state(seq), "model-a")
+    assert cache.lookup(seq, "model-b") is None
+    assert cache.lookup(seq, "model-a").tokens_reused == 20
+
+
+def test_whole_entry_mode_reuses_exact_prefix_entries_only():
+    cache = PromptCache(codec=OpaqueCodec())
+    a = list(range(10))
+    cache.insert(a, b"opaque-state-of-a", FP)
+    assert cache.lookup(a[:5], FP) is None  # cannot be cut to 5 tokens
+    hit = cache.lookup(a + [42, 43], FP)
+    assert hit.tokens_reused == 10 and hit.state == b"opaque-state-of-a"
+    assert cache.lookup(a, FP, max_tokens=9) is None
+
+
+def test_remove_and_clear():
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    a, b = list(range(12)), list(range(8)) + [99, 98]
+    for s in (a, b):
+        cache.insert(s, synthetic_state(s), FP)
+    assert cache.remove(a, FP)
+    assert not cache.remove(a, FP)
+    assert cache.lookup(a, FP).tokens_reused == 8  # b still shares 8 tokens
+    assert cache.nbytes == cache.store.size() == len(b) * WIDTH
+    cache.clear()
+    assert cache.lookup(b, FP) is None and cache.store.size() == 0 and len(cache) == 0
+
+
+@pytest.mark.parametrize(
+    "tokens, state, fp, exc",
+    [
+        ("hello", b"x" * WIDTH, FP, TypeError),
+        ([], b"", FP, ValueError),
+        ([1, -2], b"x" * 2 * WIDTH, FP, ValueError),
+        ([1, 2], "not bytes", FP, TypeError),
+        ([1, 2], b"x" * WIDTH, FP, ValueError),  # state covers 1 token, 2 given
+        ([1, 2], b"x" * 2 * WIDTH, "", TypeError),
+        ([[1], [2]], b"x" * 2 * WIDTH, FP, TypeError),
+    ],
+)
+def test_bad_input_is_a_clear_error(tokens, state, fp, exc):
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH))
+    with pytest.raises(exc):
+        cache.insert(tokens, state, fp)
+    assert len(cache) == 0
+
+
+def test_a_chunk_lost_from_the_store_is_a_shorter_hit_not_a_wrong_one():
+    store = MemoryStore(1 << 20)
+    cache = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=4)
+    seq = list(range(20))
+    cache.insert(seq, synthetic_state(seq), FP)
+    keys_in_order = cache._indexes[FP].find(cache_tokens(seq)).value.keys
+    store.delete(keys_in_order[2])  # tokens 8..11
+    hit = cache.lookup(seq, FP)
+    assert hit.tokens_reused == 8 and hit.state == synthetic_state(seq[:8])
+    assert cache.stats()["missing_chunks"] >= 1
+
+
+def cache_tokens(seq):
+    from promptcache.keys import token_bytes
+
+    return token_bytes(seq)
