@@ -333,6 +333,17 @@ class LLM:
         """Text of token ids."""
         return self._model.detokenize(list(tokens), special).decode("utf-8", errors="replace")
 
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 character)."""
+        llama_cpp = _llama()
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
     def _is_eog(self, token: int) -> bool:
         return bool(_llama().llama_vocab_is_eog(self._vocab, token))
 
@@ -374,25 +385,32 @@ class LLM:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def _probe_exact_batch(self) -> int:
+        """Smallest b such that evaluating the last b tokens alone gives the logits of one large batch."""
         self._ensure_context(64)
-        tokens = self.tokenize(_PROBE_TEXT)[:24]
+        tokens = (self.tokenize(_PROBE_TEXT) * 4)[:48]
         self._ctx.kv_cache_clear()
         self._decode(tokens, 0)
         reference = self._last_logits()
         exact = 64
-        for b in (8, 4, 2, 1):
+        for b in (1, 2, 4, 8):
             self._ctx.kv_cache_clear()
             self._decode(tokens[:-b], 0)
             self._decode(tokens[-b:], len(tokens) - b)
-            if not np.array_equal(self._last_logits(), reference):
+            if np.array_equal(self._last_logits(), reference):
+                exact = b
                 break
-            exact = b
         self._ctx.kv_cache_clear()
         self._tokens, self._n_exact = [], 0
         if exact == 64:
-            log.warning("no small batch matches a large one on this machine; cached logits may differ")
+            log.warning("no batch of up to 8 tokens matches a large batch here; cached logits may differ")
         log.debug("exact batch for %s: %d", self.model_path, exact)
         return exact
+
+    @property
+    def reuses_generated(self) -> bool:
+        """Whether generated tokens' KV is reused: always when exact=False; in exact mode only where a
+        1-token batch is exact (the probe says so), since generated tokens are decoded one at a time."""
+        return not self.exact or self.exact_batch == 1
 
     def _get_state(self) -> bytes:
         llama_cpp = _llama()
@@ -452,7 +470,7 @@ class LLM:
             return
         t0 = time.perf_counter()
         tokens = list(self._tokens)
-        if self.exact and len(tokens) > len(prompt):
+        if not self.reuses_generated and len(tokens) > len(prompt):
             self._ctx.kv_cache_seq_rm(0, len(prompt), -1)
             tokens = tokens[: len(prompt)]
             self._tokens, self._n_exact = tokens, len(tokens)
@@ -519,7 +537,7 @@ class LLM:
                     finish = "stop"
                     break
                 generated.append(token)
-                text += decoder.decode(self._model.token_to_piece(token, False))
+                text += decoder.decode(self.token_to_piece(token))
                 cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
@@ -536,7 +554,7 @@ class LLM:
                 pos = len(self._tokens)
                 self._decode([token], pos)
                 self._tokens.append(token)
-                if not self.exact:
+                if self.reuses_generated:
                     self._n_exact = len(self._tokens)
                 logits = self._last_logits()
             if finish == "length":

@@ -1,0 +1,49 @@
+"""Shared plumbing of the benchmarks: medians, machine facts, and assembling BENCHMARKS.md from sections.
+
+Each benchmark writes bench/results/<name>.md (and .json); BENCHMARKS.md is their concatenation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ORDER = ["index", "prefix", "server", "tiers"]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def write_section(name: str, markdown: str, data: dict) -> None:
+    """Save one benchmark's section and rebuild BENCHMARKS.md from every section present."""
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (RESULTS / f"{name}.md").write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}._\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+    parts = ["# promptcache benchmarks\n",
+             "Every figure below was measured by the script named in its section; rerun it to refresh.\n"]
+    names = ORDER + sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER)
+    for n in names:
+        path = RESULTS / f"{n}.md"
+        if path.exists():
+            parts.append(path.read_text())
+    (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
