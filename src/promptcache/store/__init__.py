@@ -53,6 +53,7 @@ class Store(Protocol):
         ...
 
 
+from promptcache.store.disk import DiskStore  # noqa: E402
 from promptcache.store.memory import MemoryStore  # noqa: E402
 
-__all__ = ["Store", "MemoryStore"]
+__all__ = ["Store", "MemoryStore", "DiskStore"]
