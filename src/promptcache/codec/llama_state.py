@@ -1,0 +1,425 @@
+"""Parse, slice and join the bytes of llama.cpp's `llama_state_seq_get_data` for one sequence.
+
+Owns the byte layout and the segment format only; it never calls llama.cpp, stores or hashes entries.
+
+The state, as written by llama-cpp-python 0.3.36's llama.cpp (src/llama-kv-cache.cpp,
+`llama_kv_cache::state_write`, `state_write_meta`, `state_write_data`), all little-endian:
+
+    u32 magic 0xaf143cd8, i32 source seq_id        (llama-context.cpp, state_seq_write_data)
+    u32 n_stream; per stream: u32 cell_count, and when cell_count > 0:
+      cell_count x (i32 pos, u32 n_seq_id, [llama_kv_cell_ext,] n_seq_id x i32 seq_id)
+      u32 v_trans, u32 n_layer
+      per layer: i32 k_type, u64 k_row_size, cell_count x k_row_size bytes
+      per layer, v_trans 0: i32 v_type, u64 v_row_size, cell_count x v_row_size bytes
+      per layer, v_trans 1: i32 v_type, u32 v_el_size, u32 n_embd_v_gqa,
+                            n_embd_v_gqa x (cell_count x v_el_size bytes)
+
+Only one stream holding one sequence whose cells have positions 0..n-1 in order is understood.
+Interleaved-SWA models append a second cache and recurrent models use another format: their
+states do not parse to the last byte, and every such state raises CodecError (store it whole).
+
+A segment is this codec's own format, self-describing so that it can be checked on its own:
+
+    4s b"PCKV", u16 version, u16 0, i32 source seq_id, u32 start, u32 n_cells, u32 layout_len
+    layout_len bytes: Layout.encode() (the per-layer headers of the state, without the data)
+    n_cells cell records, as in the state
+    per layer: n_cells K rows
+    per layer: n_cells V rows, or (v_trans) the n_embd_v_gqa x n_cells block of V elements
+
+so a segment is the state's bytes for its cells with the per-layer headers moved up front.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+from itertools import pairwise
+
+import numpy as np
+
+from promptcache.errors import CodecError
+
+Buffer = bytes | bytearray | memoryview
+
+STATE_MAGIC = 0xAF143CD8
+SEGMENT_MAGIC = b"PCKV"
+SEGMENT_VERSION = 1
+
+# llama_kv_cell_ext is written only by models with several positions per embedding (M-RoPE):
+# two i32 (x, y) in llama.cpp of 0.3.36; later llama.cpp adds a token id. The size is not in
+# the bytes, so each is tried and exactly one must parse.
+CELL_EXT_SIZES = (0, 8, 12)
+
+_HEAD = struct.Struct("<Ii")  # magic, source seq_id
+_U32 = struct.Struct("<I")
+_U32x2 = struct.Struct("<II")
+_ROW_HEAD = struct.Struct("<iQ")  # type, row size (K, and V without v_trans)
+_VT_HEAD = struct.Struct("<iII")  # type, element size, n_embd_v_gqa (V with v_trans)
+_LAYOUT_HEAD = struct.Struct("<IIII")  # n_stream, v_trans, n_layer, cell_ext_bytes
+_SEG_HEAD = struct.Struct("<4sHHiIII")
+
+_MAX_LAYERS = 4096
+_UNDERSTOOD = "the llama.cpp state layout is not understood"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a state's bytes look like per token, apart from how many tokens there are.
+
+    Per layer: K type (ggml_type id) and row size in bytes; V type, and V row size (without
+    v_trans) or element size and n_embd_v_gqa (with v_trans; v_row_sizes is then their product).
+    v_el_sizes and n_embd_v_gqa are 0 where the state does not record them (v_trans off).
+    """
+
+    n_stream: int
+    v_trans: bool
+    cell_ext_bytes: int
+    k_types: tuple[int, ...]
+    k_row_sizes: tuple[int, ...]
+    v_types: tuple[int, ...]
+    v_row_sizes: tuple[int, ...]
+    v_el_sizes: tuple[int, ...]
+    n_embd_v_gqa: tuple[int, ...]
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.k_types)
+
+    @property
+    def cell_ext(self) -> bool:
+        """Whether each cell record carries llama_kv_cell_ext (M-RoPE models)."""
+        return self.cell_ext_bytes > 0
+
+    @property
+    def cell_bytes(self) -> int:
+        """Bytes of one cell record: pos, n_seq_id (always 1 here), ext, one seq_id."""
+        return 12 + self.cell_ext_bytes
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cell_bytes + sum(self.k_row_sizes) + sum(self.v_row_sizes)
+
+    def k_heads(self) -> list[bytes]:
+        """Per layer, the header the state writes before that layer's K rows."""
+        return [_ROW_HEAD.pack(t, r) for t, r in zip(self.k_types, self.k_row_sizes, strict=True)]
+
+    def v_heads(self) -> list[bytes]:
+        """Per layer, the header the state writes before that layer's V rows or V block."""
+        if self.v_trans:
+            return [
+                _VT_HEAD.pack(t, e, n)
+                for t, e, n in zip(self.v_types, self.v_el_sizes, self.n_embd_v_gqa, strict=True)
+            ]
+        return [_ROW_HEAD.pack(t, r) for t, r in zip(self.v_types, self.v_row_sizes, strict=True)]
+
+    def encode(self) -> bytes:
+        """Four u32 (n_stream, v_trans, n_layer, cell_ext_bytes), then every K and V header."""
+        head = _LAYOUT_HEAD.pack(self.n_stream, self.v_trans, self.n_layer, self.cell_ext_bytes)
+        return b"".join([head, *self.k_heads(), *self.v_heads()])
+
+    @classmethod
+    def decode(cls, blob: Buffer) -> Layout:
+        """The inverse of encode. Raises CodecError if blob is not one whole encoded layout."""
+        cur = _Cursor(blob)
+        n_stream, v_trans, n_layer, ext = cur.take(_LAYOUT_HEAD)
+        if (
+            n_stream != 1
+            or v_trans not in (0, 1)
+            or ext not in CELL_EXT_SIZES
+            or not 0 < n_layer <= _MAX_LAYERS
+        ):
+            raise CodecError("the segment's layout header is corrupt")
+        k = [cur.take(_ROW_HEAD) for _ in range(n_layer)]
+        if v_trans:
+            vt = [cur.take(_VT_HEAD) for _ in range(n_layer)]
+            v = [(t, e * n, e, n) for t, e, n in vt]
+        else:
+            v = [(t, r, 0, 0) for t, r in (cur.take(_ROW_HEAD) for _ in range(n_layer))]
+        cur.expect_end("segment layout")
+        layout = cls(
+            n_stream,
+            bool(v_trans),
+            ext,
+            *(tuple(x) for x in zip(*k, strict=True)),  # type: ignore[arg-type]
+            *(tuple(x) for x in zip(*v, strict=True)),  # type: ignore[arg-type]
+        )
+        layout._check()
+        return layout
+
+    def _check(self) -> None:
+        sizes = self.k_row_sizes + self.v_row_sizes + self.v_el_sizes + self.n_embd_v_gqa
+        if min(self.k_row_sizes + self.v_row_sizes) <= 0 or min(sizes) < 0:
+            raise CodecError(f"{_UNDERSTOOD}: a K or V row size is not positive")
+
+
+class _Cursor:
+    """Reads fixed-size little-endian fields from a buffer, raising CodecError past its end."""
+
+    def __init__(self, buf: Buffer, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.end = len(buf)
+
+    def take(self, fmt: struct.Struct) -> tuple:
+        if self.pos + fmt.size > self.end:
+            raise CodecError(f"{_UNDERSTOOD}: it ends inside a header (truncated?)")
+        values = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return values
+
+    def skip(self, n: int) -> int:
+        """Advances past n bytes of data; returns where they start."""
+        start = self.pos
+        if n < 0 or start + n > self.end:
+            raise CodecError(f"{_UNDERSTOOD}: it ends inside its data (truncated?)")
+        self.pos += n
+        return start
+
+    def expect_end(self, what: str) -> None:
+        if self.pos != self.end:
+            raise CodecError(
+                f"{_UNDERSTOOD}: {what} has {self.end - self.pos} bytes after its last field "
+                "(a second cache, as interleaved-SWA models write, or a foreign format)"
+            )
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """Numpy views of one sequence's cells in a state or a segment (no copies).
+
+    cells: (n, cell_bytes) uint8. k[l]: (n, k_row) uint8. v[l]: (n, v_row) uint8, or with
+    v_trans the (n_embd_v_gqa, n * el) uint8 block whose row j holds element j of every cell.
+    """
+
+    layout: Layout
+    seq_id: int
+    start: int
+    n: int
+    cells: np.ndarray
+    k: list[np.ndarray]
+    v: list[np.ndarray]
+
+    def body_parts(self, a: int, b: int) -> list[np.ndarray]:
+        """Views of cells [a, b) (relative), in segment body order."""
+        lay = self.layout
+        parts = [self.cells[a:b]] + [k[a:b] for k in self.k]
+        if lay.v_trans:
+            parts += [v[:, a * el : b * el] for v, el in zip(self.v, lay.v_el_sizes, strict=True)]
+        else:
+            parts += [v[a:b] for v in self.v]
+        return parts
+
+
+def _check_cells(cells: np.ndarray, layout: Layout, start: int) -> None:
+    words = cells.view("<i4")
+    n = len(words)
+    if not np.array_equal(words[:, 0], np.arange(start, start + n)):
+        raise CodecError(f"{_UNDERSTOOD}: cell positions are not {start}..{start + n - 1} in order")
+    if n and not (words[:, 1] == 1).all():
+        raise CodecError(f"{_UNDERSTOOD}: a cell belongs to more or fewer than one sequence")
+
+
+def _parse_state(state: Buffer, ext: int) -> _Cells | None:
+    """The cells of a llama.cpp state read with `ext` bytes of cell extension, or None if empty."""
+    cur = _Cursor(state)
+    magic, seq_id = cur.take(_HEAD)
+    if magic != STATE_MAGIC:
+        raise CodecError(f"{_UNDERSTOOD}: magic {magic:#x} is not {STATE_MAGIC:#x}")
+    (n_stream,) = cur.take(_U32)
+    if n_stream != 1:
+        raise CodecError(f"{_UNDERSTOOD}: {n_stream} KV streams (only a unified KV cache, 1)")
+    (n,) = cur.take(_U32)
+    if n == 0:
+        cur.expect_end("an empty state")
+        return None
+    cell_bytes = 12 + ext
+    cells_at = cur.skip(n * cell_bytes)
+    v_trans, n_layer = cur.take(_U32x2)
+    if v_trans not in (0, 1) or not 0 < n_layer <= _MAX_LAYERS:
+        raise CodecError(f"{_UNDERSTOOD}: v_trans {v_trans}, n_layer {n_layer}")
+    raw = np.frombuffer(state, dtype=np.uint8)
+    k_heads, k_at, v_heads, v_at = [], [], [], []
+    for _ in range(n_layer):
+        k_type, row = cur.take(_ROW_HEAD)
+        k_heads.append((k_type, row))
+        k_at.append(cur.skip(n * row))
+    for _ in range(n_layer):
+        if v_trans:
+            v_type, el, n_embd = cur.take(_VT_HEAD)
+            v_heads.append((v_type, el * n_embd, el, n_embd))
+            v_at.append(cur.skip(n * el * n_embd))
+        else:
+            v_type, row = cur.take(_ROW_HEAD)
+            v_heads.append((v_type, row, 0, 0))
+            v_at.append(cur.skip(n * row))
+    cur.expect_end("the state")
+    k_types, k_rows = (tuple(x) for x in zip(*k_heads, strict=True))
+    v_types, v_rows, v_els, v_embd = (tuple(x) for x in zip(*v_heads, strict=True))
+    layout = Layout(n_stream, bool(v_trans), ext, k_types, k_rows, v_types, v_rows, v_els, v_embd)
+    layout._check()
+    cells = raw[cells_at : cells_at + n * cell_bytes].reshape(n, cell_bytes)
+    _check_cells(cells, layout, 0)
+    k = [raw[at : at + n * row].reshape(n, row) for at, row in zip(k_at, k_rows, strict=True)]
+    if v_trans:
+        v = [
+            raw[at : at + n * el * e].reshape(e, n * el)
+            for at, el, e in zip(v_at, v_els, v_embd, strict=True)
+        ]
+    else:
+        v = [raw[at : at + n * row].reshape(n, row) for at, row in zip(v_at, v_rows, strict=True)]
+    return _Cells(layout, seq_id, 0, n, cells, k, v)
+
+
+def _read_state(state: Buffer) -> _Cells | None:
+    """Parses a whole state; exactly one cell-extension size must account for every byte."""
+    found, errors = [], []
+    for ext in CELL_EXT_SIZES:
+        try:
+            cells = _parse_state(state, ext)
+        except CodecError as exc:
+            errors.append(exc)
+            continue
+        if cells is None:  # empty: no cells, nothing else to parse
+            return None
+        found.append(cells)
+    if not found:
+        raise errors[0]
+    if len(found) > 1:
+        raise CodecError(f"{_UNDERSTOOD}: its cell records parse with more than one size")
+    return found[0]
+
+
+def _read_segment(segment: Buffer) -> _Cells:
+    cur = _Cursor(segment)
+    magic, version, _, seq_id, start, n, layout_len = cur.take(_SEG_HEAD)
+    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+        raise CodecError(
+            f"not a {LlamaStateCodec.name} segment (magic {magic!r}, version {version})"
+        )
+    at = cur.skip(layout_len)
+    layout = Layout.decode(memoryview(segment)[at : at + layout_len])
+    body_at = cur.skip(n * layout.bytes_per_token)
+    cur.expect_end("the segment")
+    raw = np.frombuffer(segment, dtype=np.uint8)
+    sizes = [layout.cell_bytes, *layout.k_row_sizes, *layout.v_row_sizes]
+    views, at = [], body_at
+    for size in sizes:
+        views.append(raw[at : at + n * size])
+        at += n * size
+    cells = views[0].reshape(n, layout.cell_bytes)
+    _check_cells(cells, layout, start)
+    k = [
+        b.reshape(n, r)
+        for b, r in zip(views[1 : 1 + layout.n_layer], layout.k_row_sizes, strict=True)
+    ]
+    v_blocks = views[1 + layout.n_layer :]
+    if layout.v_trans:
+        v = [
+            b.reshape(e, n * el)
+            for b, e, el in zip(v_blocks, layout.n_embd_v_gqa, layout.v_el_sizes, strict=True)
+        ]
+    else:
+        v = [b.reshape(n, r) for b, r in zip(v_blocks, layout.v_row_sizes, strict=True)]
+    return _Cells(layout, seq_id, start, n, cells, k, v)
+
+
+def _write_segment(src: _Cells, a: int, b: int) -> bytes:
+    """The segment for src's cells [a, b) (relative to src.start)."""
+    blob = src.layout.encode()
+    head = _SEG_HEAD.pack(
+        SEGMENT_MAGIC, SEGMENT_VERSION, 0, src.seq_id, src.start + a, b - a, len(blob)
+    )
+    # One b"".join into a fresh bytes object: cheaper than filling a numpy buffer and then
+    # copying it into bytes (a second 20+ MB allocation, page faults included, for 1,000 tokens).
+    # Only v_trans blocks are strided and need their own (per-layer) copy.
+    parts = [np.ascontiguousarray(p) for p in src.body_parts(a, b)]
+    return b"".join([head, blob, *parts])
+
+
+class LlamaStateCodec:
+    """Cuts llama.cpp sequence states (`llama_state_seq_get_data`) into token-range segments.
+
+    Raises CodecError for every state it cannot be sure of (several streams, a second cache,
+    recurrent state, cells out of order); the caller then keeps such states whole.
+    """
+
+    name = "llama-seq-v1"
+    splittable = True
+
+    def layout(self, state: Buffer) -> Layout:
+        """The layout of a state or a segment. Raises CodecError (also for an empty state)."""
+        cells = _read_any(state)
+        if cells is None:
+            raise CodecError("an empty state has no layout")
+        return cells.layout
+
+    def layout_id(self, state: Buffer) -> str:
+        """A short string naming the layout (not the length), stable across runs and machines."""
+        digest = blake2b(self.layout(state).encode(), digest_size=8).hexdigest()
+        return f"{self.name}:{digest}"
+
+    def n_tokens(self, state: Buffer) -> int:
+        """How many tokens a state (or a segment) covers. Raises CodecError."""
+        cells = _read_any(state)
+        return 0 if cells is None else cells.n
+
+    def split(self, state: Buffer, bounds: Sequence[int]) -> list[bytes]:
+        """Segments for [bounds[0], bounds[1]), ... of a whole state. Raises CodecError."""
+        src = _read_state(state)
+        if src is None:
+            raise CodecError("an empty state cannot be split")
+        bounds = list(bounds)
+        if not bounds or bounds != sorted(bounds) or bounds[0] < 0 or bounds[-1] > src.n:
+            raise CodecError(f"bounds {bounds[:4]}... do not fit a state of {src.n} tokens")
+        return [_write_segment(src, a, b) for a, b in pairwise(bounds)]
+
+    def join(self, segments: Sequence[Buffer]) -> bytes:
+        """The llama.cpp state of consecutive segments starting at token 0. Raises CodecError."""
+        if not segments:
+            raise CodecError("nothing to join")
+        parts = [_read_segment(s) for s in segments]
+        first = parts[0]
+        if first.start != 0:
+            raise CodecError(f"the first segment starts at token {first.start}, not 0")
+        for prev, nxt in pairwise(parts):
+            if nxt.layout != first.layout:
+                raise CodecError("segments of different KV layouts do not join")
+            if nxt.start != prev.start + prev.n:
+                raise CodecError(
+                    f"segments are not consecutive: [{prev.start}, {prev.start + prev.n}) "
+                    f"then [{nxt.start}, {nxt.start + nxt.n})"
+                )
+        lay = first.layout
+        n = sum(p.n for p in parts)
+        if n == 0:
+            return _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, 0)
+        pieces: list[Buffer | np.ndarray] = [
+            _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, n),
+            *(p.cells for p in parts),
+            _U32x2.pack(lay.v_trans, lay.n_layer),
+        ]
+        for il, head in enumerate(lay.k_heads()):
+            pieces.append(head)
+            pieces += [p.k[il] for p in parts]  # consecutive rows: b"".join concatenates them
+        for il, head in enumerate(lay.v_heads()):
+            pieces.append(head)
+            if lay.v_trans:  # row j of the result is row j of every segment, in order
+                pieces.append(np.concatenate([p.v[il] for p in parts], axis=1))
+            else:
+                pieces += [p.v[il] for p in parts]
+        return b"".join(pieces)
+
+    def cut(self, segment: Buffer, n: int) -> bytes:
+        """The segment of the first n tokens of `segment`. Raises CodecError."""
+        src = _read_segment(segment)
+        if not 0 <= n <= src.n:
+            raise CodecError(f"cannot cut {n} tokens from a segment of {src.n}")
+        return _write_segment(src, 0, n)
+
+
+def _read_any(buf: Buffer) -> _Cells | None:
+    if bytes(memoryview(buf)[:4]) == SEGMENT_MAGIC:
+        return _read_segment(buf)
+    return _read_state(buf)
