@@ -173,3 +173,24 @@ def cache_tokens(seq):
     from promptcache.keys import token_bytes
 
     return token_bytes(seq)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(seqs, min_size=1, max_size=6), seqs, st.integers(1, 6), st.integers(0, 3))
+def test_a_fresh_process_finds_what_another_wrote_to_a_shared_store(cached, query, block, margin):
+    """A second PromptCache with an empty index over the same store stands for a fresh process."""
+    store = MemoryStore(1 << 20)
+    writer = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=block, shared=True)
+    for seq in cached:
+        writer.insert(seq, synthetic_state(seq), FP)
+    reader = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=block, shared=True)
+    limit = max(0, len(query) - margin)
+    hit = reader.lookup(query, FP, max_tokens=limit)
+    best = brute_force(cached, query, limit)
+    reused = hit.tokens_reused if hit else 0
+    assert reused <= best
+    if hit:
+        assert hit.state == synthetic_state(query[:reused])
+    # A prompt that a cached sequence starts with (or that starts with one) is found to the token.
+    if any(query[: len(s)] == s or s[: len(query)] == query for s in cached):
+        assert reused == best

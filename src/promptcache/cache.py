@@ -77,7 +77,9 @@ class PromptCache:
     store: any Store (MemoryStore by default, DiskStore, a tiered store); capacity_bytes sizes the
     default MemoryStore and is otherwise the store's own. codec: how states are cut and joined
     (engines pass theirs; a non-splittable codec means whole entries only). block_size: tokens per
-    chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md).
+    chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md). shared: whether
+    other processes write the store too (default: True for any store but a MemoryStore); a shared
+    store is probed for the prompt's blocks on lookup, and eviction leaves its chunks to the store.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class PromptCache:
         capacity_bytes: int | None = None,
         codec: StateCodec | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        shared: bool | None = None,
     ) -> None:
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError("block_size must be a positive int")
@@ -97,8 +100,9 @@ class PromptCache:
         self.store = store
         self.codec: StateCodec = codec if codec is not None else OpaqueCodec()
         self.block_size = block_size
-        # A store this cache alone writes holds nothing the index does not know; others may.
-        self._probe_store = not isinstance(store, MemoryStore)
+        # A store this cache alone writes holds nothing the index does not know; a shared one
+        # (disk, Redis, or any store passed with shared=True) may, so lookups probe it.
+        self._probe_store = shared if shared is not None else not isinstance(store, MemoryStore)
         self._indexes: dict[str, RadixIndex] = {}
         self._refs: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
@@ -320,20 +324,27 @@ class PromptCache:
             seq_tokens = index.tokens_of(index.terminal_below(match.node))
             end = min(len(seq_tokens) // 4, (n_full + 1) * B)
             partial_key = _hex(K.chain(prefix[n_full], memoryview(seq_tokens)[4 * n_full * B : 4 * end]))
-        if self._probe_store:
-            # Other processes may have written what this index does not know: probe the prompt's own blocks.
+        if self._probe_store and length < limit:
+            # Other processes may have written what this index does not know: probe the prompt's own
+            # blocks (over the whole prompt: a block or tail that runs past `limit` is cut to it).
+            n = len(tb) // 4
+            prefix = K.block_keys(fingerprint, tb, B, n // B)
             j = n_full
-            while j < limit // B and self.store.contains(_hex(prefix[j + 1])):
+            while (j + 1) * B <= n and self.store.contains(_hex(prefix[j + 1])):
                 j += 1
-            if j > n_full:
-                chunk_keys += [_hex(prefix[i + 1]) for i in range(n_full, j)]
-                n_full, partial_key, partial_len = j, None, 0
-            if partial_len == 0 and n_full * B < limit:
+            if j * B > length:
+                whole = min(j, limit // B)
+                chunk_keys = [_hex(prefix[i + 1]) for i in range(whole)]
+                partial_len = limit - whole * B if j * B >= limit else 0
+                partial_key = _hex(prefix[whole + 1]) if partial_len else None
+                n_full = whole
+            if partial_key is None and n_full * B < limit:
                 view = memoryview(tb)
-                for r in range(min(B - 1, limit - n_full * B), 0, -1):
-                    key = _hex(K.chain(prefix[n_full], view[4 * n_full * B : 4 * (n_full * B + r)]))
+                start = n_full * B
+                for r in range(min(B - 1, n - start), 0, -1):
+                    key = _hex(K.chain(prefix[n_full], view[4 * start : 4 * (start + r)]))
                     if self.store.contains(key):
-                        partial_key, partial_len = key, r
+                        partial_key, partial_len = key, min(r, limit - start)
                         break
         if partial_key is not None:
             chunk_keys.append(partial_key)

@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 _SESSION_KEY = "session"
 _SESSION_FORMAT = "promptcache-session"
 _SESSION_VERSION = 1
-_PROBE_TEXT = (
-    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door."
+_PROBE_TEXT = (  # varied text: repetitive probes can agree by accident where real prompts do not
+    "Northwind Outfitters sells tents, boots and stoves. Refunds take five business days; "
+    "returns of damaged items are free within thirty days, and gift cards never expire. "
+    "Question: how long do refunds take?"
 )
 _exact_batch_memo: dict[str, int] = {}
 
@@ -203,6 +205,7 @@ class LLM:
         self.last_stats = RunStats()
         self._exact_batch = exact_batch
         self._fingerprint: str | None = None
+        self._ctx_batch = n_batch
 
     # ------------------------------------------------------------ identity
 
@@ -271,7 +274,9 @@ class LLM:
         )
         params.no_perf = True
         self._ctx = LlamaContext(model=self._model, params=params, verbose=self.verbose)
-        self._batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=self.verbose)
+        # llama.cpp caps n_batch at the requested n_ctx: schedule by what the context really takes.
+        self._ctx_batch = min(self.n_batch, int(llama_cpp.llama_n_batch(self._ctx.ctx)))
+        self._batch = LlamaBatch(n_tokens=self._ctx_batch, embd=0, n_seq_max=1, verbose=self.verbose)
         self._tokens, self._n_exact = [], 0
         self.contexts_created += 1
         log.debug("created a llama.cpp context of %d tokens", n_ctx)
@@ -365,9 +370,10 @@ class LLM:
 
     def _schedule(self, m: int) -> list[int]:
         """Batch sizes for m prompt tokens: at most n_batch each, and none smaller than exact_batch."""
-        sizes = [self.n_batch] * (m // self.n_batch)
-        if m % self.n_batch:
-            sizes.append(m % self.n_batch)
+        n_batch = self._ctx_batch
+        sizes = [n_batch] * (m // n_batch)
+        if m % n_batch:
+            sizes.append(m % n_batch)
         b = self.exact_batch
         if len(sizes) > 1 and sizes[-1] < b:
             sizes[-2] -= b - sizes[-1]
@@ -387,7 +393,7 @@ class LLM:
     def _probe_exact_batch(self) -> int:
         """Smallest b such that evaluating the last b tokens alone gives the logits of one large batch."""
         self._ensure_context(64)
-        tokens = (self.tokenize(_PROBE_TEXT) * 4)[:48]
+        tokens = self.tokenize(_PROBE_TEXT)
         self._ctx.kv_cache_clear()
         self._decode(tokens, 0)
         reference = self._last_logits()
@@ -422,8 +428,9 @@ class LLM:
     def _set_state(self, state: bytes) -> bool:
         llama_cpp = _llama()
         self._ctx.kv_cache_clear()
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state) if state else None
-        ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), 0)
+        # Pass the bytes' own buffer: no copy of a state that can be tens of MB.
+        src = ctypes.cast(ctypes.c_char_p(bytes(state)), ctypes.POINTER(ctypes.c_uint8))
+        ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, src, len(state), 0)
         if not ok:
             self._ctx.kv_cache_clear()
         return bool(ok)

@@ -1,0 +1,629 @@
+"""create_app: the OpenAI-compatible FastAPI application of `promptcache serve`.
+
+Turns HTTP requests into worker jobs and job events into OpenAI responses and server-sent events.
+Generation runs in the pool's threads, never on the event loop; every worker shares one PromptCache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from promptcache.cache import PromptCache
+from promptcache.engines.llama_cpp import LLM, GenerationConfig
+from promptcache.errors import ContextOverflowError, CorruptEntryError, ModelMismatchError, PromptCacheError
+from promptcache.server.metrics import Metrics, cache_stats
+from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
+from promptcache.server.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Envelope,
+    error_body,
+    message_text,
+    parse_json,
+    parse_request,
+    sse,
+)
+from promptcache.server.sessions import SessionDirectory
+from promptcache.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
+_DISCONNECTED = 499  # nginx's "client closed request": nobody reads it, but logs say what happened
+
+
+@dataclass
+class _Prompt:
+    """What a worker turns into prompt tokens: text, token ids, or chat messages (and user stop strings)."""
+
+    text: str | None = None
+    tokens: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    stops: list[str] = field(default_factory=list)
+    param: str = "prompt"
+
+
+@dataclass
+class _Server:
+    """What the routes share."""
+
+    settings: ServerSettings
+    pool: WorkerPool
+    cache: PromptCache | None
+    metrics: Metrics
+    sessions: SessionDirectory
+    model_id: str
+    model_path: str
+    n_ctx: int
+    max_tokens: int
+    n_vocab: int
+    fingerprint: str
+
+    @property
+    def system_fingerprint(self) -> str:
+        return "fp_" + self.fingerprint[:12]
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or name in (self.model_id, "default", Path(self.model_path).name):
+            return
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist: this server serves '{self.model_id}' (or say 'default')",
+            param="model",
+            code="model_not_found",
+        )
+
+    def tokens(self, llm: LLM, prompt: _Prompt) -> tuple[list[int], list[str]]:
+        """Prompt tokens and stop strings (the chat template's plus the request's); runs in a worker."""
+        stops = list(prompt.stops)
+        if prompt.messages is not None:
+            try:
+                text, template_stops = llm.apply_chat_template(prompt.messages)
+            except PromptCacheError as exc:
+                raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
+            except Exception as exc:  # noqa: BLE001 - a Jinja template may reject a conversation it cannot render
+                raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+            tokens = llm.tokenize(text, add_bos=False, special=True)
+            stops = template_stops + stops
+        elif prompt.text is not None:
+            tokens = llm.tokenize(prompt.text) if prompt.text else []
+        else:
+            tokens = list(prompt.tokens or [])
+        if not tokens:
+            raise ApiError(400, "the prompt is empty: give at least one token", param=prompt.param)
+        return tokens, stops
+
+    def context_error(self, n_prompt: int, max_tokens: int, param: str) -> ApiError:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the length of the prompt or of max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+# ------------------------------------------------------------------------------------ app factory
+
+
+def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | None]:
+    """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve."""
+    cache: PromptCache | None
+    if settings.cache == "none":
+        cache = None
+    elif settings.cache == "disk":
+        from promptcache.store.disk import DiskStore
+
+        cache = PromptCache(DiskStore(settings.cache_dir, capacity_bytes=settings.cache_bytes))
+    else:
+        cache = PromptCache(capacity_bytes=settings.cache_bytes)
+    llms = []
+    for _ in range(settings.workers):
+        llm = LLM(
+            settings.model,
+            n_ctx=min(2048, settings.n_ctx or 2048),
+            n_threads=settings.threads_per_worker(),
+            cache=cache,
+            exact=settings.exact,
+        )
+        _ = llm.exact_batch, llm.fingerprint  # probe now, not during the first request
+        llms.append(llm)
+    return llms, cache
+
+
+def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None = None) -> FastAPI:
+    """The server application. Loads `settings.workers` LLMs unless `llms` are given (they must share
+    one PromptCache and one model). Raises ConfigError for bad settings and FileNotFoundError for no model."""
+    settings = settings or ServerSettings.load()
+    if llms is None:
+        llms, cache = load_workers(settings)
+    else:
+        cache = llms[0].cache
+        if any(llm.cache is not cache or llm.fingerprint != llms[0].fingerprint for llm in llms):
+            raise ValueError("every worker LLM must use the same model, settings and PromptCache")
+    first = llms[0]
+    n_ctx = min(settings.n_ctx or first.n_ctx_train, first.n_ctx_train)
+    if settings.n_ctx and settings.n_ctx > first.n_ctx_train:
+        log.warning("n_ctx %d exceeds the model's context of %d; using %d", settings.n_ctx, n_ctx, n_ctx)
+    pool_ref: list[WorkerPool] = []
+    metrics = Metrics(cache, lambda: pool_ref[0] if pool_ref else None)
+    pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
+    pool_ref.append(pool)
+    server = _Server(
+        settings=settings,
+        pool=pool,
+        cache=cache,
+        metrics=metrics,
+        sessions=SessionDirectory(settings.sessions_path),
+        model_id=Path(first.model_path).stem,
+        model_path=first.model_path,
+        n_ctx=n_ctx,
+        max_tokens=min(settings.max_tokens or n_ctx, n_ctx),
+        n_vocab=first.n_vocab,
+        fingerprint=first.fingerprint,
+    )
+    log.info(
+        "serving %s (context %d) with %d worker(s) x %d thread(s), cache %s",
+        server.model_id, n_ctx, pool.size, settings.threads_per_worker(), settings.cache,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, pool.close)
+
+    app = FastAPI(
+        title="promptcache", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.server = server
+    if settings.api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=settings.api_key)
+    _install_error_handlers(app, server)
+    _install_routes(app, server)
+    return app
+
+
+class _ApiKeyMiddleware:
+    """401 for every request but /health without `Authorization: Bearer <api key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+                response = JSONResponse(
+                    error_body(
+                        "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                        code="invalid_api_key",
+                    ),
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _install_error_handlers(app: FastAPI, server: _Server) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        route = request.scope.get("route")
+        server.metrics.request(getattr(route, "path", "other"), str(exc.status))
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {exc}", type="server_error"), status_code=500)
+
+
+def _as_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, (ValueError, TypeError)):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {exc}", type="server_error")
+
+
+# ------------------------------------------------------------------------------------ request plumbing
+
+
+async def _read_json(request: Request, limit: int, *, optional: bool = False) -> dict[str, Any]:
+    """The request's JSON object (with `optional`, an empty body is {}); 413 past `limit` bytes (the rest is drained, up to a bound, so the
+    client can read the answer), 400 for anything that is not a JSON object."""
+    too_big = False
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_big = int(declared) > limit
+        except ValueError:
+            raise ApiError(400, "the Content-Length header is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    if not too_big or int(declared or 0) <= 16 * limit:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                too_big = True
+                if size > 16 * limit:
+                    break
+                continue
+            chunks.append(chunk)
+    if too_big:
+        raise ApiError(
+            413, f"the request body exceeds {limit} bytes (the server's max_body_bytes)", code="request_too_large"
+        )
+    raw = b"".join(chunks)
+    if optional and not raw.strip():
+        return {}
+    return parse_json(raw)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _job_events(request: Request, job: Job) -> AsyncIterator[tuple[Any, ...]]:
+    """The job's events until it ends; if the client disconnects first, the job is cancelled and the
+    iteration stops. Closing the iterator early cancels the job too."""
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    getter: asyncio.Future[tuple[Any, ...]] | None = None
+    try:
+        while True:
+            getter = asyncio.ensure_future(job.events.get())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                log.info("client disconnected; stopping its request")
+                return
+            event = getter.result()
+            if event == END:
+                return
+            yield event
+    finally:
+        job.cancel()
+        watcher.cancel()
+        if getter is not None:
+            getter.cancel()
+
+
+def _submit(server: _Server, fn: Callable[[LLM, Job], None]) -> Job:
+    job = Job(fn, asyncio.get_running_loop())
+    try:
+        server.pool.submit(job)
+    except QueueFullError as exc:
+        raise ApiError(
+            503,
+            f"all {server.pool.size} worker(s) are busy and {server.pool.max_queue} request(s) wait; "
+            f"retry in {exc.retry_after} s",
+            type="server_error",
+            code="server_busy",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    return job
+
+
+async def _job_result(request: Request, server: _Server, fn: Callable[[LLM, Job], None]) -> Response:
+    """Run a job that emits one ("result", dict) and answer it as JSON."""
+    job = _submit(server, fn)
+    result = None
+    async with aclosing(_job_events(request, job)) as events:
+        async for event in events:
+            if event[0] == "error":
+                raise _as_api_error(event[1])
+            if event[0] == "result":
+                result = event[1]
+    if result is None:
+        return Response(status_code=_DISCONNECTED)
+    return JSONResponse(result)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+def _generation_job(
+    server: _Server, endpoint: str, prompt: _Prompt, max_tokens: int | None, sampling: dict[str, Any]
+) -> Callable[[LLM, Job], None]:
+    def run(llm: LLM, job: Job) -> None:
+        tokens, stops = server.tokens(llm, prompt)
+        room = server.n_ctx - len(tokens)
+        if max_tokens is not None:
+            n_new = max_tokens
+        else:
+            default = COMPLETION_DEFAULT_MAX_TOKENS if endpoint == "completions" else room
+            n_new = min(default, room, server.max_tokens)
+        if n_new < 1 or n_new > room:
+            raise server.context_error(len(tokens), max(n_new, 1), prompt.param)
+        config = GenerationConfig(max_tokens=n_new, stop=stops or None, **sampling)
+        job.emit("start", len(tokens))
+        finish = "length"
+        events = llm.stream_events(tokens, config)
+        try:
+            for piece, reason in events:
+                if job.cancelled:
+                    break
+                if reason is not None:
+                    finish = reason
+                elif piece:
+                    job.emit("piece", piece)
+        finally:
+            events.close()  # runs the engine's clean-up: the prompt's state goes into the shared cache
+        stats = llm.last_stats
+        server.metrics.generation(endpoint, stats, job.queue_seconds)
+        server.metrics.request(endpoint, "cancelled" if job.cancelled else "ok")
+        job.emit("done", finish, stats)
+
+    return run
+
+
+def _sampling(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    names = ("temperature", "top_p", "top_k", "min_p", "seed")
+    return {name: getattr(req, name) for name in names if getattr(req, name) is not None}
+
+
+async def _generate(
+    request: Request,
+    server: _Server,
+    kind: str,
+    prompt: _Prompt,
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+) -> Response:
+    if max_tokens is not None and max_tokens > server.max_tokens:
+        raise ApiError(
+            400,
+            f"max_tokens is too large: {max_tokens}; this server allows at most {server.max_tokens}",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    endpoint = "chat" if kind == "chat" else "completions"
+    job = _submit(server, _generation_job(server, endpoint, prompt, max_tokens, _sampling(req)))
+    events = _job_events(request, job)
+    first = await anext(events, None)
+    if first is None or first[0] != "start":
+        await events.aclose()
+        if first is not None and first[0] == "error":
+            raise _as_api_error(first[1])
+        return Response(status_code=_DISCONNECTED)
+    envelope = Envelope("chat" if kind == "chat" else "completion", server.model_id, server.system_fingerprint)
+
+    if not req.stream:
+        pieces: list[str] = []
+        done = None
+        async with aclosing(events):
+            async for event in events:
+                if event[0] == "piece":
+                    pieces.append(event[1])
+                elif event[0] == "done":
+                    done = event
+                elif event[0] == "error":
+                    raise _as_api_error(event[1])
+        if done is None:
+            return Response(status_code=_DISCONNECTED)
+        return JSONResponse(envelope.response("".join(pieces), done[1], done[2]))
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[bytes]:
+        async with aclosing(events):
+            if kind == "chat":
+                yield sse(envelope.chunk("", role=True))
+            async for event in events:
+                if event[0] == "piece":
+                    yield sse(envelope.chunk(event[1]))
+                elif event[0] == "done":
+                    yield sse(envelope.chunk(None if kind == "chat" else "", event[1]))
+                    if include_usage:
+                        yield sse(envelope.usage_chunk(event[2]))
+                elif event[0] == "error":
+                    yield sse(_as_api_error(event[1]).body())
+            yield sse("[DONE]")
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def _unsupported(condition: object, param: str, what: str) -> None:
+    if condition:
+        raise ApiError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
+
+
+def _completion_prompt(req: CompletionRequest, n_vocab: int) -> _Prompt:
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return _Prompt(text=prompt, stops=req.stops())
+    if not prompt:
+        raise ApiError(400, "the prompt is empty: give at least one token", param="prompt")
+    if min(prompt) < 0 or max(prompt) >= n_vocab:
+        raise ApiError(400, f"token ids must be in [0, {n_vocab})", param="prompt", code="invalid_value")
+    return _Prompt(tokens=list(prompt), stops=req.stops())
+
+
+def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    # The chat templates of small models know system, user and assistant; OpenAI's "developer" is a system turn.
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
+        for i, m in enumerate(req.messages)
+    ]
+
+
+# ------------------------------------------------------------------------------------ sessions
+
+
+def _session_prompt(body: dict[str, Any], n_vocab: int) -> _Prompt:
+    if ("messages" in body) == ("prompt" in body):
+        raise ApiError(400, "send either 'messages' (a chat) or 'prompt' (text or token ids) to save", param="messages")
+    if "messages" in body:
+        req = parse_request(ChatCompletionRequest, {"messages": body["messages"]})
+        return _Prompt(messages=_chat_messages(req), param="messages")
+    return _completion_prompt(parse_request(CompletionRequest, {"prompt": body["prompt"]}), n_vocab)
+
+
+def _save_job(server: _Server, session_id: str, path: Path, prompt: _Prompt) -> Callable[[LLM, Job], None]:
+    def run(llm: LLM, job: Job) -> None:
+        tokens, _ = server.tokens(llm, prompt)
+        if len(tokens) >= server.n_ctx:
+            raise server.context_error(len(tokens), 1, prompt.param)
+        llm.logits(tokens)
+        reused = llm.last_stats.tokens_reused
+        blob = llm.session_bytes()
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ApiError(500, f"cannot write the session: {exc}", type="server_error") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        job.emit("result", {"id": session_id, "object": "session", "tokens": len(tokens), "bytes": len(blob),
+                            "cached_tokens": reused})
+
+    return run
+
+
+def _restore_job(server: _Server, session_id: str, path: Path) -> Callable[[LLM, Job], None]:
+    def run(llm: LLM, job: Job) -> None:
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            raise ApiError(404, f"no session named {session_id!r}", param="session_id", code="session_not_found") from None
+        try:
+            n = llm.load_session_bytes(blob)
+        except ModelMismatchError as exc:
+            raise ApiError(409, str(exc), param="session_id", code="session_model_mismatch") from None
+        except ContextOverflowError as exc:
+            raise ApiError(400, str(exc), param="session_id", code="context_length_exceeded") from None
+        except (CorruptEntryError, PromptCacheError) as exc:
+            raise ApiError(422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt") from None
+        if server.cache is not None:
+            llm.logits(llm.tokens)  # re-reads the last tokens and puts the state into the shared cache
+        job.emit("result", {"id": session_id, "object": "session", "tokens": n, "cached": server.cache is not None})
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ routes
+
+
+def _install_routes(app: FastAPI, server: _Server) -> None:
+    limit = server.settings.max_body_bytes
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_id, "workers": server.pool.size,
+                "busy": server.pool.busy, "waiting": server.pool.waiting}
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": server.model_id,
+            "object": "model",
+            "created": int(os.path.getmtime(server.model_path)),
+            "owned_by": "promptcache",
+            "context_length": server.n_ctx,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        server.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await _read_json(request, limit))
+        server.check_model(req.model)
+        _unsupported(req.n != 1, "n", "n other than 1")
+        _unsupported(req.best_of not in (None, 1), "best_of", "best_of")
+        _unsupported(req.echo, "echo", "echo")
+        _unsupported(req.suffix, "suffix", "suffix")
+        _unsupported(req.logprobs is not None, "logprobs", "logprobs")
+        prompt = _completion_prompt(req, server.n_vocab)
+        return await _generate(request, server, "completion", prompt, req, req.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await _read_json(request, limit))
+        server.check_model(req.model)
+        _unsupported(req.n != 1, "n", "n other than 1")
+        _unsupported(req.logprobs, "logprobs", "logprobs")
+        _unsupported(req.top_logprobs, "top_logprobs", "top_logprobs")
+        _unsupported(req.tools, "tools", "tool calling")
+        _unsupported(
+            req.response_format and req.response_format.get("type") != "text", "response_format", "a response_format other than text"
+        )
+        prompt = _Prompt(messages=_chat_messages(req), stops=req.stops(), param="messages")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return await _generate(request, server, "chat", prompt, req, max_tokens)
+
+    @app.get("/v1/cache/stats")
+    async def stats() -> dict[str, Any]:
+        return {
+            "model": server.model_id,
+            "fingerprint": server.fingerprint,
+            "context_length": server.n_ctx,
+            "workers": {"size": server.pool.size, "busy": server.pool.busy},
+            "queue": {"waiting": server.pool.waiting, "capacity": server.pool.max_queue},
+            "cache": cache_stats(server.cache) if server.cache is not None else None,
+            **server.metrics.snapshot(),
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/sessions")
+    async def sessions() -> dict[str, Any]:
+        return {"object": "list", "data": server.sessions.list()}
+
+    @app.post("/v1/sessions/{session_id}/save")
+    async def save_session(session_id: str, request: Request) -> Response:
+        path = server.sessions.file(session_id)
+        prompt = _session_prompt(await _read_json(request, limit), server.n_vocab)
+        server.sessions.prepare()
+        return await _job_result(request, server, _save_job(server, session_id, path, prompt))
+
+    @app.post("/v1/sessions/{session_id}/restore")
+    async def restore_session(session_id: str, request: Request) -> Response:
+        path = server.sessions.file(session_id, must_exist=True)
+        await _read_json(request, limit, optional=True)  # nothing to say yet, but the body is read and bounded
+        return await _job_result(request, server, _restore_job(server, session_id, path))
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        server.sessions.delete(session_id)
+        return {"id": session_id, "object": "session", "deleted": True}

@@ -1,0 +1,159 @@
+"""Server metrics: Prometheus series on the server's own registry and the same counters as JSON.
+
+Records what requests reused and computed and reads PromptCache.stats() at scrape time; it changes
+nothing it observes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from promptcache.errors import PromptCacheError
+
+if TYPE_CHECKING:
+    from promptcache.cache import PromptCache
+    from promptcache.engines.llama_cpp import RunStats
+    from promptcache.server.pool import WorkerPool
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def cache_stats(cache: PromptCache) -> dict[str, Any]:
+    """PromptCache.stats(), retried if a worker inserting at the same moment resizes a dict under it."""
+    for _ in range(3):
+        try:
+            return cache.stats()
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return cache.stats()
+
+
+def store_tiers(store_stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-tier stats: a tiered store lists its tiers under "tiers"; a plain store is one tier."""
+    tiers = store_stats.get("tiers")
+    if isinstance(tiers, dict):
+        return [dict(v, tier=v.get("tier", k)) for k, v in tiers.items() if isinstance(v, dict)]
+    if isinstance(tiers, list):
+        return [t for t in tiers if isinstance(t, dict)]
+    return [store_stats]
+
+
+class _CacheCollector(Collector):
+    """Series read from PromptCache.stats() and the pool at each scrape."""
+
+    def __init__(self, cache: PromptCache | None, pool: Callable[[], WorkerPool | None]) -> None:
+        self.cache = cache
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.pool()
+        if pool is not None:
+            for name, doc, value in (
+                ("promptcache_workers", "LLM worker threads.", pool.size),
+                ("promptcache_workers_busy", "Workers running a request now.", pool.busy),
+                ("promptcache_queue_waiting", "Requests waiting for a worker.", pool.waiting),
+                ("promptcache_queue_capacity", "Requests that may wait before 503.", pool.max_queue),
+            ):
+                yield GaugeMetricFamily(name, doc, value=value)
+        if self.cache is None:
+            return
+        try:
+            stats = cache_stats(self.cache)
+        except PromptCacheError:
+            return
+        for key, doc in (
+            ("lookups", "Prefix-cache lookups."),
+            ("hits", "Lookups that restored a cached prefix."),
+            ("misses", "Lookups that found nothing to restore."),
+            ("tokens_reused", "Prompt tokens restored from the prefix cache."),
+            ("inserts", "Sequences inserted into the prefix cache."),
+            ("bytes_written", "Bytes of state written to the store."),
+            ("evicted_sequences", "Cached sequences evicted to stay within capacity."),
+        ):
+            yield CounterMetricFamily(f"promptcache_cache_{key}", doc, value=stats[key])
+        by_tier = CounterMetricFamily("promptcache_cache_hits_by_tier", "Hits by the slowest tier they read.", labels=["tier"])
+        for tier, n in stats["hits_by_tier"].items():
+            by_tier.add_metric([tier], n)
+        yield by_tier
+        yield GaugeMetricFamily("promptcache_cache_bytes", "Bytes of state the index references.", value=stats["bytes"])
+        yield GaugeMetricFamily("promptcache_cache_sequences", "Cached token sequences.", value=stats["sequences"])
+        store = stats.get("store")
+        if not isinstance(store, dict):
+            return
+        gauges = {k: GaugeMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"]) for k, doc in (
+            ("bytes", "Bytes held by the tier."),
+            ("capacity_bytes", "Byte capacity of the tier."),
+            ("entries", "Entries held by the tier."),
+        )}
+        counters = {k: CounterMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"]) for k, doc in (
+            ("hits", "Store reads that found their entry."),
+            ("misses", "Store reads that found nothing (or a corrupt entry)."),
+            ("evictions", "Entries the tier evicted to stay within capacity."),
+        )}
+        for tier in store_tiers(store):
+            name = str(tier.get("tier", "store"))
+            for k, family in (*gauges.items(), *counters.items()):
+                if isinstance(tier.get(k), (int, float)):
+                    family.add_metric([name], tier[k])
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class Metrics:
+    """The server's registry, plus plain counters for /v1/cache/stats."""
+
+    def __init__(self, cache: PromptCache | None, pool: Callable[[], WorkerPool | None]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("promptcache_requests", "Requests by endpoint and outcome.", ["endpoint", "outcome"], registry=r)
+        self.prompt_tokens = Counter("promptcache_prompt_tokens", "Prompt tokens of finished generations.", registry=r)
+        self.tokens_reused = Counter(
+            "promptcache_prompt_tokens_reused", "Prompt tokens not evaluated, by where their state came from.",
+            ["source"], registry=r,
+        )
+        self.tokens_evaluated = Counter("promptcache_prompt_tokens_evaluated", "Prompt tokens evaluated (prefilled).", registry=r)
+        self.completion_tokens = Counter("promptcache_completion_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram(
+            "promptcache_time_to_first_token_seconds",
+            "From a request entering the queue to its first generated token.",
+            ["endpoint"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        r.register(_CacheCollector(cache, pool))
+        self._lock = threading.Lock()
+        self._totals: dict[str, int] = {
+            "prompt_tokens": 0, "tokens_reused": 0, "tokens_evaluated": 0, "completion_tokens": 0,
+        }
+        self._outcomes: dict[str, int] = {}
+
+    def request(self, endpoint: str, outcome: str) -> None:
+        """Count one request: ok, cancelled, rejected (503), or an error code."""
+        self.requests.labels(endpoint, outcome).inc()
+        with self._lock:
+            self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
+    def generation(self, endpoint: str, stats: RunStats, queue_s: float) -> None:
+        """Record one generation's token counts and time to first token (queue wait included)."""
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.tokens_reused.labels(stats.source if stats.tokens_reused else "none").inc(stats.tokens_reused)
+        self.tokens_evaluated.inc(stats.tokens_evaluated)
+        self.completion_tokens.inc(stats.tokens_generated)
+        if stats.ttft_ms > 0:
+            self.ttft.labels(endpoint).observe(queue_s + stats.ttft_ms / 1000)
+        with self._lock:
+            self._totals["prompt_tokens"] += stats.prompt_tokens
+            self._totals["tokens_reused"] += stats.tokens_reused
+            self._totals["tokens_evaluated"] += stats.tokens_evaluated
+            self._totals["completion_tokens"] += stats.tokens_generated
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"tokens": dict(self._totals), "requests": dict(self._outcomes)}
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
