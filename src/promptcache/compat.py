@@ -162,7 +162,9 @@ class _Entry:
                 f"scores {scores.shape}, n_tokens {n_tokens}"
             )
         if not _I64_MIN <= seed <= _I64_MAX or llama_state_size < 0:
-            raise TypeError(f"LlamaState seed {seed} or llama_state_size {llama_state_size} out of range")
+            raise TypeError(
+                f"LlamaState seed {seed} or llama_state_size {llama_state_size} out of range"
+            )
         # Compare bit patterns, not values: -0.0 is kept, so the rebuilt matrix is bit-identical.
         kept_rows = np.flatnonzero(scores.view(np.uint32).any(axis=1)).astype(np.uint32)
         return cls(
@@ -242,7 +244,9 @@ class _Entry:
             llama_state_size,
         ) = _STATE.unpack_from(payload)
         if magic != _STATE_MAGIC or version != _FORMAT_VERSION:
-            raise CorruptEntryError(f"not a compat state payload (magic {magic!r}, version {version})")
+            raise CorruptEntryError(
+                f"not a compat state payload (magic {magic!r}, version {version})"
+            )
         if n_tokens > n_ctx or n_kept > score_rows:
             raise CorruptEntryError("state payload counts are inconsistent")
         off = _STATE.size
@@ -258,7 +262,9 @@ class _Entry:
         off += sizes[2]
         kept_scores = np.frombuffer(payload, "<f4", n_kept * n_vocab, off).astype(np.float32)
         off += sizes[3]
-        if n_kept and (kept_rows[-1] >= score_rows or np.any(np.diff(kept_rows.astype(np.int64)) <= 0)):
+        if n_kept and (
+            kept_rows[-1] >= score_rows or np.any(np.diff(kept_rows.astype(np.int64)) <= 0)
+        ):
             raise CorruptEntryError("state payload's score row indices are out of order or range")
         return cls(
             tokens_le=tokens_le,
@@ -342,7 +348,11 @@ class _PrefixCache(BaseLlamaCache):
     """
 
     def __init__(self, capacity_bytes: int, fingerprint: str | None) -> None:
-        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+        if (
+            isinstance(capacity_bytes, bool)
+            or not isinstance(capacity_bytes, int)
+            or capacity_bytes <= 0
+        ):
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
@@ -606,7 +616,12 @@ class LlamaDiskCache(_PrefixCache):
             if entry.tokens_le != tokens_le or entry.shape != shape:
                 raise CorruptEntryError("state file holds another key or shape than its name")
         except CorruptEntryError as exc:
-            log.warning("disk cache entry %s in %s is unusable, removing it: %s", entry_id, self.cache_dir, exc)
+            log.warning(
+                "disk cache entry %s in %s is unusable, removing it: %s",
+                entry_id,
+                self.cache_dir,
+                exc,
+            )
             self._delete(entry_id)
             return None
         # A hit refreshes the manifest's recency too, so that LRU evicts the pair together.
@@ -616,7 +631,9 @@ class LlamaDiskCache(_PrefixCache):
 
     def _put_manifest(self, entry: _Entry) -> None:
         try:
-            self._disk.put(f"{entry.entry_id}-t", entry.encode_manifest(), fingerprint=entry.identity)
+            self._disk.put(
+                f"{entry.entry_id}-t", entry.encode_manifest(), fingerprint=entry.identity
+            )
         except (CapacityError, StoreUnavailableError) as exc:
             log.warning("cannot write a disk cache manifest in %s: %s", self.cache_dir, exc)
 
@@ -650,7 +667,9 @@ class LlamaDiskCache(_PrefixCache):
                 return
             keys = list(self._disk.keys())
         except StoreUnavailableError as exc:
-            log.warning("disk cache %s unreadable, serving what is indexed: %s", self.cache_dir, exc)
+            log.warning(
+                "disk cache %s unreadable, serving what is indexed: %s", self.cache_dir, exc
+            )
             return
         states: set[str] = set()
         manifests: set[str] = set()
@@ -671,7 +690,12 @@ class LlamaDiskCache(_PrefixCache):
             try:
                 fingerprint, shape, tokens_le = _decode_manifest(payload)
             except CorruptEntryError as exc:
-                log.warning("disk cache manifest %s in %s is unusable, removing it: %s", entry_id, self.cache_dir, exc)
+                log.warning(
+                    "disk cache manifest %s in %s is unusable, removing it: %s",
+                    entry_id,
+                    self.cache_dir,
+                    exc,
+                )
                 self._delete(entry_id)
                 continue
             if fingerprint != self._fp or _entry_id(fingerprint, shape, tokens_le) != entry_id:
