@@ -224,3 +224,24 @@ def test_disk_cache_serves_a_fresh_process(tmp_path, ref):
         assert llm.last_stats.source == "disk"
         assert llm.last_stats.tokens_reused == len(tokens) - llm.exact_batch
     assert np.array_equal(out, uncached_logits(ref, tokens))
+
+
+def test_whole_states_reuse_exact_entries_and_checkpoints(ref):
+    """Where a state cannot be cut (sliding-window models), whole entries and checkpoints still give exact hits."""
+    with LLM(cache=PromptCache(), n_ctx=512, whole_states=True) as llm:
+        assert not llm.codec.splittable
+        tokens = llm.tokenize(DOC + "Question: do gift cards expire?")
+        llm.logits(tokens)
+        llm.reset_context()
+        again = llm.logits(tokens)  # the checkpoint at n - exact_batch
+        assert llm.last_stats.source == "memory"
+        assert llm.last_stats.tokens_reused == len(tokens) - llm.exact_batch
+        assert np.array_equal(again, uncached_logits(ref, tokens))
+        llm.reset_context()
+        longer = tokens + llm.tokenize(" Answer: no, never.", add_bos=False)
+        out = llm.logits(longer)  # the whole entry of `tokens` is a prefix of this prompt
+        assert llm.last_stats.tokens_reused == len(tokens)
+        assert np.array_equal(out, uncached_logits(ref, longer))
+        llm.reset_context()
+        llm.logits(tokens[:20])  # a strict prefix cannot be cut out of a whole state: a miss
+        assert llm.last_stats.tokens_reused == 0

@@ -7,9 +7,11 @@ Exactness (DESIGN.md): llama.cpp's CPU kernels give a token evaluated alone othe
 the same token inside a batch. A probe at load finds the smallest batch `exact_batch` that
 matches a large one; every prompt is then evaluated in batches of at least that size (the
 uncached run too), and after a restore at least the last `exact_batch` tokens are evaluated.
-Generated tokens are decoded one at a time, so in the default exact mode their KV is never
-reused or cached: the next turn re-reads the reply in a batch (cheaper here than pair decoding,
-see BENCHMARKS.md). `exact=False` reuses them as llama-server does (faster, logits may drift).
+Generated tokens are decoded one at a time, so in the default exact mode their KV is reused and
+cached only where the probe found 1-token batches exact; elsewhere the next turn re-reads the reply
+in a batch (instead of pair decoding every token). `exact=False` reuses them as llama-server does
+(logits may drift). States whose layout cannot be cut (sliding-window or recurrent models, or
+`whole_states=True`) are cached whole, with a checkpoint at n - exact_batch so repeats hit.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ class LLM:
         exact: bool = True,
         exact_batch: int | None = None,
         flash_attn: bool = False,
+        whole_states: bool = False,
         verbose: bool = False,
     ) -> None:
         if not isinstance(n_ctx, int) or n_ctx < 16:
@@ -194,7 +197,8 @@ class LLM:
         self.n_vocab = self._model.n_vocab()
         self.n_ctx_train = self._model.n_ctx_train()
         self.cache = _resolve_cache(cache)
-        self.codec: StateCodec = self._make_codec()
+        self.codec: StateCodec = OpaqueCodec() if whole_states else self._make_codec()
+        self._checkpoint: tuple[list[int], bytes] | None = None
         self._ctx: Any = None
         self._batch: Any = None
         self._tokens: list[int] = []  # tokens whose KV is in sequence 0, in order
@@ -464,7 +468,17 @@ class LLM:
         stats.restore_ms = (time.perf_counter() - t0) * 1000
         self._tokens, self._n_exact = prompt[:reused], reused
         t1 = time.perf_counter()
-        self._evaluate(prompt, reused)
+        self._checkpoint = None
+        b = self.exact_batch
+        if self.cache is not None and not self.codec.splittable and (limit - reused >= b or limit == reused > 0):
+            # A whole state cannot be cut to n - b later: keep one at n - b now (as llama-server's
+            # context checkpoints do), so a repeat of this prompt restores it. Both parts are >= b tokens.
+            self._evaluate(prompt[:limit], reused)
+            self._checkpoint = (prompt[:limit], self._get_state())
+            reused_eval = limit
+        else:
+            reused_eval = reused
+        self._evaluate(prompt, reused_eval)
         stats.prefill_ms = (time.perf_counter() - t1) * 1000
         self._tokens, self._n_exact = list(prompt), n
         stats.prompt_tokens, stats.tokens_reused, stats.source = n, reused, source
@@ -482,8 +496,11 @@ class LLM:
             tokens = tokens[: len(prompt)]
             self._tokens, self._n_exact = tokens, len(tokens)
         try:
+            if self._checkpoint is not None and not self.cache.contains(self._checkpoint[0], self.fingerprint):
+                stats.bytes_cached += self._insert(*self._checkpoint)
+            self._checkpoint = None
             if not self.cache.contains(tokens, self.fingerprint):
-                stats.bytes_cached = self._insert(tokens, self._get_state())
+                stats.bytes_cached += self._insert(tokens, self._get_state())
         except PromptCacheError as exc:
             log.warning("could not cache a %d-token state: %s", len(tokens), exc)
         stats.cache_insert_ms = (time.perf_counter() - t0) * 1000
