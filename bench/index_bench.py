@@ -55,8 +55,8 @@ def lookup_scaling(sizes: list[int], prompt_len: int, rng: random.Random) -> lis
         base = seqs[rng.randrange(len(seqs))]
         prompt = base[:2000] + [rng.randrange(49152) for _ in range(prompt_len - 2000)]
         prompt_le = token_bytes(prompt)
-        match_s = timeit(lambda: index.match(prompt_le), 200)
-        lookup_s = timeit(lambda: cache.lookup(prompt, FP), 50)
+        match_s = timeit(lambda p=prompt_le: index.match(p), 200)
+        lookup_s = timeit(lambda p=prompt: cache.lookup(p, FP), 50)
         hit = cache.lookup(prompt, FP)
         assert hit is not None and hit.tokens_reused == 2000
         rows.append({
@@ -119,7 +119,7 @@ def block_size_tradeoff(blocks: list[int]) -> list[dict]:
         for conv in convs:
             cache.insert(conv, bytes(len(conv) * KV_BYTES_PER_TOKEN), FP)
         prompt = system + [7, 8, 9]
-        join_s = timeit(lambda: cache.lookup(prompt, FP), 9)
+        join_s = timeit(lambda c=cache, p=prompt: c.lookup(p, FP), 9)
         ratio = cache.nbytes / (unique_tokens * KV_BYTES_PER_TOKEN)
         rows.append({"block_size": b, "lookup_join_2000_ms": join_s * 1e3, "chunks": len(cache._refs), "stored_over_unique": ratio})
         print(f"  block {b:>4}: lookup+join of 2000 tokens {join_s * 1e3:.1f} ms, stored/unique {ratio:.3f}")

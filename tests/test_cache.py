@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import WIDTH, synthetic_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import WIDTH, synthetic_state
 from promptcache import CapacityError, FixedWidthCodec, MemoryStore, OpaqueCodec, PromptCache
 
 FP = "model-a"

@@ -16,7 +16,7 @@ class Policy:
 
     name: str
     refresh_on_read: bool
-    victim: Callable[[OrderedDict[str, "Entry"]], str]
+    victim: Callable[[OrderedDict[str, Entry]], str]
 
 
 @dataclass
