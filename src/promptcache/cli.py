@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from promptcache.manager import CacheManager
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Never prefill the same tokens twice.")
 console = Console()
@@ -87,6 +90,139 @@ def chat(
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# -- cache tiers: stats, gc, inspect, clear (settings: promptcache.config.CacheConfig) ----------------
+
+
+def _cache_manager(config: Path | None) -> CacheManager:
+    """The tiers the settings describe (file, then PROMPTCACHE_* environment), without a cleanup thread."""
+    from promptcache.config import CacheConfig
+    from promptcache.errors import ConfigError, StoreUnavailableError
+    from promptcache.manager import CacheManager
+
+    try:
+        return CacheManager(CacheConfig(config_file=config), cleanup=False)
+    except (ConfigError, StoreUnavailableError) as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+_CONFIG_HELP = "A TOML/YAML file of cache settings (default: $PROMPTCACHE_CONFIG, then PROMPTCACHE_* variables)."
+_ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help=_CONFIG_HELP)]
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+@app.command()
+def stats(
+    config: _ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+) -> None:
+    """Show each cache tier: entries, bytes, capacity, evictions (the RAM tier is per process)."""
+    import json
+
+    with _cache_manager(config) as manager:
+        report = manager.stats()
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+        return
+    for name, tier in report["tiers"].items():
+        table = Table(title=f"{name} tier", show_header=False, title_justify="left")
+        table.add_column("setting")
+        table.add_column("value", justify="right")
+        if tier.get("error"):
+            table.add_row("error", str(tier["error"]))
+            console.print(table)
+            continue
+        nbytes = int(tier.get("bytes", 0))
+        table.add_row("entries", str(tier["entries"]) if int(tier["entries"]) >= 0 else "unknown")
+        table.add_row("bytes", _fmt_bytes(nbytes) if nbytes >= 0 else "unknown")
+        table.add_row("capacity", _fmt_bytes(int(tier["capacity_bytes"])))
+        table.add_row("usage", f"{tier['usage']:.1%}")
+        table.add_row("policy", str(tier.get("policy", "-")))
+        table.add_row("evictions (this process)", str(tier["eviction_count"]))
+        for extra in ("compression", "path", "url", "namespace"):
+            if extra in tier:
+                table.add_row(extra, str(tier[extra]))
+        if name == "redis":
+            table.add_row("reachable", "yes" if tier.get("available") else "[red]no[/red]")
+        if name == "memory":
+            table.caption = "RAM is per process: a new process starts empty"
+        console.print(table)
+
+
+@app.command()
+def gc(config: _ConfigOption = None) -> None:
+    """Enforce max_age and capacity in every tier now, and reconcile files and Redis keys with their indexes."""
+    with _cache_manager(config) as manager:
+        with console.status("Collecting garbage..."):
+            counts = manager.run_cleanup()
+    table = Table(title="promptcache gc")
+    table.add_column("tier")
+    table.add_column("removed or fixed", justify="left")
+    for tier, tier_counts in counts.items():
+        if "error" in tier_counts:
+            table.add_row(tier, f"[red]{tier_counts['error']}[/red]")
+        else:
+            table.add_row(tier, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tier_counts.items()))
+    console.print(table)
+
+
+@app.command()
+def inspect(
+    config: _ConfigOption = None,
+    limit: Annotated[int, typer.Option(help="Entries per tier, most recently used first.")] = 20,
+    tier: Annotated[str | None, typer.Option(help="Only this tier: memory, disk or redis.")] = None,
+) -> None:
+    """List cached entries: model fingerprint, tokens, bytes, age, tier (reading an entry refreshes it)."""
+    with _cache_manager(config) as manager:
+        entries = manager.inspect(limit, tier=tier)
+    table = Table(title="promptcache entries")
+    for col in ("tier", "cache", "model", "tokens", "bytes", "age", "key"):
+        numeric = col in ("tokens", "bytes", "age")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
+    for e in entries:
+        table.add_row(
+            e.tier, e.cache or "-", e.fingerprint[:12] or "-",
+            str(e.tokens) if e.tokens is not None else "-", _fmt_bytes(e.bytes), _fmt_age(e.age_s),
+            e.key if len(e.key) <= 28 else e.key[:25] + "...",
+        )
+    console.print(table)
+    if not entries:
+        console.print("[dim]No entries.[/dim]")
+
+
+@app.command()
+def clear(
+    config: _ConfigOption = None,
+    cache: Annotated[
+        str | None, typer.Option(help="Only this named cache (default: every entry of every tier).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove cached entries from every tier (the disk and Redis tiers for every process sharing them)."""
+    with _cache_manager(config) as manager:
+        where = ", ".join(t.name for t in manager.store.tiers if t.name != "memory")
+        what = f"cache {cache!r}" if cache else "every entry"
+        if not yes and not typer.confirm(f"Remove {what} from {where}?"):
+            raise typer.Exit(1)
+        before = len(manager.store)
+        try:
+            manager.clear(cache)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]", soft_wrap=True)
+            raise typer.Exit(2) from None
+        after = len(manager.store)
+    removed = before - after
+    console.print(f"Removed {removed} key{'' if removed == 1 else 's'} ({what}) from {where}.")
 
 
 if __name__ == "__main__":
