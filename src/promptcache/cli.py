@@ -87,6 +87,33 @@ def chat(
     llm.close()
 
 
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option(help="A GGUF file (default: SmolLM2-135M-Instruct).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (all but /health).")] = None,
+    workers: Annotated[int | None, typer.Option(help="LLM workers sharing one prefix cache (default 1).")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests that may wait before a 503 (default 16).")] = None,
+    n_ctx: Annotated[int | None, typer.Option(help="Context limit per request (default: the model's).")] = None,
+    cache: Annotated[str | None, typer.Option(help="ram, disk or none (default ram).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML/YAML settings file: top-level keys or a server table (see python -m promptcache.server --help).")] = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...) over one shared prefix cache."""
+    from promptcache.errors import ConfigError
+    from promptcache.server import ServerSettings, run
+
+    try:
+        settings = ServerSettings.load(
+            config, model=model, host=host, port=port, api_key=api_key, workers=workers,
+            max_queue=max_queue, n_ctx=n_ctx, cache=cache,
+        )
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    run(settings)
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -144,6 +144,18 @@ def _resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
     raise ValueError(f"cache must be a PromptCache, 'ram', 'disk' or None, not {cache!r}")
 
 
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that may be the start of a stop string: only that much
+    is held back from streaming (holding a stop's full length delays every first token)."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -548,7 +560,6 @@ class LLM:
         rng = np.random.default_rng(config.seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = config.stops
-        hold = max((len(s) for s in stops), default=1) - 1
         text, emitted = "", 0
         generated: list[int] = []
         finish = "length"
@@ -569,7 +580,7 @@ class LLM:
                         yield token, text[emitted:], None
                         emitted = len(text)
                     break
-                safe = len(text) - hold
+                safe = len(text) - _stop_prefix_len(text, stops)
                 if safe > emitted:
                     yield token, text[emitted:safe], None
                     emitted = safe

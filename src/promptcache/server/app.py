@@ -25,7 +25,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from promptcache.cache import PromptCache
 from promptcache.engines.llama_cpp import LLM, GenerationConfig
-from promptcache.errors import ContextOverflowError, CorruptEntryError, ModelMismatchError, PromptCacheError
+from promptcache.errors import (
+    ContextOverflowError,
+    CorruptEntryError,
+    ModelMismatchError,
+    PromptCacheError,
+)
 from promptcache.server.metrics import Metrics, cache_stats
 from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
 from promptcache.server.protocol import (
@@ -356,7 +361,7 @@ def _generation_job(
         if max_tokens is not None:
             n_new = max_tokens
         else:
-            default = COMPLETION_DEFAULT_MAX_TOKENS if endpoint == "completions" else room
+            default = room if prompt.messages is not None else COMPLETION_DEFAULT_MAX_TOKENS
             n_new = min(default, room, server.max_tokens)
         if n_new < 1 or n_new > room:
             raise server.context_error(len(tokens), max(n_new, 1), prompt.param)
@@ -402,7 +407,7 @@ async def _generate(
             param="max_tokens",
             code="invalid_value",
         )
-    endpoint = "chat" if kind == "chat" else "completions"
+    endpoint = request.scope["route"].path
     job = _submit(server, _generation_job(server, endpoint, prompt, max_tokens, _sampling(req)))
     events = _job_events(request, job)
     first = await anext(events, None)

@@ -93,9 +93,12 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
-    # A file may keep the server's settings under [serve] or [server] beside other sections.
-    for section in ("serve", "server"):
+    # One file may hold several tools' settings: the server's sit under [server] (or [serve]) or at
+    # the top level, where other tables (such as [cache]) are left to their owners.
+    for section in ("server", "serve"):
         if isinstance(values.get(section), dict):
             values = values[section]
             break
+    else:
+        values = {k: v for k, v in values.items() if not isinstance(v, dict)}
     return {k.replace("-", "_"): v for k, v in values.items()}
