@@ -197,3 +197,16 @@ def test_a_fresh_process_finds_what_another_wrote_to_a_shared_store(cached, quer
         assert reused >= min(max(len(s) for s in cached if query[: len(s)] == s), limit)
     if any(s[: len(query)] == query for s in cached):
         assert reused >= (limit // block) * block
+
+
+def test_adopt_indexes_a_sequence_another_process_stored():
+    store = MemoryStore(1 << 20)
+    writer = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=4, shared=True)
+    reader = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=4, shared=True)
+    seq = list(range(30))
+    writer.insert(seq, synthetic_state(seq), FP)
+    assert not reader.adopt(seq + [99], FP)  # the last chunk is not stored
+    assert reader.adopt(seq, FP) and reader.contains(seq, FP)
+    hit = reader.lookup(seq[:22] + [5], FP)  # token-granular through the adopted index entry
+    assert hit.tokens_reused == 22 and hit.state == synthetic_state(seq[:22])
+    assert not PromptCache(codec=FixedWidthCodec(WIDTH)).adopt(seq, FP)  # a private store has nothing to adopt

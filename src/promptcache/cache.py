@@ -231,6 +231,27 @@ class PromptCache:
             index = self._indexes.get(fingerprint)
             return bool(tb) and index is not None and index.find(tb) is not None
 
+    def adopt(self, tokens: Sequence[int], fingerprint: str, *, codec: StateCodec | None = None) -> bool:
+        """Index `tokens` without a state when a shared store already holds every chunk of it
+        (another process wrote them); True if adopted. Saves an engine reading and splitting a state
+        it just restored. Chunk sizes are not read back: a shared store holds its own capacity.
+        """
+        codec = codec or self.codec
+        tb = K.token_bytes(tokens)
+        if not tb or not self._probe_store or not codec.splittable:
+            return False
+        chunk_keys = self._chunk_keys(tb, fingerprint, self._bounds(len(tb) // 4))
+        with self._lock:
+            if not all(k in self._refs or self.store.contains(k) for k in chunk_keys):
+                return False
+            index = self._indexes.setdefault(fingerprint, RadixIndex())
+            node, is_new = index.insert(tb, _Record(chunk_keys, [0] * len(chunk_keys)))
+            if is_new:
+                for k in chunk_keys:
+                    self._refs[k] = self._refs.get(k, 0) + 1
+                    self._sizes.setdefault(k, 0)
+            return True
+
     def remove(self, tokens: Sequence[int], fingerprint: str) -> bool:
         """Forget one cached sequence (chunks it alone used are deleted); True if it was cached."""
         tb = K.token_bytes(tokens)
