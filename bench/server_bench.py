@@ -65,16 +65,46 @@ def server_commands(port: int, threads: int) -> dict[str, list[str]]:
     """What each contender runs: llama_cpp.server with its defaults but the same threads as promptcache."""
     model = str(default_model_path())
     llama = [
-        sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "4096", "--n_threads", str(threads), "--n_threads_batch", str(threads), "--verbose", "false",
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--verbose",
+        "false",
     ]
     promptcache = [
-        sys.executable, "-m", "promptcache.server", "--port", str(port), "--workers", "1",
-        "--threads", str(threads), "--log-level", "warning",
+        sys.executable,
+        "-m",
+        "promptcache.server",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
     ]
     return {
         "llama_cpp.server, cache off": [*llama, "--cache", "false"],
-        "llama_cpp.server, cache on (LlamaRAMCache)": [*llama, "--cache", "true", "--cache_type", "ram"],
+        "llama_cpp.server, cache on (LlamaRAMCache)": [
+            *llama,
+            "--cache",
+            "true",
+            "--cache_type",
+            "ram",
+        ],
         "promptcache serve": promptcache,
         "promptcache serve --no-exact": [*promptcache, "--no-exact"],
     }
@@ -91,7 +121,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
                     return
@@ -113,7 +145,9 @@ def _count_tokens(tokenizer: object, text: str) -> int:
     return len(tokenizer.tokenize(text.encode(), add_bos=False, special=False)) if text else 0  # type: ignore[attr-defined]
 
 
-def ask(client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int) -> tuple[str, float, float, float | None]:
+def ask(
+    client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[str, float, float, float | None]:
     """Stream one chat completion: (reply, time to first content, total time, time of the last content)."""
     t0 = time.perf_counter()
     first = last = None
@@ -128,21 +162,40 @@ def ask(client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int) 
             last = now
             pieces.append(chunk.choices[0].delta.content)
     end = time.perf_counter()
-    return "".join(pieces), (first or end) - t0, end - t0, (last - first) if first and last else None
+    return (
+        "".join(pieces),
+        (first or end) - t0,
+        end - t0,
+        (last - first) if first and last else None,
+    )
 
 
 def run_workload(
-    name: str, url: str, *, users: int, turns: int, max_tokens: int, system: str, concurrent: bool, tokenizer: object
+    name: str,
+    url: str,
+    *,
+    users: int,
+    turns: int,
+    max_tokens: int,
+    system: str,
+    concurrent: bool,
+    tokenizer: object,
 ) -> tuple[list[Turn], float]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-    ask(client, [{"role": "user", "content": "Hello!"}], 4)  # warm-up, sharing nothing with the workload
+    # Warm-up, sharing nothing with the workload.
+    ask(client, [{"role": "user", "content": "Hello!"}], 4)
     conversations = [[{"role": "system", "content": system}] for _ in range(users)]
     results: list[Turn] = []
     lock = threading.Lock()
 
     def one_turn(user: int, turn: int) -> None:
         messages = conversations[user]
-        messages.append({"role": "user", "content": f"I am customer {user + 1}. {QUESTIONS[turn % len(QUESTIONS)]}"})
+        messages.append(
+            {
+                "role": "user",
+                "content": f"I am customer {user + 1}. {QUESTIONS[turn % len(QUESTIONS)]}",
+            }
+        )
         reply, ttft, total, decode_s = ask(client, messages, max_tokens)
         messages.append({"role": "assistant", "content": reply})
         n = _count_tokens(tokenizer, reply)
@@ -152,6 +205,7 @@ def run_workload(
 
     t0 = time.perf_counter()
     if concurrent:  # every user at once, each waiting for its own reply before its next turn
+
         def converse(user: int) -> None:
             for turn in range(turns):
                 one_turn(user, turn)
@@ -204,7 +258,11 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
         f"`bench/server_bench.py`: {setup['users']} users share one system prompt of {setup['system_tokens']:,} tokens; "
         f"each has a {setup['turns']}-turn conversation that the client resends whole every turn "
         f"(streamed chat completions, max_tokens {setup['max_tokens']}, temperature 0, "
-        + ("users concurrent" if setup["concurrent"] else "one request at a time, users interleaved turn by turn")
+        + (
+            "users concurrent"
+            if setup["concurrent"]
+            else "one request at a time, users interleaved turn by turn"
+        )
         + f"). Every server runs {setup['threads']} threads on the default model.",
         "",
         "| server | TTFT p50 | TTFT p95 | TTFT p50, turns 2+ | decode tokens/s (p50) | end-to-end tokens/s | wall |",
@@ -215,18 +273,24 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
         lines.append(
             f"| {r['server']} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p95_ms'])} | {_ms(r['ttft_p50_later_turns_ms'])} | "
             f"{rate:,.1f} | {r['end_to_end_tokens_per_s']:,.1f} | {r['wall_s']:,.1f} s |"
-            if rate else
-            f"| {r['server']} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p95_ms'])} | {_ms(r['ttft_p50_later_turns_ms'])} | "
+            if rate
+            else f"| {r['server']} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p95_ms'])} | {_ms(r['ttft_p50_later_turns_ms'])} | "
             f"- | {r['end_to_end_tokens_per_s']:,.1f} | {r['wall_s']:,.1f} s |"
         )
     by = {r["server"]: r for r in rows}
-    baselines = [n for n in ("llama_cpp.server, cache on (LlamaRAMCache)", "llama_cpp.server, cache off") if n in by]
+    baselines = [
+        n
+        for n in ("llama_cpp.server, cache on (LlamaRAMCache)", "llama_cpp.server, cache off")
+        if n in by
+    ]
     for ours in (r for r in rows if r["server"].startswith("promptcache")):
         lines.append("")
         for name in baselines:
             ratio = by[name]["ttft_p50_ms"] / ours["ttft_p50_ms"]
             target = " (target: at least 5x)" if "cache on" in name else ""
-            lines.append(f"- p50 time to first token: {ours['server']} is **{ratio:,.1f}x** faster than {name}{target}.")
+            lines.append(
+                f"- p50 time to first token: {ours['server']} is **{ratio:,.1f}x** faster than {name}{target}."
+            )
         if ours.get("cache"):
             c = ours["cache"]
             lines.append(
@@ -254,32 +318,54 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Smoke run: 2 users, 2 turns, a short prompt; writes nothing.")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smoke run: 2 users, 2 turns, a short prompt; writes nothing.",
+    )
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rules", type=int, default=20, help="Policy lines in the system prompt (20: about 1,000 tokens).")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--concurrent", action="store_true", help="Users talk at the same time instead of in turn.")
     parser.add_argument(
-        "--servers", default="off,on,promptcache,fast", help="Which to run: off, on, promptcache, fast (--no-exact)."
+        "--rules",
+        type=int,
+        default=20,
+        help="Policy lines in the system prompt (20: about 1,000 tokens).",
     )
-    parser.add_argument("--no-write", action="store_true", help="Print the section only; leave bench/results alone.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--concurrent", action="store_true", help="Users talk at the same time instead of in turn."
+    )
+    parser.add_argument(
+        "--servers",
+        default="off,on,promptcache,fast",
+        help="Which to run: off, on, promptcache, fast (--no-exact).",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="Print the section only; leave bench/results alone."
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.turns, args.max_tokens, args.rules = 2, 2, 8, 6
     try:
         import llama_cpp.server.app  # noqa: F401
     except ImportError as exc:
-        print(f"llama_cpp.server cannot start ({exc}): pip install sse-starlette starlette-context", file=sys.stderr)
+        print(
+            f"llama_cpp.server cannot start ({exc}): pip install sse-starlette starlette-context",
+            file=sys.stderr,
+        )
         return 2
     import llama_cpp
 
     tokenizer = llama_cpp.Llama(str(default_model_path()), vocab_only=True, verbose=False)
     system = system_prompt(args.rules)
     setup = {
-        "users": args.users, "turns": args.turns, "max_tokens": args.max_tokens, "threads": args.threads,
-        "concurrent": args.concurrent, "system_tokens": len(tokenizer.tokenize(system.encode(), add_bos=False)),
+        "users": args.users,
+        "turns": args.turns,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "concurrent": args.concurrent,
+        "system_tokens": len(tokenizer.tokenize(system.encode(), add_bos=False)),
     }
     wanted = {
         "off": "llama_cpp.server, cache off",
@@ -298,8 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 server.wait_ready()
                 turns, wall = run_workload(
-                    name, server.url, users=args.users, turns=args.turns, max_tokens=args.max_tokens,
-                    system=system, concurrent=args.concurrent, tokenizer=tokenizer,
+                    name,
+                    server.url,
+                    users=args.users,
+                    turns=args.turns,
+                    max_tokens=args.max_tokens,
+                    system=system,
+                    concurrent=args.concurrent,
+                    tokenizer=tokenizer,
                 )
                 row = summarize(name, turns, wall)
                 if name.startswith("promptcache"):
@@ -313,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, setup, commands)
     print(md)
     if not (args.quick or args.no_write):
-        write_section("server", md, {"setup": setup, "summary": rows, "turns": [asdict(t) for t in turns_all]})
+        write_section(
+            "server", md, {"setup": setup, "summary": rows, "turns": [asdict(t) for t in turns_all]}
+        )
     return 0
 
 

@@ -79,9 +79,15 @@ class _Server:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Server]]:
     """Two servers sharing one session directory, started together (loading in parallel):
-    `open`: 2 workers, no key; `keyed`: 1 worker, an API key, a queue of 1 (to see 503s)."""
+    `open`: 2 workers, no key, a RAM cache; `keyed`: 1 worker, an API key, a queue of 1 (to see 503s)
+    and a tiered cache (RAM, then disk) from a config file's [cache] table."""
     tmp = tmp_path_factory.mktemp("server")
     sessions = tmp / "sessions"
+    config = tmp / "promptcache.toml"
+    config.write_text(
+        f'[cache]\nmemory_size = "256MB"\ndisk_size = "512MB"\ndisk_path = "{tmp / "kv"}"\n'
+    )
+    tiered = ["--cache", "tiered", "--config", str(config)]
     common = [
         "--n-ctx",
         str(N_CTX),
@@ -93,7 +99,15 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Ser
     started = {
         "open": _Server(tmp / "open.log", "--workers", "2", "--max-queue", "8", *common),
         "keyed": _Server(
-            tmp / "keyed.log", "--workers", "1", "--max-queue", "1", "--api-key", API_KEY, *common
+            tmp / "keyed.log",
+            "--workers",
+            "1",
+            "--max-queue",
+            "1",
+            "--api-key",
+            API_KEY,
+            *tiered,
+            *common,
         ),
     }
     try:
@@ -499,6 +513,16 @@ def _session_dir(server: _Server) -> str:
     return args[args.index("--session-dir") + 1]
 
 
+def _metrics(text: str) -> dict[str, float]:
+    """Prometheus text format: series (name and labels) to value."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
 def test_metrics_and_cache_stats(server: _Server, client: openai.OpenAI) -> None:
     prompt = "Metrics check: the quick brown fox jumps over the lazy dog."
     for _ in range(2):
@@ -508,11 +532,7 @@ def test_metrics_and_cache_stats(server: _Server, client: openai.OpenAI) -> None
     assert stats["tokens"]["tokens_reused"] > 0 and stats["tokens"]["tokens_evaluated"] > 0
     r = httpx.get(f"{server.url}/metrics", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    values = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
+    values = _metrics(r.text)
     assert values["promptcache_cache_hits_total"] == stats["cache"]["hits"]
     assert values["promptcache_cache_misses_total"] == stats["cache"]["misses"]
     assert values['promptcache_store_bytes{tier="memory"}'] == stats["cache"]["store"]["bytes"] > 0
@@ -522,3 +542,21 @@ def test_metrics_and_cache_stats(server: _Server, client: openai.OpenAI) -> None
     )
     assert values['promptcache_time_to_first_token_seconds_count{endpoint="/v1/completions"}'] >= 2
     assert values["promptcache_workers"] == 2
+
+
+def test_tiered_cache_reports_every_tier(servers: dict[str, _Server]) -> None:
+    keyed = servers["keyed"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {
+        "prompt": "Tiers: the state goes to RAM and to disk.",
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    r = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200
+    tiers = {t["tier"]: t for t in _stats(keyed.url, **headers)["tiers"]}
+    assert set(tiers) == {"memory", "disk"}
+    assert tiers["memory"]["bytes"] > 0 and tiers["disk"]["bytes"] > 0
+    values = _metrics(httpx.get(f"{keyed.url}/metrics", headers=headers, timeout=30).text)
+    for tier in ("memory", "disk"):
+        assert values[f'promptcache_store_bytes{{tier="{tier}"}}'] == tiers[tier]["bytes"]

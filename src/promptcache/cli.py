@@ -96,7 +96,9 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="LLM workers sharing one prefix cache (default 1).")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests that may wait before a 503 (default 16).")] = None,
     n_ctx: Annotated[int | None, typer.Option(help="Context limit per request (default: the model's).")] = None,
-    cache: Annotated[str | None, typer.Option(help="ram, disk or none (default ram).")] = None,
+    cache: Annotated[
+        str | None, typer.Option(help="ram, disk, tiered (the config file's cache table) or none (default ram).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML/YAML settings file: top-level keys or a server table (see python -m promptcache.server --help).")] = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...) over one shared prefix cache."""

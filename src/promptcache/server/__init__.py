@@ -31,7 +31,8 @@ def run(settings: ServerSettings) -> None:
     app = create_app(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logging.getLogger(__name__).warning(
-            "listening on %s without an API key: anyone who can reach it can use the model", settings.host
+            "listening on %s without an API key: anyone who can reach it can use the model",
+            settings.host,
         )
     uvicorn.run(
         app,

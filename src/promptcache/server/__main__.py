@@ -8,24 +8,30 @@ import argparse
 import sys
 import types
 import typing
-from pathlib import Path
 
 from promptcache.errors import ConfigError
 from promptcache.server.settings import ServerSettings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m promptcache.server", description="Serve an OpenAI-compatible API whose workers share one prefix cache.")
-    parser.add_argument("--config", type=Path, help="A TOML or YAML file of settings (flags win over it).")
+    parser = argparse.ArgumentParser(
+        prog="python -m promptcache.server",
+        description="Serve an OpenAI-compatible API whose workers share one prefix cache.",
+    )
     for name, info in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = info.annotation
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "X | None": the flag takes an X
+        # "X | None": the flag takes an X
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=info.description)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=info.description
+            )
         elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(kind), default=None, help=info.description)
+            parser.add_argument(
+                flag, choices=typing.get_args(kind), default=None, help=info.description
+            )
         else:
             parser.add_argument(flag, type=kind, default=None, help=info.description)
     return parser

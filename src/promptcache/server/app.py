@@ -31,7 +31,7 @@ from promptcache.errors import (
     ModelMismatchError,
     PromptCacheError,
 )
-from promptcache.server.metrics import Metrics, cache_stats
+from promptcache.server.metrics import Metrics, cache_stats, tier_stats
 from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
 from promptcache.server.protocol import (
     ApiError,
@@ -49,7 +49,8 @@ from promptcache.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the room left
+# OpenAI's default max_tokens for /v1/completions; chat defaults to the room left in the context.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 _DISCONNECTED = 499  # nginx's "client closed request": nobody reads it, but logs say what happened
 
 
@@ -103,7 +104,9 @@ class _Server:
             except PromptCacheError as exc:
                 raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
             except Exception as exc:  # noqa: BLE001 - a Jinja template may reject a conversation it cannot render
-                raise ApiError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+                raise ApiError(
+                    400, f"the chat template rejected these messages: {exc}", param="messages"
+                ) from None
             tokens = llm.tokenize(text, add_bos=False, special=True)
             stops = template_stops + stops
         elif prompt.text is not None:
@@ -129,10 +132,16 @@ class _Server:
 
 
 def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | None]:
-    """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve."""
+    """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve.
+
+    Raises ConfigError for bad cache settings and StoreUnavailableError for an unusable cache directory."""
     cache: PromptCache | None
     if settings.cache == "none":
         cache = None
+    elif settings.cache == "tiered":
+        from promptcache.config import CacheConfig
+
+        cache = CacheConfig(config_file=settings.config).build_cache()
     elif settings.cache == "disk":
         from promptcache.store.disk import DiskStore
 
@@ -166,7 +175,9 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
     first = llms[0]
     n_ctx = min(settings.n_ctx or first.n_ctx_train, first.n_ctx_train)
     if settings.n_ctx and settings.n_ctx > first.n_ctx_train:
-        log.warning("n_ctx %d exceeds the model's context of %d; using %d", settings.n_ctx, n_ctx, n_ctx)
+        log.warning(
+            "n_ctx %d exceeds the model's context of %d; using %d", settings.n_ctx, n_ctx, n_ctx
+        )
     pool_ref: list[WorkerPool] = []
     metrics = Metrics(cache, lambda: pool_ref[0] if pool_ref else None)
     pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
@@ -186,7 +197,11 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
     )
     log.info(
         "serving %s (context %d) with %d worker(s) x %d thread(s), cache %s",
-        server.model_id, n_ctx, pool.size, settings.threads_per_worker(), settings.cache,
+        server.model_id,
+        n_ctx,
+        pool.size,
+        settings.threads_per_worker(),
+        settings.cache,
     )
 
     @asynccontextmanager
@@ -215,7 +230,9 @@ class _ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] != "/health":
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self.api_key
+            ):
                 response = JSONResponse(
                     error_body(
                         "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
@@ -240,12 +257,16 @@ def _install_error_handlers(app: FastAPI, server: _Server) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            error_body(message, code=code), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {exc}", type="server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {exc}", type="server_error"), status_code=500
+        )
 
 
 def _as_api_error(exc: BaseException) -> ApiError:
@@ -282,7 +303,9 @@ async def _read_json(request: Request, limit: int, *, optional: bool = False) ->
             chunks.append(chunk)
     if too_big:
         raise ApiError(
-            413, f"the request body exceeds {limit} bytes (the server's max_body_bytes)", code="request_too_large"
+            413,
+            f"the request body exceeds {limit} bytes (the server's max_body_bytes)",
+            code="request_too_large",
         )
     raw = b"".join(chunks)
     if optional and not raw.strip():
@@ -334,7 +357,9 @@ def _submit(server: _Server, fn: Callable[[LLM, Job], None]) -> Job:
     return job
 
 
-async def _job_result(request: Request, server: _Server, fn: Callable[[LLM, Job], None]) -> Response:
+async def _job_result(
+    request: Request, server: _Server, fn: Callable[[LLM, Job], None]
+) -> Response:
     """Run a job that emits one ("result", dict) and answer it as JSON."""
     job = _submit(server, fn)
     result = None
@@ -353,7 +378,11 @@ async def _job_result(request: Request, server: _Server, fn: Callable[[LLM, Job]
 
 
 def _generation_job(
-    server: _Server, endpoint: str, prompt: _Prompt, max_tokens: int | None, sampling: dict[str, Any]
+    server: _Server,
+    endpoint: str,
+    prompt: _Prompt,
+    max_tokens: int | None,
+    sampling: dict[str, Any],
 ) -> Callable[[LLM, Job], None]:
     def run(llm: LLM, job: Job) -> None:
         tokens, stops = server.tokens(llm, prompt)
@@ -416,7 +445,9 @@ async def _generate(
         if first is not None and first[0] == "error":
             raise _as_api_error(first[1])
         return Response(status_code=_DISCONNECTED)
-    envelope = Envelope("chat" if kind == "chat" else "completion", server.model_id, server.system_fingerprint)
+    envelope = Envelope(
+        "chat" if kind == "chat" else "completion", server.model_id, server.system_fingerprint
+    )
 
     if not req.stream:
         pieces: list[str] = []
@@ -451,27 +482,40 @@ async def _generate(
             yield sse("[DONE]")
 
     return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 def _unsupported(condition: object, param: str, what: str) -> None:
     if condition:
-        raise ApiError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
+        raise ApiError(
+            400,
+            f"{what} is not supported by this server",
+            param=param,
+            code="unsupported_parameter",
+        )
 
 
 def _completion_prompt(req: CompletionRequest, n_vocab: int) -> _Prompt:
     prompt: Any = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise ApiError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
+            raise ApiError(
+                400,
+                "send one prompt per request (batched prompts are not supported)",
+                param="prompt",
+            )
         prompt = prompt[0]
     if isinstance(prompt, str):
         return _Prompt(text=prompt, stops=req.stops())
     if not prompt:
         raise ApiError(400, "the prompt is empty: give at least one token", param="prompt")
     if min(prompt) < 0 or max(prompt) >= n_vocab:
-        raise ApiError(400, f"token ids must be in [0, {n_vocab})", param="prompt", code="invalid_value")
+        raise ApiError(
+            400, f"token ids must be in [0, {n_vocab})", param="prompt", code="invalid_value"
+        )
     return _Prompt(tokens=list(prompt), stops=req.stops())
 
 
@@ -488,14 +532,20 @@ def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
 
 def _session_prompt(body: dict[str, Any], n_vocab: int) -> _Prompt:
     if ("messages" in body) == ("prompt" in body):
-        raise ApiError(400, "send either 'messages' (a chat) or 'prompt' (text or token ids) to save", param="messages")
+        raise ApiError(
+            400,
+            "send either 'messages' (a chat) or 'prompt' (text or token ids) to save",
+            param="messages",
+        )
     if "messages" in body:
         req = parse_request(ChatCompletionRequest, {"messages": body["messages"]})
         return _Prompt(messages=_chat_messages(req), param="messages")
     return _completion_prompt(parse_request(CompletionRequest, {"prompt": body["prompt"]}), n_vocab)
 
 
-def _save_job(server: _Server, session_id: str, path: Path, prompt: _Prompt) -> Callable[[LLM, Job], None]:
+def _save_job(
+    server: _Server, session_id: str, path: Path, prompt: _Prompt
+) -> Callable[[LLM, Job], None]:
     def run(llm: LLM, job: Job) -> None:
         tokens, _ = server.tokens(llm, prompt)
         if len(tokens) >= server.n_ctx:
@@ -511,8 +561,16 @@ def _save_job(server: _Server, session_id: str, path: Path, prompt: _Prompt) -> 
             raise ApiError(500, f"cannot write the session: {exc}", type="server_error") from None
         finally:
             tmp.unlink(missing_ok=True)
-        job.emit("result", {"id": session_id, "object": "session", "tokens": len(tokens), "bytes": len(blob),
-                            "cached_tokens": reused})
+        job.emit(
+            "result",
+            {
+                "id": session_id,
+                "object": "session",
+                "tokens": len(tokens),
+                "bytes": len(blob),
+                "cached_tokens": reused,
+            },
+        )
 
     return run
 
@@ -522,18 +580,38 @@ def _restore_job(server: _Server, session_id: str, path: Path) -> Callable[[LLM,
         try:
             blob = path.read_bytes()
         except OSError:
-            raise ApiError(404, f"no session named {session_id!r}", param="session_id", code="session_not_found") from None
+            raise ApiError(
+                404,
+                f"no session named {session_id!r}",
+                param="session_id",
+                code="session_not_found",
+            ) from None
         try:
             n = llm.load_session_bytes(blob)
         except ModelMismatchError as exc:
-            raise ApiError(409, str(exc), param="session_id", code="session_model_mismatch") from None
+            raise ApiError(
+                409, str(exc), param="session_id", code="session_model_mismatch"
+            ) from None
         except ContextOverflowError as exc:
-            raise ApiError(400, str(exc), param="session_id", code="context_length_exceeded") from None
+            raise ApiError(
+                400, str(exc), param="session_id", code="context_length_exceeded"
+            ) from None
         except (CorruptEntryError, PromptCacheError) as exc:
-            raise ApiError(422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt") from None
+            raise ApiError(
+                422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt"
+            ) from None
         if server.cache is not None:
-            llm.logits(llm.tokens)  # re-reads the last tokens and puts the state into the shared cache
-        job.emit("result", {"id": session_id, "object": "session", "tokens": n, "cached": server.cache is not None})
+            # Re-reads the last tokens and puts the state into the shared cache for every worker.
+            llm.logits(llm.tokens)
+        job.emit(
+            "result",
+            {
+                "id": session_id,
+                "object": "session",
+                "tokens": n,
+                "cached": server.cache is not None,
+            },
+        )
 
     return run
 
@@ -546,8 +624,13 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_id, "workers": server.pool.size,
-                "busy": server.pool.busy, "waiting": server.pool.waiting}
+        return {
+            "status": "ok",
+            "model": server.model_id,
+            "workers": server.pool.size,
+            "busy": server.pool.busy,
+            "waiting": server.pool.waiting,
+        }
 
     def model_card() -> dict[str, Any]:
         return {
@@ -588,21 +671,27 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
         _unsupported(req.top_logprobs, "top_logprobs", "top_logprobs")
         _unsupported(req.tools, "tools", "tool calling")
         _unsupported(
-            req.response_format and req.response_format.get("type") != "text", "response_format", "a response_format other than text"
+            req.response_format and req.response_format.get("type") != "text",
+            "response_format",
+            "a response_format other than text",
         )
         prompt = _Prompt(messages=_chat_messages(req), stops=req.stops(), param="messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
         return await _generate(request, server, "chat", prompt, req, max_tokens)
 
     @app.get("/v1/cache/stats")
     async def stats() -> dict[str, Any]:
+        cache = cache_stats(server.cache) if server.cache is not None else None
         return {
             "model": server.model_id,
             "fingerprint": server.fingerprint,
             "context_length": server.n_ctx,
             "workers": {"size": server.pool.size, "busy": server.pool.busy},
             "queue": {"waiting": server.pool.waiting, "capacity": server.pool.max_queue},
-            "cache": cache_stats(server.cache) if server.cache is not None else None,
+            "cache": cache,
+            "tiers": tier_stats(server.cache, cache["store"]) if server.cache is not None else [],
             **server.metrics.snapshot(),
         }
 
@@ -625,7 +714,8 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/sessions/{session_id}/restore")
     async def restore_session(session_id: str, request: Request) -> Response:
         path = server.sessions.file(session_id, must_exist=True)
-        await _read_json(request, limit, optional=True)  # nothing to say yet, but the body is read and bounded
+        # No options yet, but the body is read (and bounded) all the same.
+        await _read_json(request, limit, optional=True)
         return await _job_result(request, server, _restore_job(server, session_id, path))
 
     @app.delete("/v1/sessions/{session_id}")

@@ -40,13 +40,16 @@ def cache_stats(cache: PromptCache) -> dict[str, Any]:
     return cache.stats()
 
 
-def store_tiers(store_stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-tier stats: a tiered store lists its tiers under "tiers"; a plain store is one tier."""
-    tiers = store_stats.get("tiers")
-    if isinstance(tiers, dict):
-        return [dict(v, tier=v.get("tier", k)) for k, v in tiers.items() if isinstance(v, dict)]
-    if isinstance(tiers, list):
-        return [t for t in tiers if isinstance(t, dict)]
+def tier_stats(cache: PromptCache, store_stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each tier's stats: a tiered store (possibly inside a namespace wrapper) reports its tiers
+    through tier_stats(); a plain store is its own one tier."""
+    store: Any = cache.store
+    for _ in range(4):
+        if hasattr(store, "tier_stats"):
+            return [dict(row, tier=name) for name, row in store.tier_stats().items()]
+        store = getattr(store, "store", None)
+        if store is None:
+            break
     return [store_stats]
 
 
@@ -64,7 +67,11 @@ class _CacheCollector(Collector):
                 ("promptcache_workers", "LLM worker threads.", pool.size),
                 ("promptcache_workers_busy", "Workers running a request now.", pool.busy),
                 ("promptcache_queue_waiting", "Requests waiting for a worker.", pool.waiting),
-                ("promptcache_queue_capacity", "Requests that may wait before 503.", pool.max_queue),
+                (
+                    "promptcache_queue_capacity",
+                    "Requests that may wait before 503.",
+                    pool.max_queue,
+                ),
             ):
                 yield GaugeMetricFamily(name, doc, value=value)
         if self.cache is None:
@@ -83,26 +90,42 @@ class _CacheCollector(Collector):
             ("evicted_sequences", "Cached sequences evicted to stay within capacity."),
         ):
             yield CounterMetricFamily(f"promptcache_cache_{key}", doc, value=stats[key])
-        by_tier = CounterMetricFamily("promptcache_cache_hits_by_tier", "Hits by the slowest tier they read.", labels=["tier"])
+        by_tier = CounterMetricFamily(
+            "promptcache_cache_hits_by_tier", "Hits by the slowest tier they read.", labels=["tier"]
+        )
         for tier, n in stats["hits_by_tier"].items():
             by_tier.add_metric([tier], n)
         yield by_tier
-        yield GaugeMetricFamily("promptcache_cache_bytes", "Bytes of state the index references.", value=stats["bytes"])
-        yield GaugeMetricFamily("promptcache_cache_sequences", "Cached token sequences.", value=stats["sequences"])
+        yield GaugeMetricFamily(
+            "promptcache_cache_bytes", "Bytes of state the index references.", value=stats["bytes"]
+        )
+        yield GaugeMetricFamily(
+            "promptcache_cache_sequences", "Cached token sequences.", value=stats["sequences"]
+        )
         store = stats.get("store")
         if not isinstance(store, dict):
             return
-        gauges = {k: GaugeMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"]) for k, doc in (
-            ("bytes", "Bytes held by the tier."),
-            ("capacity_bytes", "Byte capacity of the tier."),
-            ("entries", "Entries held by the tier."),
-        )}
-        counters = {k: CounterMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"]) for k, doc in (
-            ("hits", "Store reads that found their entry."),
-            ("misses", "Store reads that found nothing (or a corrupt entry)."),
-            ("evictions", "Entries the tier evicted to stay within capacity."),
-        )}
-        for tier in store_tiers(store):
+        gauges = {
+            k: GaugeMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"])
+            for k, doc in (
+                ("bytes", "Bytes held by the tier."),
+                ("capacity_bytes", "Byte capacity of the tier."),
+                ("entries", "Entries held by the tier."),
+            )
+        }
+        counters = {
+            k: CounterMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"])
+            for k, doc in (
+                ("hits", "Store reads that found their entry."),
+                ("misses", "Store reads that found nothing (or a corrupt entry)."),
+                ("evictions", "Entries the tier evicted to stay within capacity."),
+            )
+        }
+        try:
+            tiers = tier_stats(self.cache, store)
+        except PromptCacheError:
+            tiers = []
+        for tier in tiers:
             name = str(tier.get("tier", "store"))
             for k, family in (*gauges.items(), *counters.items()):
                 if isinstance(tier.get(k), (int, float)):
@@ -117,23 +140,43 @@ class Metrics:
     def __init__(self, cache: PromptCache | None, pool: Callable[[], WorkerPool | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("promptcache_requests", "Requests by endpoint and outcome.", ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter("promptcache_prompt_tokens", "Prompt tokens of finished generations.", registry=r)
-        self.tokens_reused = Counter(
-            "promptcache_prompt_tokens_reused", "Prompt tokens not evaluated, by where their state came from.",
-            ["source"], registry=r,
+        self.requests = Counter(
+            "promptcache_requests",
+            "Requests by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            registry=r,
         )
-        self.tokens_evaluated = Counter("promptcache_prompt_tokens_evaluated", "Prompt tokens evaluated (prefilled).", registry=r)
-        self.completion_tokens = Counter("promptcache_completion_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter(
+            "promptcache_prompt_tokens", "Prompt tokens of finished generations.", registry=r
+        )
+        self.tokens_reused = Counter(
+            "promptcache_prompt_tokens_reused",
+            "Prompt tokens not evaluated, by where their state came from.",
+            ["source"],
+            registry=r,
+        )
+        self.tokens_evaluated = Counter(
+            "promptcache_prompt_tokens_evaluated",
+            "Prompt tokens evaluated (prefilled).",
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "promptcache_completion_tokens", "Tokens generated.", registry=r
+        )
         self.ttft = Histogram(
             "promptcache_time_to_first_token_seconds",
             "From a request entering the queue to its first generated token.",
-            ["endpoint"], buckets=TTFT_BUCKETS, registry=r,
+            ["endpoint"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         r.register(_CacheCollector(cache, pool))
         self._lock = threading.Lock()
         self._totals: dict[str, int] = {
-            "prompt_tokens": 0, "tokens_reused": 0, "tokens_evaluated": 0, "completion_tokens": 0,
+            "prompt_tokens": 0,
+            "tokens_reused": 0,
+            "tokens_evaluated": 0,
+            "completion_tokens": 0,
         }
         self._outcomes: dict[str, int] = {}
 
@@ -146,7 +189,9 @@ class Metrics:
     def generation(self, endpoint: str, stats: RunStats, queue_s: float) -> None:
         """Record one generation's token counts and time to first token (queue wait included)."""
         self.prompt_tokens.inc(stats.prompt_tokens)
-        self.tokens_reused.labels(stats.source if stats.tokens_reused else "none").inc(stats.tokens_reused)
+        self.tokens_reused.labels(stats.source if stats.tokens_reused else "none").inc(
+            stats.tokens_reused
+        )
         self.tokens_evaluated.inc(stats.tokens_evaluated)
         self.completion_tokens.inc(stats.tokens_generated)
         if stats.ttft_ms > 0:

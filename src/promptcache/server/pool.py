@@ -85,7 +85,9 @@ class WorkerPool:
         self._mean_job_s = 1.0
         self._running: set[Job] = set()
         self._threads = [
-            threading.Thread(target=self._work, args=(llm,), name=f"promptcache-worker-{i}", daemon=True)
+            threading.Thread(
+                target=self._work, args=(llm,), name=f"promptcache-worker-{i}", daemon=True
+            )
             for i, llm in enumerate(llms)
         ]
         for t in self._threads:
@@ -109,7 +111,9 @@ class WorkerPool:
         with self._lock:
             if self._in_flight >= self.size + self.max_queue:
                 waiting = self._in_flight - self._busy
-                raise QueueFullError(max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.size))))
+                raise QueueFullError(
+                    max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.size)))
+                )
             self._in_flight += 1
         self._queue.put(job)
 

@@ -41,7 +41,11 @@ class ApiError(Exception):
 
 
 def error_body(
-    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -114,7 +118,11 @@ def _param(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in part or part in ("str", "int", "float", "bool", "list", "dict", "none") or "-" in part:
+        elif (
+            "[" in part
+            or part in ("str", "int", "float", "bool", "list", "dict", "none")
+            or "-" in part
+        ):
             break
         else:
             out += f".{part}" if out else part
@@ -129,7 +137,12 @@ def parse_request(model: type[_Strict], body: dict[str, Any]) -> Any:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"]))
         what = f"'{param}': " if param else ""
-        raise ApiError(400, f"invalid value for {what}{first['msg']}", param=param or None, code="invalid_value") from None
+        raise ApiError(
+            400,
+            f"invalid value for {what}{first['msg']}",
+            param=param or None,
+            code="invalid_value",
+        ) from None
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -144,7 +157,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw, parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(
-            400, f"we could not parse the JSON body of your request ({exc}); send valid JSON", code="invalid_json"
+            400,
+            f"we could not parse the JSON body of your request ({exc}); send valid JSON",
+            code="invalid_json",
         ) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -190,7 +205,9 @@ def usage(stats: RunStats) -> dict[str, Any]:
 class Envelope:
     """The fields every response and chunk of one request shares."""
 
-    def __init__(self, kind: Literal["completion", "chat"], model: str, system_fingerprint: str) -> None:
+    def __init__(
+        self, kind: Literal["completion", "chat"], model: str, system_fingerprint: str
+    ) -> None:
         self.kind = kind
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
@@ -217,7 +234,9 @@ class Envelope:
         body.update(choices=[choice], usage=usage(stats))
         return body
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, *, role: bool = False
+    ) -> dict[str, Any]:
         """One streamed choice delta (chat) or text piece (completion)."""
         if self.kind == "chat":
             delta: dict[str, Any] = {}

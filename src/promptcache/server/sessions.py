@@ -31,14 +31,21 @@ class SessionDirectory:
             )
         path = self.path / f"{session_id}{SUFFIX}"
         if must_exist and not path.is_file():
-            raise ApiError(404, f"no session named {session_id!r}", param="session_id", code="session_not_found")
+            raise ApiError(
+                404,
+                f"no session named {session_id!r}",
+                param="session_id",
+                code="session_not_found",
+            )
         return path
 
     def prepare(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ApiError(500, f"cannot create the session directory: {exc}", type="server_error") from None
+            raise ApiError(
+                500, f"cannot create the session directory: {exc}", type="server_error"
+            ) from None
 
     def list(self) -> list[dict[str, Any]]:
         if not self.path.is_dir():
@@ -48,7 +55,14 @@ class SessionDirectory:
             session_id = p.name[: -len(SUFFIX)]
             if SESSION_ID.fullmatch(session_id):
                 st = p.stat()
-                out.append({"id": session_id, "object": "session", "bytes": st.st_size, "modified": int(st.st_mtime)})
+                out.append(
+                    {
+                        "id": session_id,
+                        "object": "session",
+                        "bytes": st.st_size,
+                        "modified": int(st.st_mtime),
+                    }
+                )
         return out
 
     def delete(self, session_id: str) -> None:
