@@ -101,11 +101,13 @@ def test_strict_prefix_of_a_cached_prompt_is_exact(llm, ref):
 
 def test_live_context_reuse_across_a_conversation_is_exact(llm, ref):
     messages = [{"role": "system", "content": DOC}, {"role": "user", "content": "Do gift cards expire?"}]
-    reply = llm.chat(messages, GREEDY)
+    first = llm.chat_tokens(messages)
+    reply = llm.chat(messages, GenerationConfig(max_tokens=12, temperature=0))
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And refunds?"}]
     tokens = llm.chat_tokens(messages)
     out = llm.logits(tokens)
-    assert llm.last_stats.source in ("live", "memory") and llm.last_stats.tokens_reused > 50
+    # The reply's KV is reused too (re-read as a batch after generation where 1-token batches are not exact).
+    assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused > len(first) + 5
     assert np.array_equal(out, uncached_logits(ref, tokens))
 
 

@@ -115,6 +115,7 @@ class RunStats:
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     cache_insert_ms: float = 0.0
+    reply_reread_ms: float = 0.0
     bytes_cached: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -497,16 +498,24 @@ class LLM:
         stats.tokens_evaluated = n - reused
         return self._last_logits()
 
-    def _remember(self, prompt: list[int], stats: RunStats) -> None:
-        """Cache the prompt's state (in exact mode, the generated tokens' KV is dropped first)."""
-        if self.cache is None or self._ctx is None:
+    def _remember(self, prompt: list[int], stats: RunStats, keep_reply: bool = False) -> None:
+        """Cache what this call computed. Generated tokens' KV (decoded one at a time) is not exact
+        where 1-token batches are not: it is dropped, or with keep_reply re-read as one batch now,
+        off the next turn's critical path, so a chat's next turn reuses its reply."""
+        if self._ctx is None:
             return
         t0 = time.perf_counter()
         tokens = list(self._tokens)
         if not self.reuses_generated and len(tokens) > len(prompt):
             self._ctx.kv_cache_seq_rm(0, len(prompt), -1)
-            tokens = tokens[: len(prompt)]
+            if keep_reply and len(tokens) - len(prompt) >= self.exact_batch:
+                self._evaluate(tokens, len(prompt))
+                stats.reply_reread_ms = (time.perf_counter() - t0) * 1000
+            else:
+                tokens = tokens[: len(prompt)]
             self._tokens, self._n_exact = tokens, len(tokens)
+        if self.cache is None:
+            return
         try:
             if self._checkpoint is not None and not self.cache.contains(self._checkpoint[0], self.fingerprint):
                 stats.bytes_cached += self._insert(*self._checkpoint)
@@ -546,7 +555,9 @@ class LLM:
         probs = probs[:keep] / probs[:keep].sum()
         return int(order[rng.choice(keep, p=probs)])
 
-    def _run(self, prompt: list[int], config: GenerationConfig) -> Iterator[tuple[int, str, str | None]]:
+    def _run(
+        self, prompt: list[int], config: GenerationConfig, keep_reply: bool = False
+    ) -> Iterator[tuple[int, str, str | None]]:
         """Yield (token, new text, finish_reason or None); sets last_stats; caches the prompt at the end."""
         stats = RunStats()
         self.last_stats = stats
@@ -600,7 +611,7 @@ class LLM:
             yield -1, "", finish
         finally:
             stats.tokens_generated = len(generated)
-            self._remember(prompt, stats)
+            self._remember(prompt, stats, keep_reply)
             stats.total_ms = (time.perf_counter() - t_start) * 1000
 
     # ------------------------------------------------------------ public generation
@@ -621,15 +632,22 @@ class LLM:
         return self._check_tokens(prompt)
 
     def complete(
-        self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides: Any
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        keep_reply: bool = False,
+        **overrides: Any,
     ) -> Completion:
-        """Generate a completion of `prompt` (text, or token ids). Raises ValueError/TypeError on bad
-        input and ContextOverflowError when the prompt cannot fit the model's context."""
+        """Generate a completion of `prompt` (text, or token ids). keep_reply: make the reply's KV
+        reusable by the next call (chat does; costs a batch re-read of the reply where needed).
+        Raises ValueError/TypeError on bad input and ContextOverflowError when the prompt cannot
+        fit the model's context."""
         cfg = self._config(config, overrides)
         with self._lock:
             prompt_tokens = self._prompt_tokens(prompt)
             pieces, tokens, finish = [], [], "length"
-            for token, piece, reason in self._run(prompt_tokens, cfg):
+            for token, piece, reason in self._run(prompt_tokens, cfg, keep_reply):
                 if reason is not None:
                     finish = reason
                     continue
@@ -652,21 +670,31 @@ class LLM:
         return self.complete(prompt, config, **overrides).text
 
     def stream(
-        self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides: Any
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        keep_reply: bool = False,
+        **overrides: Any,
     ) -> Iterator[str]:
         """Text pieces as they are generated; closing the iterator early stops generation."""
-        for piece, _reason in self.stream_events(prompt, config, **overrides):
+        for piece, _reason in self.stream_events(prompt, config, keep_reply=keep_reply, **overrides):
             if piece:
                 yield piece
 
     def stream_events(
-        self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **overrides: Any
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        keep_reply: bool = False,
+        **overrides: Any,
     ) -> Iterator[tuple[str, str | None]]:
         """(text piece, finish_reason) pairs; the last one has the finish reason and no text."""
         cfg = self._config(config, overrides)
         with self._lock:
             prompt_tokens = self._prompt_tokens(prompt)
-            for _token, piece, reason in self._run(prompt_tokens, cfg):
+            for _token, piece, reason in self._run(prompt_tokens, cfg, keep_reply):
                 yield piece, reason
 
     # ------------------------------------------------------------ chat
@@ -707,8 +735,8 @@ class LLM:
         """The assistant's reply to `messages`, using the model's chat template."""
         tokens = self.chat_tokens(messages)
         if stream:
-            return self.stream(tokens, config, **overrides)
-        return self.complete(tokens, config, **overrides).text
+            return self.stream(tokens, config, keep_reply=True, **overrides)
+        return self.complete(tokens, config, keep_reply=True, **overrides).text
 
     # ------------------------------------------------------------ logits
 

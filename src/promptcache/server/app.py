@@ -397,7 +397,8 @@ def _generation_job(
         config = GenerationConfig(max_tokens=n_new, stop=stops or None, **sampling)
         job.emit("start", len(tokens))
         finish = "length"
-        events = llm.stream_events(tokens, config)
+        # A chat's reply comes back in its next turn: keep the reply's KV reusable.
+        events = llm.stream_events(tokens, config, keep_reply=prompt.messages is not None)
         try:
             for piece, reason in events:
                 if job.cancelled:
