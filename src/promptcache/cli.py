@@ -28,6 +28,10 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _short(question: str, width: int = 18) -> str:
+    return question if len(question) <= width else question[: width - 1] + "…"
+
+
 @app.command()
 def demo(
     max_tokens: int = typer.Option(24, help="Tokens to generate per answer."),
@@ -39,13 +43,13 @@ def demo(
     with console.status("Loading SmolLM2-135M and asking questions..."):
         rows, totals = run_demo(max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None)
     cold = rows[0].ttft_ms
-    table = Table(title="promptcache demo: time to first token, cold vs cached")
+    table = Table(title="promptcache demo: time to first token, cold vs cached", expand=False)
     for col in ("run", "question", "prompt tokens", "reused", "from", "TTFT", "speed-up"):
         numeric = col in ("prompt tokens", "reused", "TTFT", "speed-up")
         table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "run")
     for r in rows:
         table.add_row(
-            r.run, r.question, str(r.prompt_tokens), str(r.tokens_reused), r.source,
+            r.run, _short(r.question), str(r.prompt_tokens), str(r.tokens_reused), r.source,
             f"{r.ttft_ms:,.0f} ms", f"{cold / r.ttft_ms:,.1f}x" if r.ttft_ms else "-",
         )
     console.print(table)
@@ -252,7 +256,6 @@ def clear(
         after = len(manager.store)
     removed = before - after
     console.print(f"Removed {removed} key{'' if removed == 1 else 's'} ({what}) from {where}.")
-
 
 if __name__ == "__main__":
     app()
