@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from promptcache import LLM
 from promptcache.config import CacheConfig
 from promptcache.errors import CapacityError, CorruptEntryError, StoreUnavailableError
-from promptcache.store import envelope
+from promptcache.store import Store, envelope
 from promptcache.store.compression import Compressor, decompress
 from promptcache.store.disk import DiskStore
 from promptcache.store.memory import MemoryStore
@@ -199,6 +199,40 @@ def test_each_tier_holds_its_own_capacity(tmp_path: Path) -> None:
     assert store.get_with_tier("k20", fingerprint=FP)[1] == "disk"
     assert store.gc()["disk"]["evicted"] == 0
     assert set(store.tier_stats()) == {"memory", "disk"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "get", "delete"]),
+            st.sampled_from([f"k{i}" for i in range(8)]),
+            st.integers(min_value=1, max_value=1500),
+        ),
+        max_size=40,
+    )
+)
+def test_tiers_hold_capacity_and_never_serve_a_stale_value(ops) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        memory, disk = MemoryStore(2500), DiskStore(tmp, 6000)
+        store = TieredStore([memory, disk])
+        assert isinstance(store, Store)
+        latest: dict[str, bytes] = {}
+        for n, (op, key, size) in enumerate(ops):
+            if op == "put":
+                value = bytes([n % 256]) * size
+                store.put(key, value, fingerprint=FP)
+                latest[key] = value
+            elif op == "delete":
+                store.delete(key)
+                latest.pop(key, None)
+            else:
+                got = store.get(key, fingerprint=FP)
+                assert got is None or got == latest.get(key)
+            assert memory.size() <= memory.capacity_bytes and disk.size() <= disk.capacity_bytes
+        disk.close()
 
 
 def test_tier_names_must_differ() -> None:

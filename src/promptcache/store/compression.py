@@ -3,8 +3,9 @@
 Owns the codecs and their flags; never touches files or sockets, never decides what to store.
 
 A reader decompresses by the flags an entry carries, whatever it would write itself, so processes
-with different settings share one cache. A value that does not shrink is stored raw (flags 0):
-f16 KV states barely compress (see BENCHMARKS.md, "tiers"), and reading raw bytes is free.
+with different settings share one cache. A value that does not shrink by at least MIN_SAVING is
+stored raw (flags 0): f16 KV states barely compress (lz4 saves 0.1%, zstd-1 7%: BENCHMARKS.md,
+"Tiers"), and reading raw bytes costs no decompression.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ DEFAULT_LEVELS = {"none": 0, "zstd": 3, "lz4": 0}
 # Accepted levels: zstd's fast negative levels up to its maximum; lz4.frame's 0 (fast) to 16 (HC max).
 LEVELS = {"none": (0, 0), "zstd": (-7, 22), "lz4": (0, 16)}
 _FLAGS = FLAG_ZSTD | FLAG_LZ4
+MIN_SAVING = 0.02
+"""Smallest fraction of a value compression must save for the compressed form to be stored."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class Compressor:
     def compress(
         self, value: bytes | bytearray | memoryview
     ) -> tuple[bytes | bytearray | memoryview, int]:
-        """(payload, envelope flags): the compressed value, or the value itself (flags 0) when that is not smaller."""
+        """(payload, envelope flags): the compressed value, or the value itself (flags 0) when
+        compression saves less than MIN_SAVING of it."""
         if self.name == "none" or not len(value):
             return value, 0
         if self.name == "zstd":
@@ -72,7 +76,7 @@ class Compressor:
             packed = cctx.compress(value)
         else:
             packed = lz4.frame.compress(value, compression_level=self.level, store_size=True)
-        if len(packed) >= len(value):
+        if len(packed) > len(value) * (1 - MIN_SAVING):
             return value, 0
         return packed, self.flag
 

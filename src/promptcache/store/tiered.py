@@ -176,7 +176,9 @@ class TieredStore:
         out: dict[str, int | float | str] = {
             "tier": self.name,
             "tiers": ",".join(t.name for t in self.tiers),
-            "entries": len(self),
+            "entries": max(
+                len(t) for t in self.tiers
+            ),  # the largest tier's: cheap, unlike len(self)
             "bytes": self.size(),
             "capacity_bytes": self.capacity_bytes,
             "hits": self.hits,
