@@ -28,6 +28,11 @@ _LAZY = {
     "Completion": "promptcache.engines.llama_cpp",
     "default_model_path": "promptcache.model",
     "DiskStore": "promptcache.store.disk",
+    "RedisStore": "promptcache.store.redis",
+    "TieredStore": "promptcache.store.tiered",
+    "CacheConfig": "promptcache.config",
+    "CacheManager": "promptcache.manager",
+    "default_cache": "promptcache.config",
 }
 
 
@@ -45,6 +50,11 @@ __all__ = [
     "Completion",
     "default_model_path",
     "DiskStore",
+    "RedisStore",
+    "TieredStore",
+    "CacheConfig",
+    "CacheManager",
+    "default_cache",
     "PromptCache",
     "Hit",
     "DEFAULT_BLOCK_SIZE",

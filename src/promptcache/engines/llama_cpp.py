@@ -142,7 +142,11 @@ def _resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
         from promptcache.store.disk import DiskStore
 
         return PromptCache(DiskStore())
-    raise ValueError(f"cache must be a PromptCache, 'ram', 'disk' or None, not {cache!r}")
+    if cache == "tiered":
+        from promptcache.config import default_cache
+
+        return default_cache()
+    raise ValueError(f"cache must be a PromptCache, 'ram', 'disk', 'tiered' or None, not {cache!r}")
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -170,7 +174,8 @@ class LLM:
 
     model_path: a GGUF file (default: promptcache.default_model_path()). n_ctx: the smallest context
     to create; a call that needs more recreates it larger (up to the model's training context).
-    cache: a PromptCache, "ram", "disk" or None. exact: see the module docstring.
+    cache: a PromptCache, "ram", "disk", "tiered" (the tiers CacheConfig reads from PROMPTCACHE_*
+    variables and $PROMPTCACHE_CONFIG: RAM, disk, Redis) or None. exact: see the module docstring.
     After close() the object still works: the next call creates a new context.
     """
 
@@ -520,7 +525,10 @@ class LLM:
             if self._checkpoint is not None and not self.cache.contains(self._checkpoint[0], self.fingerprint):
                 stats.bytes_cached += self._insert(*self._checkpoint)
             self._checkpoint = None
-            if not self.cache.contains(tokens, self.fingerprint):
+            fp = self.fingerprint
+            # A shared store may hold every chunk already (another process wrote them): then index
+            # them without reading and splitting the state again.
+            if not (self.cache.contains(tokens, fp) or self.cache.adopt(tokens, fp, codec=self.codec)):
                 stats.bytes_cached += self._insert(tokens, self._get_state())
         except PromptCacheError as exc:
             log.warning("could not cache a %d-token state: %s", len(tokens), exc)

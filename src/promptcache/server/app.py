@@ -131,6 +131,9 @@ class _Server:
 # ------------------------------------------------------------------------------------ app factory
 
 
+_MANAGERS: list[Any] = []  # cache managers started by load_workers, closed at shutdown
+
+
 def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | None]:
     """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve.
 
@@ -140,8 +143,12 @@ def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | Non
         cache = None
     elif settings.cache == "tiered":
         from promptcache.config import CacheConfig
+        from promptcache.manager import CacheManager
 
-        cache = CacheConfig(config_file=settings.config).build_cache()
+        # The manager runs the background cleanup (max_age, capacity) for as long as the server lives.
+        manager = CacheManager(CacheConfig(config_file=settings.config))
+        cache = manager.cache()
+        _MANAGERS.append(manager)
     elif settings.cache == "disk":
         from promptcache.store.disk import DiskStore
 
@@ -208,6 +215,8 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.get_running_loop().run_in_executor(None, pool.close)
+        while _MANAGERS:
+            _MANAGERS.pop().close()
 
     app = FastAPI(
         title="promptcache", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
