@@ -71,6 +71,7 @@ class Runner:
             cache = PromptCache() if name == "pc_ram" else PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
             self.llm = LLM(cache=cache, n_ctx=4096)
             self.llm.exact_batch  # noqa: B018 - probe once, before timing
+            self.llm.reserve()  # llama_cpp.Llama creates its context up front too
             self.tokenize = self.llm.tokenize
         else:
             import llama_cpp
@@ -264,9 +265,10 @@ def report(results: dict) -> str:
         f"- Cold prefill (no cache): {cold:,.0f} ms. The floor (restore {pr['prompt_tokens'] - 2} tokens' state from memory "
         f"and evaluate the last tokens): {fl:.0f} ms.",
         f"- Repeated prompt, promptcache RAM: {rep:.0f} ms = {rep / fl:.2f}x the floor (target within 2x: "
-        f"**{'met' if rep <= 2 * fl else 'not met'}**), {ratio_llama:.1f}x faster than LlamaRAMCache (issue target 10x: "
-        f"**{'met' if ratio_llama >= 10 else 'not met'}**; DESIGN.md's measured floor puts the best possible gain on one "
-        "repeated prompt in one process near 3x), {cold / rep:,.0f}x faster than no cache.",
+        f"**{'met' if rep <= 2 * fl else 'not met'}**); LlamaRAMCache {median(lr['repeated_ms']):.0f} ms, a ratio of "
+        f"{ratio_llama:.2f} (issue target 10x: **{'met' if ratio_llama >= 10 else 'not met'}**: on one repeated prompt in "
+        f"one process both sit near the floor, and LlamaRAMCache evaluates a single token, which DESIGN.md measured "
+        f"inexact); {cold / rep:,.0f}x faster than no cache.",
     ]
     shared_ms = median(pr["shared_ms"])
     lines.append(f"- Shared prefix, promptcache RAM: {shared_ms:.0f} ms (floor plus the new tokens' prefill).")

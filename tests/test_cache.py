@@ -210,3 +210,16 @@ def test_adopt_indexes_a_sequence_another_process_stored():
     hit = reader.lookup(seq[:22] + [5], FP)  # token-granular through the adopted index entry
     assert hit.tokens_reused == 22 and hit.state == synthetic_state(seq[:22])
     assert not PromptCache(codec=FixedWidthCodec(WIDTH)).adopt(seq, FP)  # a private store has nothing to adopt
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=24, max_size=60), st.lists(seqs, min_size=3, max_size=6), st.integers(2, 5))
+def test_repeated_prefix_hits_through_the_merged_memo_are_exact(prefix, suffixes, block):
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block)
+    cache.insert(prefix + suffixes[0], synthetic_state(prefix + suffixes[0]), FP)
+    for suffix in suffixes:
+        query = prefix + [9] + suffix
+        hit = cache.lookup(query, FP)
+        assert hit is not None and hit.tokens_reused >= len(prefix)
+        assert hit.state == synthetic_state(query[: hit.tokens_reused])
+    assert cache.stats()["memo_hits"] == len(suffixes) - 2  # merged on the second hit, used from the third

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,9 @@ from promptcache.store import MemoryStore, Store
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BLOCK_SIZE = 8
+_MEMO_MIN_BLOCKS = 4  # below this a prefix joins fast enough on its own
+_MEMO_ENTRIES = 2  # merged prefixes kept (each about one state's size, outside capacity_bytes)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class CacheStats:
     chunks_deduplicated: int = 0
     evicted_sequences: int = 0
     missing_chunks: int = 0
+    memo_hits: int = 0
     hits_by_tier: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -109,6 +113,8 @@ class PromptCache:
         self._bytes = 0
         self._lock = threading.RLock()
         self._stats = CacheStats()
+        self._memo: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._memo_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ---------------------------------------------------------------- public API
 
@@ -270,6 +276,8 @@ class PromptCache:
             self._refs.clear()
             self._sizes.clear()
             self._bytes = 0
+            self._memo.clear()
+            self._memo_seen.clear()
             self.store.clear()
 
     def __len__(self) -> int:
@@ -301,6 +309,7 @@ class PromptCache:
             "chunks_deduplicated": s.chunks_deduplicated,
             "evicted_sequences": s.evicted_sequences,
             "missing_chunks": s.missing_chunks,
+            "memo_hits": s.memo_hits,
             "hits_by_tier": dict(s.hits_by_tier),
             "store": self.store.stats(),
         }
@@ -367,14 +376,25 @@ class PromptCache:
                     if self.store.contains(key):
                         partial_key, partial_len = key, min(r, limit - start)
                         break
+        n_blocks = all_blocks = len(chunk_keys)
         if partial_key is not None:
             chunk_keys.append(partial_key)
         if not chunk_keys:
             return None
+        # The full blocks of a prefix that was hit before come merged from the memo: one segment
+        # instead of dozens to fetch and join (the hash chain makes the last block's key name them all).
+        memo_key = (codec.name, chunk_keys[n_blocks - 1]) if n_blocks >= _MEMO_MIN_BLOCKS else None
+        merged = self._memo.get(memo_key) if memo_key is not None else None
+        if merged is not None:
+            self._memo.move_to_end(memo_key)
+            self._stats.memo_hits += 1
+            first = n_blocks
+        else:
+            first = 0
         segments: list[bytes] = [b""] * len(chunk_keys)
-        tiers = set()
+        tiers = {"memory"} if merged is not None else set()
         usable = len(chunk_keys)
-        for i in reversed(range(len(chunk_keys))):  # deepest first: the root block ends most recent
+        for i in reversed(range(first, len(chunk_keys))):  # deepest first: the root block ends most recent
             value, tier = self._fetch(chunk_keys[i], fingerprint)
             if value is None:
                 usable = i
@@ -384,14 +404,25 @@ class PromptCache:
         if usable < len(chunk_keys):
             self._stats.missing_chunks += len(chunk_keys) - usable
             self._drop_missing(fingerprint, chunk_keys[usable])
-            segments, partial_len = segments[:usable], 0
-            if not segments:
+            n_blocks, partial_len = min(n_blocks, usable), 0
+            if n_blocks == 0:
                 return None
+        if merged is None and memo_key is not None and usable >= n_blocks == all_blocks:
+            # Merge on the second hit of a prefix: a first hit would pay the merge for nothing.
+            if memo_key in self._memo_seen:
+                merged = codec.split(codec.join(segments[:n_blocks]), [0, n_blocks * B])[0]
+                self._memo[memo_key] = merged
+                while len(self._memo) > _MEMO_ENTRIES:
+                    self._memo.popitem(last=False)
+            else:
+                self._memo_seen[memo_key] = None
+                while len(self._memo_seen) > 64:
+                    self._memo_seen.popitem(last=False)
+        parts = [merged] if merged is not None else segments[:n_blocks]
         if partial_len:
-            segments[-1] = codec.cut(segments[-1], partial_len)
-        reused = (len(segments) - (1 if partial_len else 0)) * B + partial_len
-        state = codec.join(segments)
-        return Hit(reused, state, _slowest(tiers), fingerprint)
+            parts.append(codec.cut(segments[n_blocks], partial_len))
+        reused = n_blocks * B + partial_len
+        return Hit(reused, codec.join(parts), _slowest(tiers), fingerprint)
 
     def _lookup_whole(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
         index = self._indexes.get(fingerprint)

@@ -31,6 +31,7 @@ so a segment is the state's bytes for its cells with the per-layer headers moved
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -291,6 +292,12 @@ def _read_state(state: Buffer) -> _Cells | None:
     return found[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _decode_layout(blob: bytes) -> Layout:
+    """Layout.decode, memoized: every segment of one model repeats the same layout bytes."""
+    return Layout.decode(blob)
+
+
 def _read_segment(segment: Buffer) -> _Cells:
     cur = _Cursor(segment)
     magic, version, _, seq_id, start, n, layout_len = cur.take(_SEG_HEAD)
@@ -299,7 +306,7 @@ def _read_segment(segment: Buffer) -> _Cells:
             f"not a {LlamaStateCodec.name} segment (magic {magic!r}, version {version})"
         )
     at = cur.skip(layout_len)
-    layout = Layout.decode(memoryview(segment)[at : at + layout_len])
+    layout = _decode_layout(bytes(memoryview(segment)[at : at + layout_len]))
     body_at = cur.skip(n * layout.bytes_per_token)
     cur.expect_end("the segment")
     raw = np.frombuffer(segment, dtype=np.uint8)

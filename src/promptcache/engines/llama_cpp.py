@@ -375,6 +375,12 @@ class LLM:
         self._ctx = self._batch = None
         self._tokens, self._n_exact = [], 0
 
+    def reserve(self, n_ctx: int | None = None) -> None:
+        """Create the context now (for n_ctx tokens, default the constructor's) instead of on the
+        first call, so that call's latency holds no allocation."""
+        with self._lock:
+            self._ensure_context(n_ctx or self.n_ctx)
+
     @property
     def context_size(self) -> int:
         """Tokens the live context holds (0 before the first call or after close)."""
