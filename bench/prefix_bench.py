@@ -221,7 +221,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("time to first token, ms (log scale)")
     ax.set_title(f"{results['main']['none']['prompt_tokens']}-token prompt, SmolLM2-135M Q4_1, 2 cores")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -299,10 +299,10 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
             )
     lines += [
         "",
-        "The default (exact) mode re-reads each reply with the next turn, so a cached answer equals an uncached "
-        "one bit for bit; `--no-exact` reuses the reply's KV as llama_cpp.server and llama-server do. Either way "
-        "each turn still evaluates its new tokens (the new question, in exact mode the last reply too): that is "
-        "the floor of time to first token here, not the restore.",
+        "The default (exact) mode re-reads each reply as one batch right after sending it, so the next turn "
+        "reuses it and a cached answer equals an uncached one bit for bit; `--no-exact` reuses the reply's KV as "
+        "decoded, as llama_cpp.server and llama-server do. Either way each turn evaluates its new tokens (the "
+        "template and the new question, about 25 tokens here): that is the floor of time to first token, not the restore.",
     ]
     lines += ["", "Commands (MODEL: promptcache.default_model_path(); port elided):", ""]
     for name, cmd in commands.items():
