@@ -13,7 +13,7 @@ import pytest
 from conftest import synthetic_state
 from typer.testing import CliRunner
 
-from promptcache import LLM
+from promptcache import DEFAULT_BLOCK_SIZE, LLM
 from promptcache.cli import app
 from promptcache.config import CacheConfig
 from promptcache.manager import CacheManager
@@ -140,7 +140,7 @@ def test_cleanup_thread_enforces_max_age_in_every_tier(tmp_path: Path, redis_url
         disk_size="1MB",
         disk_path=tmp_path / "kv",
         redis_url=redis_url,
-        max_age=0.4,
+        max_age=2.0,  # long enough that a loaded CI machine still sees all five before they expire
         cleanup_interval=0.1,
     )
     with CacheManager(config) as manager:
@@ -149,7 +149,7 @@ def test_cleanup_thread_enforces_max_age_in_every_tier(tmp_path: Path, redis_url
         memory, disk, remote = manager.store.tiers
         assert len(memory) == len(disk) == len(remote) == 5
         # Nothing reads the entries: only the cleanup can remove them (and their Redis accounting).
-        assert wait_for(lambda: len(memory) == len(disk) == len(remote) == 0)
+        assert wait_for(lambda: len(memory) == len(disk) == len(remote) == 0, timeout=15.0)
         assert remote.size() == 0
         assert manager.stats()["cleanup"]["expired"] >= 15
         assert manager.running
@@ -229,7 +229,7 @@ def test_inspect_shows_model_tokens_bytes_age_and_tier(config: CacheConfig) -> N
     assert all(e.fingerprint == llm.fingerprint and e.cache == "default" for e in persisted)
     assert all(e.age_s is not None and 0 <= e.age_s < 60 for e in persisted)
     disk_tokens = sorted(e.tokens for e in entries if e.tier == "disk")
-    assert sum(disk_tokens) == len(tokens) and max(disk_tokens) == 16
+    assert sum(disk_tokens) == len(tokens) and max(disk_tokens) == DEFAULT_BLOCK_SIZE
     assert all(e.bytes > e.tokens * 20_000 for e in entries)
 
 

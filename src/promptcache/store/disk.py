@@ -28,6 +28,7 @@ from promptcache.errors import (
 )
 from promptcache.store import envelope
 from promptcache.store.compression import Compressor, decompress, get_compressor
+from promptcache.store.counters import base_stats
 from promptcache.store.policies import get_policy
 
 log = logging.getLogger(__name__)
@@ -555,16 +556,7 @@ class DiskStore:
                 .fetchone()
             )
         return {
-            "tier": self.name,
-            "policy": self.policy.name,
-            "entries": entries,
-            "bytes": nbytes,
-            "capacity_bytes": self.capacity_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "puts": self.puts,
-            "evictions": self.evictions,
-            "expirations": self.expirations,
+            **base_stats(self, entries, nbytes),
             "corrupt": self.corrupt,
             "path": str(self.path),
             "compression": self.compressor.name,

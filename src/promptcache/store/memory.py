@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from promptcache.errors import CapacityError
+from promptcache.store.counters import base_stats
 from promptcache.store.policies import Entry, get_policy
 
 
@@ -132,15 +133,4 @@ class MemoryStore:
             self._bytes = 0
 
     def stats(self) -> dict[str, int | float | str]:
-        return {
-            "tier": self.name,
-            "policy": self.policy.name,
-            "entries": len(self._entries),
-            "bytes": self._bytes,
-            "capacity_bytes": self.capacity_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "puts": self.puts,
-            "evictions": self.evictions,
-            "expirations": self.expirations,
-        }
+        return base_stats(self, len(self._entries), self._bytes)

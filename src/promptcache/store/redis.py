@@ -22,6 +22,7 @@ from redis.retry import Retry
 from promptcache.errors import CapacityError, CorruptEntryError, ModelMismatchError
 from promptcache.store import envelope
 from promptcache.store.compression import Compressor, decompress, get_compressor
+from promptcache.store.counters import base_stats
 from promptcache.store.policies import get_policy
 
 log = logging.getLogger(__name__)
@@ -435,16 +436,7 @@ class RedisStore:
 
         entries, nbytes = self._call("read", read, (-1, -1))
         return {
-            "tier": self.name,
-            "policy": self.policy.name,
-            "entries": entries,
-            "bytes": nbytes,
-            "capacity_bytes": self.capacity_bytes,
-            "hits": self.hits,
-            "misses": self.misses,
-            "puts": self.puts,
-            "evictions": self.evictions,
-            "expirations": self.expirations,
+            **base_stats(self, entries, nbytes),
             "corrupt": self.corrupt,
             "unavailable": self.unavailable,
             "outages": self.outages,
