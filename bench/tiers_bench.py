@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import median, write_section  # noqa: E402
 
-from promptcache import LLM, PromptCache  # noqa: E402
+from promptcache import DEFAULT_BLOCK_SIZE, LLM, PromptCache  # noqa: E402
 from promptcache.store.compression import MIN_SAVING, Compressor  # noqa: E402
 from promptcache.store.disk import DiskStore  # noqa: E402
 from promptcache.store.memory import MemoryStore  # noqa: E402
@@ -310,7 +310,7 @@ def main() -> None:
         "## Tiers: compression and hit latency per tier",
         "",
         f"`python bench/tiers_bench.py` — SmolLM2-135M-Instruct Q4_1, f16 KV, a {len(tokens):,}-token "
-        f"prompt ({len(state) / 1e6:.1f} MB of KV state in {len(segments)} chunks of 16 tokens); "
+        f"prompt ({len(state) / 1e6:.1f} MB of KV state in {len(segments)} chunks of {DEFAULT_BLOCK_SIZE} tokens); "
         f"medians of {args.reps} interleaved runs. Cold prefill: {cold_ms:,.0f} ms.",
         "",
         "### Compression of real KV chunks (one thread; ratio and speeds of the codec itself)",
