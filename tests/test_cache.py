@@ -159,7 +159,8 @@ def test_bad_input_is_a_clear_error(tokens, state, fp, exc):
 
 def test_a_chunk_lost_from_the_store_is_a_shorter_hit_not_a_wrong_one():
     store = MemoryStore(1 << 20)
-    cache = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=4)
+    # memo_bytes=0: no merged copy of the prefix, so the lookup must read the store's chunks.
+    cache = PromptCache(store, codec=FixedWidthCodec(WIDTH), block_size=4, memo_bytes=0)
     seq = list(range(20))
     cache.insert(seq, synthetic_state(seq), FP)
     keys_in_order = cache._indexes[FP].find(cache_tokens(seq)).value.keys
@@ -222,4 +223,18 @@ def test_repeated_prefix_hits_through_the_merged_memo_are_exact(prefix, suffixes
         hit = cache.lookup(query, FP)
         assert hit is not None and hit.tokens_reused >= len(prefix)
         assert hit.state == synthetic_state(query[: hit.tokens_reused])
-    assert cache.stats()["memo_hits"] == len(suffixes) - 2  # merged on the second hit, used from the third
+    # Merged on the second hit at the latest (at insert when the prefix ends the inserted blocks).
+    assert cache.stats()["memo_hits"] >= len(suffixes) - 2
+
+
+def test_a_conversation_turn_joins_from_the_previous_turns_merged_state():
+    """insert() keeps the inserted state's full blocks merged: the next, longer prompt starts from it."""
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    turn1 = list(range(100, 140))
+    cache.insert(turn1, synthetic_state(turn1), FP)
+    turn2 = turn1 + [7, 8, 9, 10, 11]
+    hit = cache.lookup(turn2, FP)
+    assert hit.tokens_reused == 40 and hit.state == synthetic_state(turn1)
+    assert cache.stats()["memo_hits"] == 1
+    assert cache.lookup(turn2, FP, min_tokens=40) is None  # the caller holds 40 already: nothing fetched
+    assert cache.stats()["lookups"] == 1

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8
 _MEMO_MIN_BLOCKS = 4  # below this a prefix joins fast enough on its own
-_MEMO_ENTRIES = 2  # merged prefixes kept (each about one state's size, outside capacity_bytes)
+_SKIPPED = object()  # lookup found no more than min_tokens: not a hit, not a miss
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ class PromptCache:
     chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md). shared: whether
     other processes write the store too (default: True for any store but a MemoryStore); a shared
     store is probed for the prompt's blocks on lookup, and eviction leaves its chunks to the store.
+    memo_bytes: RAM for merged prefixes (a conversation's state as one segment, so its next turn joins
+    two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class PromptCache:
         codec: StateCodec | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         shared: bool | None = None,
+        memo_bytes: int | None = None,
     ) -> None:
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError("block_size must be a positive int")
@@ -114,6 +117,8 @@ class PromptCache:
         self._lock = threading.RLock()
         self._stats = CacheStats()
         self._memo: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._memo_used = 0
+        self.memo_bytes = memo_bytes if memo_bytes is not None else min(256 << 20, self.capacity_bytes // 4)
         self._memo_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ---------------------------------------------------------------- public API
@@ -128,10 +133,13 @@ class PromptCache:
         fingerprint: str,
         *,
         max_tokens: int | None = None,
+        min_tokens: int = 0,
         codec: StateCodec | None = None,
     ) -> Hit | None:
         """The longest cached prefix of `tokens` (at most `max_tokens` long), or None.
 
+        With min_tokens, a prefix of at most that many tokens is not fetched (the caller holds as
+        much already) and None is returned without counting a lookup.
         Raises TypeError/ValueError for malformed tokens or fingerprint; store faults are misses.
         """
         tb = K.token_bytes(tokens)
@@ -140,24 +148,28 @@ class PromptCache:
         n = len(tb) // 4
         limit = n if max_tokens is None else max(0, min(n, int(max_tokens)))
         with self._lock:
-            self._stats.lookups += 1
-            self._stats.tokens_looked_up += n
-            hit = None
-            if limit > 0:
+            found: Hit | object | None = None
+            if limit > min_tokens:
                 try:
-                    hit = (self._lookup_chunks if codec.splittable else self._lookup_whole)(
-                        tb, limit, fingerprint, codec
-                    )
+                    if codec.splittable:
+                        found = self._lookup_chunks(tb, limit, fingerprint, codec, min_tokens)
+                    else:
+                        found = self._lookup_whole(tb, limit, fingerprint, codec)
                 except CodecError as exc:
                     log.warning("cached state failed to join (%s); treating as a miss", exc)
-                    hit = None
-            if hit is None:
+            if found is _SKIPPED or (found is None and 0 < limit <= min_tokens):
+                return None
+            if isinstance(found, Hit) and found.tokens_reused <= min_tokens:
+                return None
+            self._stats.lookups += 1
+            self._stats.tokens_looked_up += n
+            if not isinstance(found, Hit):
                 self._stats.misses += 1
                 return None
             self._stats.hits += 1
-            self._stats.tokens_reused += hit.tokens_reused
-            self._stats.hits_by_tier[hit.source] = self._stats.hits_by_tier.get(hit.source, 0) + 1
-            return hit
+            self._stats.tokens_reused += found.tokens_reused
+            self._stats.hits_by_tier[found.source] = self._stats.hits_by_tier.get(found.source, 0) + 1
+            return found
 
     def insert(
         self,
@@ -226,6 +238,12 @@ class PromptCache:
                 written += sizes[i]
                 self._stats.chunks_written += 1
             self._stats.chunks_deduplicated += len(chunk_keys) - len(new)
+            n_full = n // self.block_size
+            if codec.splittable and new and n_full >= _MEMO_MIN_BLOCKS:
+                # A conversation's next turn extends this state: keep its full blocks as one segment.
+                self._remember_merged(
+                    (codec.name, chunk_keys[n_full - 1]), codec.split(bytes(state), [0, n_full * self.block_size])[0]
+                )
             self._stats.inserts += 1
             self._stats.bytes_written += written
             return written
@@ -277,6 +295,7 @@ class PromptCache:
             self._sizes.clear()
             self._bytes = 0
             self._memo.clear()
+            self._memo_used = 0
             self._memo_seen.clear()
             self.store.clear()
 
@@ -335,7 +354,9 @@ class PromptCache:
             return get_with_tier(key, fingerprint=fingerprint)
         return self.store.get(key, fingerprint=fingerprint), self.store.name
 
-    def _lookup_chunks(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
+    def _lookup_chunks(
+        self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec, min_tokens: int = 0
+    ) -> Hit | object | None:
         B = self.block_size
         index = self._indexes.get(fingerprint)
         match = index.match(tb[: 4 * limit]) if index else None
@@ -381,20 +402,23 @@ class PromptCache:
             chunk_keys.append(partial_key)
         if not chunk_keys:
             return None
-        # The full blocks of a prefix that was hit before come merged from the memo: one segment
-        # instead of dozens to fetch and join (the hash chain makes the last block's key name them all).
-        memo_key = (codec.name, chunk_keys[n_blocks - 1]) if n_blocks >= _MEMO_MIN_BLOCKS else None
-        merged = self._memo.get(memo_key) if memo_key is not None else None
-        if merged is not None:
-            self._memo.move_to_end(memo_key)
-            self._stats.memo_hits += 1
-            first = n_blocks
-        else:
-            first = 0
+        if n_blocks * B + partial_len <= min_tokens:
+            return _SKIPPED  # the caller already holds as much (its live context): fetch nothing
+        # The deepest prefix merged before comes from the memo as one segment: the hash chain makes
+        # the key of its last block name all of its blocks. Only the blocks after it are fetched.
+        m, merged = 0, None
+        if n_blocks >= _MEMO_MIN_BLOCKS and self._memo:
+            for i in range(n_blocks - 1, _MEMO_MIN_BLOCKS - 2, -1):
+                found = self._memo.get((codec.name, chunk_keys[i]))
+                if found is not None:
+                    m, merged = i + 1, found
+                    self._memo.move_to_end((codec.name, chunk_keys[i]))
+                    self._stats.memo_hits += 1
+                    break
         segments: list[bytes] = [b""] * len(chunk_keys)
         tiers = {"memory"} if merged is not None else set()
         usable = len(chunk_keys)
-        for i in reversed(range(first, len(chunk_keys))):  # deepest first: the root block ends most recent
+        for i in reversed(range(m, len(chunk_keys))):  # deepest first: the root block ends most recent
             value, tier = self._fetch(chunk_keys[i], fingerprint)
             if value is None:
                 usable = i
@@ -407,22 +431,31 @@ class PromptCache:
             n_blocks, partial_len = min(n_blocks, usable), 0
             if n_blocks == 0:
                 return None
-        if merged is None and memo_key is not None and usable >= n_blocks == all_blocks:
+        parts = ([merged] if merged is not None else []) + segments[m:n_blocks]
+        if len(parts) > 2 and n_blocks >= _MEMO_MIN_BLOCKS:
             # Merge on the second hit of a prefix: a first hit would pay the merge for nothing.
-            if memo_key in self._memo_seen:
-                merged = codec.split(codec.join(segments[:n_blocks]), [0, n_blocks * B])[0]
-                self._memo[memo_key] = merged
-                while len(self._memo) > _MEMO_ENTRIES:
-                    self._memo.popitem(last=False)
+            key = (codec.name, chunk_keys[n_blocks - 1])
+            if key in self._memo_seen:
+                parts = [self._remember_merged(key, codec.split(codec.join(parts), [0, n_blocks * B])[0])]
             else:
-                self._memo_seen[memo_key] = None
+                self._memo_seen[key] = None
                 while len(self._memo_seen) > 64:
                     self._memo_seen.popitem(last=False)
-        parts = [merged] if merged is not None else segments[:n_blocks]
         if partial_len:
             parts.append(codec.cut(segments[n_blocks], partial_len))
         reused = n_blocks * B + partial_len
         return Hit(reused, codec.join(parts), _slowest(tiers), fingerprint)
+
+    def _remember_merged(self, key: tuple[str, str], merged: bytes) -> bytes:
+        """Keep a merged prefix in the memo, least recently used out first, within memo_bytes."""
+        old = self._memo.pop(key, None)
+        self._memo_used -= len(old) if old is not None else 0
+        if len(merged) <= self.memo_bytes:
+            self._memo[key] = merged
+            self._memo_used += len(merged)
+        while self._memo_used > self.memo_bytes:
+            self._memo_used -= len(self._memo.popitem(last=False)[1])
+        return merged
 
     def _lookup_whole(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
         index = self._indexes.get(fingerprint)

@@ -551,7 +551,9 @@ class LLM:
         source = "live" if reused else "none"
         if self.cache is not None and limit > reused:
             try:
-                hit = self.cache.lookup(prompt, self.fingerprint, max_tokens=limit, codec=self.codec)
+                hit = self.cache.lookup(
+                    prompt, self.fingerprint, max_tokens=limit, min_tokens=reused, codec=self.codec
+                )
             except PromptCacheError as exc:
                 log.warning("cache lookup failed (%s); evaluating the whole prompt", exc)
                 hit = None
