@@ -397,7 +397,7 @@ class PromptCache:
                     if self.store.contains(key):
                         partial_key, partial_len = key, min(r, limit - start)
                         break
-        n_blocks = all_blocks = len(chunk_keys)
+        n_blocks = len(chunk_keys)
         if partial_key is not None:
             chunk_keys.append(partial_key)
         if not chunk_keys:
