@@ -106,8 +106,12 @@ def test_live_context_reuse_across_a_conversation_is_exact(llm, ref):
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And refunds?"}]
     tokens = llm.chat_tokens(messages)
     out = llm.logits(tokens)
-    # The reply's KV is reused too (re-read as a batch after generation where 1-token batches are not exact).
+    # The reply's KV is reused too (re-read as one batch after generation, exact), and so is the
+    # template's turn separator that every next user message follows.
     assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused > len(first) + 5
+    after_reply = [*messages[:3], {"role": "user", "content": "zzz"}]
+    separator_end = next(i for i, (x, y) in enumerate(zip(tokens, llm.chat_tokens(after_reply))) if x != y)
+    assert llm.last_stats.tokens_reused >= separator_end
     assert np.array_equal(out, uncached_logits(ref, tokens))
 
 

@@ -88,6 +88,7 @@ def _save_probe(key: str, value: tuple[int, bool]) -> tuple[int, bool]:
     except OSError as exc:
         log.debug("could not keep the probe result: %s", exc)
     return value
+KeepReply = bool | Sequence[dict[str, Any]]  # True, or a chat's messages (see LLM.complete)
 _exact_batch_memo: dict[str, tuple[int, bool]] = {}  # per process, over the file
 
 
@@ -589,15 +590,25 @@ class LLM:
         stats.tokens_evaluated = n - reused
         return self._last_logits()
 
-    def _remember(self, prompt: list[int], stats: RunStats, keep_reply: bool = False) -> None:
-        """Cache what this call computed. Generated tokens' KV (decoded one at a time) is not exact
-        where 1-token batches are not: it is dropped, or with keep_reply re-read as one batch now,
-        off the next turn's critical path, so a chat's next turn reuses its reply."""
+    def _remember(
+        self, prompt: list[int], stats: RunStats, keep_reply: KeepReply = False, reply: str = ""
+    ) -> None:
+        """Cache what this call computed. Generated tokens' KV (decoded one at a time) is not exact:
+        it is dropped, or with keep_reply re-read as one batch now, off the next turn's critical path,
+        so a chat's next turn reuses its reply. Given the chat's messages, what is re-read is what the
+        next turn's prompt will hold: the reply as the template renders it, and the turn separator."""
         if self._ctx is None:
             return
         t0 = time.perf_counter()
         tokens = list(self._tokens)
-        if not self.reuses_generated and len(tokens) > len(prompt):
+        target = self._next_turn_prefix(keep_reply, reply, prompt) if keep_reply is not True else None
+        if target is not None and self.may_reuse and (self.exact or len(tokens) > len(prompt)):
+            self._ctx.kv_cache_seq_rm(0, len(prompt), -1)
+            self._evaluate(target, len(prompt))
+            stats.reply_reread_ms = (time.perf_counter() - t0) * 1000
+            tokens = target
+            self._tokens, self._n_exact = tokens, len(tokens)
+        elif not self.reuses_generated and len(tokens) > len(prompt):
             self._ctx.kv_cache_seq_rm(0, len(prompt), -1)
             if keep_reply and self.may_reuse and len(tokens) - len(prompt) >= self.exact_batch:
                 self._evaluate(tokens, len(prompt))
@@ -619,6 +630,24 @@ class LLM:
         except PromptCacheError as exc:
             log.warning("could not cache a %d-token state: %s", len(tokens), exc)
         stats.cache_insert_ms = (time.perf_counter() - t0) * 1000
+
+    def _next_turn_prefix(self, keep_reply: KeepReply, reply: str, prompt: list[int]) -> list[int] | None:
+        """The tokens every next turn of this chat starts with (prompt, reply, turn separator), found by
+        rendering the template with two different next user messages; None when they do not extend
+        the prompt by at least exact_batch tokens (then the plain reply is re-read instead)."""
+        if isinstance(keep_reply, bool) or not reply:
+            return None
+        history = [*keep_reply, {"role": "assistant", "content": reply}]
+        try:
+            a = self.chat_tokens([*history, {"role": "user", "content": "A"}])
+            b = self.chat_tokens([*history, {"role": "user", "content": "B"}])
+        except Exception as exc:  # noqa: BLE001 - a template may refuse the conversation: no read-ahead
+            log.debug("no next-turn prefix: %s", exc)
+            return None
+        common = a[: _common_prefix(a, b)]
+        if len(common) - len(prompt) < self.exact_batch or common[: len(prompt)] != prompt:
+            return None
+        return common
 
     def _insert(self, tokens: list[int], state: bytes) -> int:
         assert self.cache is not None
@@ -650,7 +679,7 @@ class LLM:
         return int(order[rng.choice(keep, p=probs)])
 
     def _run(
-        self, prompt: list[int], config: GenerationConfig, keep_reply: bool = False
+        self, prompt: list[int], config: GenerationConfig, keep_reply: KeepReply = False
     ) -> Iterator[tuple[int, str, str | None]]:
         """Yield (token, new text, finish_reason or None); sets last_stats; caches the prompt at the end."""
         stats = RunStats()
@@ -705,7 +734,7 @@ class LLM:
             yield -1, "", finish
         finally:
             stats.tokens_generated = len(generated)
-            self._remember(prompt, stats, keep_reply)
+            self._remember(prompt, stats, keep_reply, text)
             stats.total_ms = (time.perf_counter() - t_start) * 1000
 
     # ------------------------------------------------------------ public generation
@@ -730,11 +759,12 @@ class LLM:
         prompt: str | Sequence[int],
         config: GenerationConfig | None = None,
         *,
-        keep_reply: bool = False,
+        keep_reply: KeepReply = False,
         **overrides: Any,
     ) -> Completion:
         """Generate a completion of `prompt` (text, or token ids). keep_reply: make the reply's KV
-        reusable by the next call (chat does; costs a batch re-read of the reply where needed).
+        reusable by the next call (costs a batch re-read of the reply where needed); pass the chat's
+        messages to also read ahead the template's turn separator (chat does).
         Raises ValueError/TypeError on bad input and ContextOverflowError when the prompt cannot
         fit the model's context."""
         cfg = self._config(config, overrides)
@@ -768,7 +798,7 @@ class LLM:
         prompt: str | Sequence[int],
         config: GenerationConfig | None = None,
         *,
-        keep_reply: bool = False,
+        keep_reply: KeepReply = False,
         **overrides: Any,
     ) -> Iterator[str]:
         """Text pieces as they are generated; closing the iterator early stops generation."""
@@ -781,7 +811,7 @@ class LLM:
         prompt: str | Sequence[int],
         config: GenerationConfig | None = None,
         *,
-        keep_reply: bool = False,
+        keep_reply: KeepReply = False,
         **overrides: Any,
     ) -> Iterator[tuple[str, str | None]]:
         """(text piece, finish_reason) pairs; the last one has the finish reason and no text."""
@@ -829,8 +859,8 @@ class LLM:
         """The assistant's reply to `messages`, using the model's chat template."""
         tokens = self.chat_tokens(messages)
         if stream:
-            return self.stream(tokens, config, keep_reply=True, **overrides)
-        return self.complete(tokens, config, keep_reply=True, **overrides).text
+            return self.stream(tokens, config, keep_reply=list(messages), **overrides)
+        return self.complete(tokens, config, keep_reply=list(messages), **overrides).text
 
     # ------------------------------------------------------------ logits
 

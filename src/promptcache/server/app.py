@@ -407,7 +407,8 @@ def _generation_job(
         job.emit("start", len(tokens))
         finish = "length"
         # A chat's reply comes back in its next turn: keep the reply's KV reusable.
-        events = llm.stream_events(tokens, config, keep_reply=prompt.messages is not None)
+        keep = list(prompt.messages) if prompt.messages is not None else False
+        events = llm.stream_events(tokens, config, keep_reply=keep)
         try:
             for piece, reason in events:
                 if job.cancelled:
