@@ -299,10 +299,10 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
             )
     lines += [
         "",
-        "The default (exact) mode re-reads each reply as one batch right after sending it, so the next turn "
-        "reuses it and a cached answer equals an uncached one bit for bit; `--no-exact` reuses the reply's KV as "
-        "decoded, as llama_cpp.server and llama-server do. Either way each turn evaluates its new tokens (the "
-        "template and the new question, about 25 tokens here): that is the floor of time to first token, not the restore.",
+        "The default (exact) mode re-reads each reply, with the chat template's turn separator, as one batch right "
+        "after sending it, so the next turn reuses both and a cached answer equals an uncached one bit for bit; "
+        "`--no-exact` reuses the reply's KV as decoded, as llama_cpp.server and llama-server do. Either way each turn "
+        "evaluates its new message (about 20 tokens here): that, not the restore, is the floor of time to first token.",
     ]
     lines += ["", "Commands (MODEL: promptcache.default_model_path(); port elided):", ""]
     for name, cmd in commands.items():
