@@ -365,7 +365,9 @@ class PromptCache:
             assert index is not None and match is not None
             index.touch(index.terminal_below(match.node))
         n_full = length // B
-        prefix = K.block_keys(fingerprint, tb, B, limit // B)
+        n = len(tb) // 4
+        # Every block key of the whole prompt, hashed once: probing a shared store needs all of them.
+        prefix = K.block_keys(fingerprint, tb, B, (n if self._probe_store else limit) // B)
         chunk_keys = [_hex(prefix[j + 1]) for j in range(n_full)]
         partial_key, partial_len = None, length - n_full * B
         if partial_len:
@@ -378,8 +380,6 @@ class PromptCache:
         if self._probe_store and length < limit:
             # Other processes may have written what this index does not know: probe the prompt's own
             # blocks (over the whole prompt: a block or tail that runs past `limit` is cut to it).
-            n = len(tb) // 4
-            prefix = K.block_keys(fingerprint, tb, B, n // B)
             j = n_full
             while (j + 1) * B <= n and self.store.contains(_hex(prefix[j + 1])):
                 j += 1
