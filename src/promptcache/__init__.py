@@ -33,6 +33,7 @@ _LAZY = {
     "CacheConfig": "promptcache.config",
     "CacheManager": "promptcache.manager",
     "default_cache": "promptcache.config",
+    "CachedCausalLM": "promptcache.lm",
 }
 
 
@@ -55,6 +56,7 @@ __all__ = [
     "CacheConfig",
     "CacheManager",
     "default_cache",
+    "CachedCausalLM",
     "PromptCache",
     "Hit",
     "DEFAULT_BLOCK_SIZE",
