@@ -298,6 +298,128 @@ def _decode_layout(blob: bytes) -> Layout:
     return Layout.decode(blob)
 
 
+@dataclass(frozen=True)
+class _SegmentBody:
+    """A segment's header fields and its body as one flat uint8 view (no per-layer views)."""
+
+    layout: Layout
+    seq_id: int
+    start: int
+    n: int
+    body: np.ndarray
+
+
+def _read_segment_body(segment: Buffer) -> _SegmentBody:
+    """The checks of _read_segment (magic, version, exact length, cell positions) without the
+    per-layer views: what join needs, at a fraction of the cost per segment."""
+    cur = _Cursor(segment)
+    magic, version, _, seq_id, start, n, layout_len = cur.take(_SEG_HEAD)
+    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
+        raise CodecError(
+            f"not a {LlamaStateCodec.name} segment (magic {magic!r}, version {version})"
+        )
+    at = cur.skip(layout_len)
+    layout = _decode_layout(bytes(memoryview(segment)[at : at + layout_len]))
+    body_at = cur.skip(n * layout.bytes_per_token)
+    cur.expect_end("the segment")
+    body = np.frombuffer(segment, dtype=np.uint8, count=n * layout.bytes_per_token, offset=body_at)
+    _check_cells(body[: n * layout.cell_bytes].reshape(n, layout.cell_bytes), layout, start)
+    return _SegmentBody(layout, seq_id, start, n, body)
+
+
+def _join_bodies(parts: Sequence[_SegmentBody]) -> bytes:
+    """llama.cpp's state bytes for consecutive segments: runs of equal-size segments are stacked
+    once and scattered into the output with a few strided copies per layer, instead of one small
+    copy per segment and layer (164 segments of 8 tokens joined in a third of the time)."""
+    first = parts[0]
+    lay = first.layout
+    n = sum(p.n for p in parts)
+    cb = lay.cell_bytes
+    head = _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, n)
+    mid = _U32x2.pack(lay.v_trans, lay.n_layer)
+    k_heads, v_heads = lay.k_heads(), lay.v_heads()
+    total = len(head) + n * cb + len(mid) + sum(map(len, k_heads)) + sum(map(len, v_heads))
+    total += n * (sum(lay.k_row_sizes) + sum(lay.v_row_sizes))
+    out = np.empty(total, dtype=np.uint8)
+    at = 0
+
+    def take(size: int) -> np.ndarray:
+        nonlocal at
+        region = out[at : at + size]
+        at += size
+        return region
+
+    def put(raw: bytes) -> None:
+        take(len(raw))[:] = np.frombuffer(raw, dtype=np.uint8)
+
+    put(head)
+    cells_out = take(n * cb)
+    put(mid)
+    k_out = []
+    for k_head, r in zip(k_heads, lay.k_row_sizes, strict=True):
+        put(k_head)
+        k_out.append(take(n * r))
+    v_out = []
+    for v_head, r in zip(v_heads, lay.v_row_sizes, strict=True):
+        put(v_head)
+        v_out.append(take(n * r))
+    if at != total:
+        raise CodecError(f"joined {at} bytes, expected {total}")
+
+    tok, i = 0, 0
+    while i < len(parts):
+        j = i
+        while j < len(parts) and parts[j].n == parts[i].n:
+            j += 1
+        run, m = parts[i:j], parts[i].n
+        S = len(run)
+        X = (np.concatenate([p.body for p in run]) if S > 1 else run[0].body).reshape(S, m * lay.bytes_per_token)
+        off = 0
+        cells_out[tok * cb : (tok + S * m) * cb].reshape(S, m * cb)[:] = X[:, off : off + m * cb]
+        off += m * cb
+        for dst, r in zip(k_out, lay.k_row_sizes, strict=True):
+            dst[tok * r : (tok + S * m) * r].reshape(S, m * r)[:] = X[:, off : off + m * r]
+            off += m * r
+        for il, (dst, r) in enumerate(zip(v_out, lay.v_row_sizes, strict=True)):
+            if lay.v_trans:  # row j of the result is row j of every segment, in order
+                e, el = lay.n_embd_v_gqa[il], lay.v_el_sizes[il]
+                block = dst.reshape(e, n * el)[:, tok * el : (tok + S * m) * el].reshape(e, S, m * el)
+                if not np.shares_memory(block, out):  # numpy made a copy: writing to it would be lost
+                    raise CodecError("internal: V block is not a view of the output")
+                block[:] = X[:, off : off + m * r].reshape(S, e, m * el).transpose(1, 0, 2)
+            else:
+                dst[tok * r : (tok + S * m) * r].reshape(S, m * r)[:] = X[:, off : off + m * r]
+            off += m * r
+        tok += S * m
+        i = j
+    return out.tobytes()
+
+
+_FEW_SEGMENTS = 8  # up to this many, one b"".join of per-layer views copies least (measured)
+
+
+def _join_views(parts: Sequence[_Cells]) -> bytes:
+    """llama.cpp's state bytes for a few consecutive segments: one b"".join of per-layer views."""
+    first = parts[0]
+    lay = first.layout
+    n = sum(p.n for p in parts)
+    pieces: list[Buffer | np.ndarray] = [
+        _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, n),
+        *(p.cells for p in parts),
+        _U32x2.pack(lay.v_trans, lay.n_layer),
+    ]
+    for il, head in enumerate(lay.k_heads()):
+        pieces.append(head)
+        pieces += [p.k[il] for p in parts]  # consecutive rows: b"".join concatenates them
+    for il, head in enumerate(lay.v_heads()):
+        pieces.append(head)
+        if lay.v_trans:  # row j of the result is row j of every segment, in order
+            pieces.append(np.concatenate([p.v[il] for p in parts], axis=1))
+        else:
+            pieces += [p.v[il] for p in parts]
+    return b"".join(pieces)
+
+
 def _read_segment(segment: Buffer) -> _Cells:
     cur = _Cursor(segment)
     magic, version, _, seq_id, start, n, layout_len = cur.take(_SEG_HEAD)
@@ -386,7 +508,7 @@ class LlamaStateCodec:
         """The llama.cpp state of consecutive segments starting at token 0. Raises CodecError."""
         if not segments:
             raise CodecError("nothing to join")
-        parts = [_read_segment(s) for s in segments]
+        parts = [_read_segment_body(s) for s in segments]
         first = parts[0]
         if first.start != 0:
             raise CodecError(f"the first segment starts at token {first.start}, not 0")
@@ -398,25 +520,11 @@ class LlamaStateCodec:
                     f"segments are not consecutive: [{prev.start}, {prev.start + prev.n}) "
                     f"then [{nxt.start}, {nxt.start + nxt.n})"
                 )
-        lay = first.layout
-        n = sum(p.n for p in parts)
-        if n == 0:
-            return _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, 0)
-        pieces: list[Buffer | np.ndarray] = [
-            _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(lay.n_stream, n),
-            *(p.cells for p in parts),
-            _U32x2.pack(lay.v_trans, lay.n_layer),
-        ]
-        for il, head in enumerate(lay.k_heads()):
-            pieces.append(head)
-            pieces += [p.k[il] for p in parts]  # consecutive rows: b"".join concatenates them
-        for il, head in enumerate(lay.v_heads()):
-            pieces.append(head)
-            if lay.v_trans:  # row j of the result is row j of every segment, in order
-                pieces.append(np.concatenate([p.v[il] for p in parts], axis=1))
-            else:
-                pieces += [p.v[il] for p in parts]
-        return b"".join(pieces)
+        if sum(p.n for p in parts) == 0:
+            return _HEAD.pack(STATE_MAGIC, first.seq_id) + _U32x2.pack(first.layout.n_stream, 0)
+        if len(parts) > _FEW_SEGMENTS:
+            return _join_bodies(parts)
+        return _join_views([_read_segment(s) for s in segments])
 
     def cut(self, segment: Buffer, n: int) -> bytes:
         """The segment of the first n tokens of `segment`. Raises CodecError."""
