@@ -90,7 +90,9 @@ class Runner:
         t0 = time.perf_counter()
         first = None
         if self.name.startswith("pc_"):
-            for _ in self.llm.stream(tokens, max_tokens=max_tokens, temperature=0):
+            # Events, not text pieces: a generation that stops at once yields only its finish event,
+            # as llama-cpp-python's stream yields one final chunk.
+            for _ in self.llm.stream_events(tokens, max_tokens=max_tokens, temperature=0):
                 first = first or time.perf_counter()
         else:
             for _ in self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=0, stream=True):

@@ -238,3 +238,16 @@ def test_a_conversation_turn_joins_from_the_previous_turns_merged_state():
     assert cache.stats()["memo_hits"] == 1
     assert cache.lookup(turn2, FP, min_tokens=40) is None  # the caller holds 40 already: nothing fetched
     assert cache.stats()["lookups"] == 1
+
+
+def test_a_new_question_after_a_cached_prompt_starts_from_its_merged_state():
+    """A merged prefix answers, cut, for its earlier prefixes (every 16th block) too."""
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=2)
+    system = list(range(1000, 1050))  # 25 blocks
+    cache.insert(system, synthetic_state(system), FP)
+    question = system[:40] + [7, 7, 7]
+    hit = cache.lookup(question, FP)
+    assert hit.tokens_reused == 40 and hit.state == synthetic_state(system[:40])
+    assert cache.stats()["memo_hits"] == 1
+    cache.clear()
+    assert cache.lookup(question, FP) is None

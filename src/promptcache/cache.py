@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8
 _MEMO_MIN_BLOCKS = 4  # below this a prefix joins fast enough on its own
+_MEMO_ALIAS_EVERY = 16  # a merged prefix answers for its earlier prefixes at every 16th block
 _SKIPPED = object()  # lookup found no more than min_tokens: not a hit, not a miss
 
 
@@ -118,6 +119,8 @@ class PromptCache:
         self._stats = CacheStats()
         self._memo: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._memo_used = 0
+        self._memo_alias: dict[tuple[str, str], tuple[tuple[str, str], int]] = {}
+        self._memo_aliases_of: dict[tuple[str, str], list[tuple[str, str]]] = {}
         self.memo_bytes = memo_bytes if memo_bytes is not None else min(256 << 20, self.capacity_bytes // 4)
         self._memo_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
@@ -242,7 +245,9 @@ class PromptCache:
             if codec.splittable and new and n_full >= _MEMO_MIN_BLOCKS:
                 # A conversation's next turn extends this state: keep its full blocks as one segment.
                 self._remember_merged(
-                    (codec.name, chunk_keys[n_full - 1]), codec.split(bytes(state), [0, n_full * self.block_size])[0]
+                    (codec.name, chunk_keys[n_full - 1]),
+                    codec.split(bytes(state), [0, n_full * self.block_size])[0],
+                    chunk_keys[:n_full],
                 )
             self._stats.inserts += 1
             self._stats.bytes_written += written
@@ -295,6 +300,8 @@ class PromptCache:
             self._sizes.clear()
             self._bytes = 0
             self._memo.clear()
+            self._memo_alias.clear()
+            self._memo_aliases_of.clear()
             self._memo_used = 0
             self._memo_seen.clear()
             self.store.clear()
@@ -406,13 +413,21 @@ class PromptCache:
             return _SKIPPED  # the caller already holds as much (its live context): fetch nothing
         # The deepest prefix merged before comes from the memo as one segment: the hash chain makes
         # the key of its last block name all of its blocks. Only the blocks after it are fetched.
+        # A merged prefix also answers for its earlier blocks every _MEMO_ALIAS_EVERY blocks (cut
+        # to them): a new question after a cached system prompt starts from it too.
         m, merged = 0, None
         if n_blocks >= _MEMO_MIN_BLOCKS and self._memo:
             for i in range(n_blocks - 1, _MEMO_MIN_BLOCKS - 2, -1):
-                found = self._memo.get((codec.name, chunk_keys[i]))
+                key = (codec.name, chunk_keys[i])
+                found = self._memo.get(key)
+                if found is None and key in self._memo_alias:
+                    main, count = self._memo_alias[key]
+                    whole = self._memo.get(main)
+                    if whole is not None:
+                        key, found = main, codec.cut(whole, count * B)
                 if found is not None:
                     m, merged = i + 1, found
-                    self._memo.move_to_end((codec.name, chunk_keys[i]))
+                    self._memo.move_to_end(key)
                     self._stats.memo_hits += 1
                     break
         segments: list[bytes] = [b""] * len(chunk_keys)
@@ -436,7 +451,8 @@ class PromptCache:
             # Merge on the second hit of a prefix: a first hit would pay the merge for nothing.
             key = (codec.name, chunk_keys[n_blocks - 1])
             if key in self._memo_seen:
-                parts = [self._remember_merged(key, codec.split(codec.join(parts), [0, n_blocks * B])[0])]
+                merged_all = codec.split(codec.join(parts), [0, n_blocks * B])[0]
+                parts = [self._remember_merged(key, merged_all, chunk_keys[:n_blocks])]
             else:
                 self._memo_seen[key] = None
                 while len(self._memo_seen) > 64:
@@ -446,16 +462,32 @@ class PromptCache:
         reused = n_blocks * B + partial_len
         return Hit(reused, codec.join(parts), _slowest(tiers), fingerprint)
 
-    def _remember_merged(self, key: tuple[str, str], merged: bytes) -> bytes:
-        """Keep a merged prefix in the memo, least recently used out first, within memo_bytes."""
-        old = self._memo.pop(key, None)
-        self._memo_used -= len(old) if old is not None else 0
+    def _remember_merged(
+        self, key: tuple[str, str], merged: bytes, block_keys: Sequence[str] = ()
+    ) -> bytes:
+        """Keep a merged prefix in the memo, least recently used out first, within memo_bytes.
+        block_keys (the keys of its blocks, in order) register it for its earlier prefixes too."""
+        self._forget_merged(key)
         if len(merged) <= self.memo_bytes:
             self._memo[key] = merged
             self._memo_used += len(merged)
+            aliases = []
+            for i in range(_MEMO_ALIAS_EVERY - 1, len(block_keys) - 1, _MEMO_ALIAS_EVERY):
+                alias = (key[0], block_keys[i])
+                self._memo_alias[alias] = (key, i + 1)
+                aliases.append(alias)
+            self._memo_aliases_of[key] = aliases
         while self._memo_used > self.memo_bytes:
-            self._memo_used -= len(self._memo.popitem(last=False)[1])
+            self._forget_merged(next(iter(self._memo)))
         return merged
+
+    def _forget_merged(self, key: tuple[str, str]) -> None:
+        old = self._memo.pop(key, None)
+        if old is not None:
+            self._memo_used -= len(old)
+        for alias in self._memo_aliases_of.pop(key, ()):
+            if self._memo_alias.get(alias, (None,))[0] == key:
+                del self._memo_alias[alias]
 
     def _lookup_whole(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
         index = self._indexes.get(fingerprint)
