@@ -421,24 +421,15 @@ def _join_views(parts: Sequence[_Cells]) -> bytes:
 
 
 def _read_segment(segment: Buffer) -> _Cells:
-    cur = _Cursor(segment)
-    magic, version, _, seq_id, start, n, layout_len = cur.take(_SEG_HEAD)
-    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION:
-        raise CodecError(
-            f"not a {LlamaStateCodec.name} segment (magic {magic!r}, version {version})"
-        )
-    at = cur.skip(layout_len)
-    layout = _decode_layout(bytes(memoryview(segment)[at : at + layout_len]))
-    body_at = cur.skip(n * layout.bytes_per_token)
-    cur.expect_end("the segment")
-    raw = np.frombuffer(segment, dtype=np.uint8)
+    """A segment's cells with per-layer numpy views into its bytes (checked as _read_segment_body)."""
+    seg = _read_segment_body(segment)
+    layout, n = seg.layout, seg.n
     sizes = [layout.cell_bytes, *layout.k_row_sizes, *layout.v_row_sizes]
-    views, at = [], body_at
+    views, at = [], 0
     for size in sizes:
-        views.append(raw[at : at + n * size])
+        views.append(seg.body[at : at + n * size])
         at += n * size
     cells = views[0].reshape(n, layout.cell_bytes)
-    _check_cells(cells, layout, start)
     k = [
         b.reshape(n, r)
         for b, r in zip(views[1 : 1 + layout.n_layer], layout.k_row_sizes, strict=True)
@@ -451,7 +442,7 @@ def _read_segment(segment: Buffer) -> _Cells:
         ]
     else:
         v = [b.reshape(n, r) for b, r in zip(v_blocks, layout.v_row_sizes, strict=True)]
-    return _Cells(layout, seq_id, start, n, cells, k, v)
+    return _Cells(layout, seg.seq_id, seg.start, n, cells, k, v)
 
 
 def _write_segment(src: _Cells, a: int, b: int) -> bytes:
