@@ -28,7 +28,7 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _short(question: str, width: int = 18) -> str:
+def _short(question: str, width: int = 16) -> str:
     return question if len(question) <= width else question[: width - 1] + "…"
 
 
@@ -44,9 +44,9 @@ def demo(
         rows, totals = run_demo(max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None)
     cold = rows[0].ttft_ms
     table = Table(title="promptcache demo: time to first token, cold vs cached", expand=False)
-    for col in ("run", "question", "prompt tokens", "reused", "from", "TTFT", "speed-up"):
-        numeric = col in ("prompt tokens", "reused", "TTFT", "speed-up")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric or col == "run")
+    for col in ("run", "question", "tokens", "reused", "from", "TTFT", "faster"):
+        numeric = col in ("tokens", "reused", "TTFT", "faster")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
     for r in rows:
         table.add_row(
             r.run, _short(r.question), str(r.prompt_tokens), str(r.tokens_reused), r.source,

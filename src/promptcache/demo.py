@@ -80,11 +80,11 @@ def run_demo(max_tokens: int = 24, cache_dir: str | None = None) -> tuple[list[R
         llm.exact_batch  # noqa: B018 - probe the kernels before timing anything
         for i, question in enumerate(QUESTIONS):
             row = ask(llm, question, max_tokens)
-            row.run = "cold" if i == 0 else "same process"
+            row.run = "cold" if i == 0 else "live/RAM"
             rows.append(row)
         llm.reset_context()  # drop the live context: the next ask must come from the store
         row = ask(llm, QUESTIONS[0], max_tokens)
-        row.run = "store, same process"
+        row.run = "disk tier"
         rows.append(row)
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -94,7 +94,7 @@ def run_demo(max_tokens: int = 24, cache_dir: str | None = None) -> tuple[list[R
     if proc.returncode != 0:
         raise RuntimeError(f"the second demo process failed:\n{proc.stderr[-2000:]}")
     fresh = Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
-    fresh.run = "fresh process, disk"
+    fresh.run = "new process"
     rows.append(fresh)
     totals = {
         "cache_dir": workdir,
