@@ -98,6 +98,19 @@ def _env(name: str, *aliases: str) -> Any:
     return AliasChoices(f"promptcache_{name}", *aliases)
 
 
+def keywords_then_environment(
+    cls: type[BaseSettings],
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    env_settings: PydanticBaseSettingsSource,
+    dotenv_settings: PydanticBaseSettingsSource,
+    file_secret_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """pydantic-settings sources of every promptcache settings class: keyword arguments (into which
+    the loader has merged the settings file), then the environment; no dotenv or secrets files."""
+    return init_settings, env_settings
+
+
 class CacheConfig(BaseSettings):
     """Settings of the cache tiers; see docs/configuration.md for the table of every setting.
 
@@ -196,17 +209,8 @@ class CacheConfig(BaseSettings):
         """Settings from `overrides`, then the file at `path`, then the environment. Raises ConfigError."""
         return cls(config_file=path, **overrides)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # __init__ merges the file under the keyword arguments, so the file outranks the environment.
-        return init_settings, env_settings
+    # __init__ merges the file under the keyword arguments, so the file outranks the environment.
+    settings_customise_sources = classmethod(keywords_then_environment)
 
     # -- validation -----------------------------------------------------------------------------
 

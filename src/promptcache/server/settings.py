@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 import platformdirs
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from promptcache.config import keywords_then_environment
 from promptcache.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -92,17 +93,8 @@ class ServerSettings(BaseSettings):
         "info", description="uvicorn and promptcache log level."
     )
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # load() merges the file into the keyword arguments, so the file outranks the environment.
-        return init_settings, env_settings
+    # load() merges the file into the keyword arguments, so the file outranks the environment.
+    settings_customise_sources = classmethod(keywords_then_environment)
 
     @classmethod
     def load(
