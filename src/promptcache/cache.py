@@ -356,10 +356,7 @@ class PromptCache:
         return out
 
     def _fetch(self, key: str, fingerprint: str) -> tuple[bytes | None, str]:
-        get_with_tier = getattr(self.store, "get_with_tier", None)
-        if get_with_tier is not None:
-            return get_with_tier(key, fingerprint=fingerprint)
-        return self.store.get(key, fingerprint=fingerprint), self.store.name
+        return self.store.get_with_tier(key, fingerprint=fingerprint)
 
     def _lookup_chunks(
         self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec, min_tokens: int = 0
@@ -460,7 +457,7 @@ class PromptCache:
         if partial_len:
             parts.append(codec.cut(segments[n_blocks], partial_len))
         reused = n_blocks * B + partial_len
-        return Hit(reused, codec.join(parts), _slowest(tiers), fingerprint)
+        return Hit(reused, codec.join(parts), self.store.slowest(tiers), fingerprint)
 
     def _remember_merged(
         self, key: tuple[str, str], merged: bytes, block_keys: Sequence[str] = ()
@@ -540,13 +537,6 @@ class PromptCache:
                 raise PromptCacheError("nothing left to evict")  # unreachable: new_bytes <= capacity
             self._forget(*victim)
             self._stats.evicted_sequences += 1
-
-
-_TIER_ORDER = {"memory": 0, "disk": 1, "redis": 2}
-
-
-def _slowest(tiers: set[str]) -> str:
-    return max(tiers, key=lambda t: _TIER_ORDER.get(t, 3)) if tiers else "none"
 
 
 __all__ = ["PromptCache", "Hit", "CacheStats", "DEFAULT_BLOCK_SIZE", "FixedWidthCodec"]

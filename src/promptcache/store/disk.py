@@ -20,6 +20,7 @@ from pathlib import Path
 
 import platformdirs
 
+from promptcache.store.base import BaseStore
 from promptcache.errors import (
     CapacityError,
     CorruptEntryError,
@@ -95,7 +96,7 @@ def _disk_full(exc: BaseException) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
 
 
-class DiskStore:
+class DiskStore(BaseStore):
     """Entries as files under `path`, indexed by sqlite; `capacity_bytes` holds across every process.
 
     path: the cache directory (default: platformdirs' user cache dir / "promptcache" / "kv").
@@ -125,6 +126,7 @@ class DiskStore:
     """
 
     name = "disk"
+    latency_rank = 1
     atime_resolution = 1.0
 
     def __init__(

@@ -10,12 +10,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError
 from promptcache.store.counters import base_stats
 from promptcache.store.policies import Entry, get_policy
 
 
-class MemoryStore:
+class MemoryStore(BaseStore):
     """In-process store. `capacity_bytes` holds after every operation.
 
     policy: "lru" (default), "fifo", "ttl" or "size"; max_age (seconds) expires entries under any policy
@@ -23,6 +24,7 @@ class MemoryStore:
     """
 
     name = "memory"
+    latency_rank = 0
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError, CorruptEntryError, ModelMismatchError
 from promptcache.store import envelope
 from promptcache.store.compression import Compressor, decompress, get_compressor
@@ -127,7 +128,7 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
-class RedisStore:
+class RedisStore(BaseStore):
     """Entries as Redis strings under `<namespace>:v:<key>`; capacity held across every client.
 
     url: a redis://, rediss:// or unix:// URL. capacity_bytes: the bytes of packed entries (value plus
@@ -150,6 +151,7 @@ class RedisStore:
     """
 
     name = "redis"
+    latency_rank = 2
 
     def __init__(
         self,

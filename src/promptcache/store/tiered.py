@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError, PromptCacheError
 from promptcache.store import MemoryStore, Store
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 _CACHE_NAME = re.compile(r"[0-9a-z_-]{1,32}")
 
 
-class TieredStore:
+class TieredStore(BaseStore):
     """Stores tried fastest first; a hit in a slower tier is copied into the faster ones.
 
     tiers: the stores, fastest first (typically MemoryStore, DiskStore, RedisStore), with distinct
@@ -65,6 +66,13 @@ class TieredStore:
     def tier(self, name: str) -> Store | None:
         """The tier called `name` ("memory", "disk", "redis"), or None."""
         return next((t for t in self.tiers if t.name == name), None)
+
+    def tier_rank(self, tier: str) -> int:
+        """A tier's latency rank: its own, else its position in this chain (first = fastest)."""
+        for i, t in enumerate(self.tiers):
+            if t.name == tier:
+                return max(t.latency_rank, i) if isinstance(t, BaseStore) else i
+        return 99
 
     def _bump(self, counter: str, n: int = 1) -> None:
         with self._lock:
@@ -247,7 +255,7 @@ class TieredStore:
                     log.debug("closing the %s tier: %s", tier.name, exc)
 
 
-class NamespacedStore:
+class NamespacedStore(BaseStore):
     """One named cache's view of a shared store: every key is stored as "<name>:<key>".
 
     Caches with different names share the tiers and their capacity but never each other's
@@ -275,11 +283,10 @@ class NamespacedStore:
         self, key: str, *, fingerprint: str | None = None
     ) -> tuple[bytes | None, str]:
         """(value, tier name) from the shared store; see TieredStore.get_with_tier."""
-        inner = getattr(self.store, "get_with_tier", None)
-        if inner is not None:
-            return inner(self._prefix + key, fingerprint=fingerprint)
-        value = self.store.get(self._prefix + key, fingerprint=fingerprint)
-        return value, (self.store.name if value is not None else "none")
+        return self.store.get_with_tier(self._prefix + key, fingerprint=fingerprint)
+
+    def tier_rank(self, tier: str) -> int:
+        return self.store.tier_rank(tier)
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
         return self.store.get(self._prefix + key, fingerprint=fingerprint)

@@ -1,0 +1,57 @@
+"""BaseStore: the optional capabilities every store declares, with their defaults.
+
+Owns the names and defaults of get_with_tier, expire, gc, entries, close and the latency rank of a
+tier, so callers never probe a store with getattr; never holds values itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+
+class BaseStore:
+    """Defaults for the capabilities a store may have beyond the `Store` protocol.
+
+    `latency_rank` orders tiers from fastest (0) to slowest: a hit's source is its slowest tier.
+    """
+
+    name: str = "store"
+    latency_rank: ClassVar[int] = 0
+
+    def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_with_tier(
+        self, key: str, *, fingerprint: str | None = None
+    ) -> tuple[bytes | None, str]:
+        """(value, name of the tier that answered); (None, "none") on a miss."""
+        value = self.get(key, fingerprint=fingerprint)
+        return value, (self.name if value is not None else "none")
+
+    def tier_rank(self, tier: str) -> int:
+        """Latency rank of one of this store's tiers by name (a single store has one tier)."""
+        return self.latency_rank if tier == self.name else 99
+
+    def slowest(self, tiers: Iterable[str]) -> str:
+        """The slowest of the named tiers (what a hit joined from them cost), "none" for none."""
+        names = [t for t in tiers if t != "none"]
+        return max(names, key=self.tier_rank) if names else "none"
+
+    def expire(self) -> int:
+        """Drop entries past their max_age now; returns how many. Stores without an age drop none."""
+        return 0
+
+    def gc(self) -> dict[str, Any]:
+        """Enforce max_age and capacity now and reconcile persisted state; returns counts."""
+        return {"expired": self.expire()}
+
+    def entries(self) -> list[dict[str, str | int | float]]:
+        """One dict per entry (key, size, times, fingerprint) for inspection; [] where not listable."""
+        return []
+
+    def close(self) -> None:
+        """Release connections and files. Never raises; the store may be used again after."""
+
+
+__all__ = ["BaseStore"]
