@@ -9,14 +9,27 @@ import sys
 
 def test_demo_runs_and_hits_the_cache_in_a_fresh_process(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "promptcache.cli", "demo", "--max-tokens", "4", "--cache-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "promptcache.cli",
+            "demo",
+            "--max-tokens",
+            "4",
+            "--cache-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 7}
+    rows = {
+        line.split("│")[1].strip(): line
+        for line in proc.stdout.splitlines()
+        if line.count("│") >= 7
+    }
     assert set(rows) >= {"cold", "live/RAM", "disk tier", "new process"}
     cells = [c.strip() for c in rows["new process"].split("│")]
     assert cells[5] == "disk"
