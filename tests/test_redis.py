@@ -176,7 +176,9 @@ def test_compressed_values_are_read_by_any_client(redis_url: str) -> None:
 
 
 def test_ttl_expires_values_and_gc_drops_their_accounting(redis_url: str) -> None:
-    store = RedisStore(redis_url, 1 << 20, ttl=1.5)  # room for a loaded CI machine between put and get
+    store = RedisStore(
+        redis_url, 1 << 20, ttl=1.5
+    )  # room for a loaded CI machine between put and get
     store.put("k1", b"short-lived", fingerprint=FP)
     store.put("k2", b"short-lived", fingerprint=FP)
     assert store.get("k1", fingerprint=FP) == b"short-lived"
