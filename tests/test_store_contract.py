@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from promptcache.errors import CapacityError
 from promptcache.store import DiskStore, MemoryStore, Store, envelope
+from promptcache.store.policies import POLICIES
 from promptcache.store.redis import RedisStore
 from promptcache.store.tiered import NamespacedStore, TieredStore
 
@@ -393,3 +394,52 @@ class TestNamespacedStore(PersistedStoreContract):
     def corrupt(self, store: NamespacedStore, key: str) -> None:
         assert isinstance(store.store, TieredStore)
         corrupt_tiers(store.store, f"{store.cache_name}:{key}")
+
+
+# -- one policy row, the same victims everywhere ---------------------------------------------------
+
+
+def ticking_clock() -> Callable[[], float]:
+    ticks = itertools.count(1_000_000)
+    return lambda: float(next(ticks))
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "ttl"])
+def test_a_policy_row_evicts_the_same_entries_in_ram_on_disk_and_in_redis(
+    policy: str, tmp_path: Path, redis_url: str
+) -> None:
+    """Equal-size entries, reads between writes: every store keeps the same keys (the row's
+    victim rule for RAM, its ORDER BY for disk, its score for Redis). "size" breaks ties by
+    different means in each store, so equal sizes say nothing about it (see each store's file)."""
+    max_age = 3600.0 if POLICIES[policy].needs_max_age else None
+    value = b"v" * 100
+    held = 4
+    memory = MemoryStore(held * len(value), policy=policy, max_age=max_age)
+    disk = DiskStore(
+        tmp_path,
+        held * packed_size("k0", value),
+        policy=policy,
+        max_age=max_age,
+        clock=ticking_clock(),
+    )
+    disk.atime_resolution = 0.0  # every read refreshes, as in RAM
+    remote = RedisStore(
+        redis_url,
+        held * packed_size("k0", value),
+        policy=policy,
+        ttl=max_age,
+        clock=ticking_clock(),
+    )
+    stores = [memory, disk, remote]
+    script = ["k0", "k1", "k2", "k3", "?k0", "k4", "?k2", "k5", "?k1", "k6", "?k0", "k7"]
+    for step in script:
+        for store in stores:
+            if step.startswith("?"):
+                store.get(step[1:], fingerprint=FP)
+            else:
+                store.put(step, value, fingerprint=FP)
+        kept = [sorted(store.keys()) for store in stores]
+        assert kept[0] == kept[1] == kept[2], (step, kept)
+    assert len(memory) == held and memory.stats()["evictions"] > 0
+    disk.close()
+    remote.close()
