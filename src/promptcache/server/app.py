@@ -95,23 +95,22 @@ def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | Non
     """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve.
 
     Raises ConfigError for bad cache settings and StoreUnavailableError for an unusable cache directory."""
+    from promptcache.config import CacheConfig, build_cache
+
     cache: PromptCache | None
-    if settings.cache == "none":
-        cache = None
-    elif settings.cache == "tiered":
-        from promptcache.config import CacheConfig
+    if settings.cache == "tiered":
         from promptcache.manager import CacheManager
 
         # The manager runs the background cleanup (max_age, capacity) for as long as the server lives.
         manager = CacheManager(CacheConfig(config_file=settings.config))
         cache = manager.cache()
         _MANAGERS.append(manager)
-    elif settings.cache == "disk":
-        from promptcache.store.disk import DiskStore
-
-        cache = PromptCache(DiskStore(settings.cache_dir, capacity_bytes=settings.cache_bytes))
-    else:
-        cache = PromptCache(capacity_bytes=settings.cache_bytes)
+    elif settings.cache == "none":
+        cache = None
+    else:  # "ram" or "disk": the one tier, sized by the server's own settings
+        size = {"memory_size" if settings.cache == "ram" else "disk_size": settings.cache_bytes}
+        path = {"disk_path": settings.cache_dir} if settings.cache_dir else {}
+        cache = build_cache(settings.cache, CacheConfig(**size, **path))
     llms = []
     for _ in range(settings.workers):
         llm = LLM(
