@@ -890,6 +890,7 @@ class LlamaDiskCache(_PrefixCache):
         self._touched = 0.0
         self._mark: tuple[int, int] | None = None  # (entries, bytes) of the store at the last sync
         self._disk = self._open()
+        self._touch()
 
     def __repr__(self) -> str:
         return f"LlamaDiskCache(cache_dir={self.cache_dir!r}, capacity_bytes={self.capacity_bytes})"
@@ -964,6 +965,10 @@ class LlamaDiskCache(_PrefixCache):
             self._indexes.clear()
             self._identities.clear()
             self._mark = None
+        self._touch()
+
+    def _touch(self) -> None:
+        """Set the directories' mtimes to now (at most once a _TOUCH_EVERY): they are in use."""
         now = time.time()
         if now - self._touched >= self._TOUCH_EVERY:
             self._touched = now
