@@ -266,16 +266,7 @@ class PromptCache:
             if self._still_cached(index, tb):
                 return 0
             new = [i for i, k in enumerate(chunk_keys) if k not in self._chunks]
-            segments = (
-                (codec.split(bytes(state), bounds) if codec.splittable else [bytes(state)])
-                if new
-                else []
-            )
-            sizes = (
-                [len(s) for s in segments]
-                if segments
-                else [self._chunks.size(k) for k in chunk_keys]
-            )
+            segments, sizes = self._segments_and_sizes(state, codec, bounds, chunk_keys, new)
             new_bytes = sum(sizes[i] for i in new)
             if new_bytes > self.capacity_bytes:
                 raise CapacityError(
@@ -287,11 +278,8 @@ class PromptCache:
             self._make_room(new_bytes, keep=node)
             written = self._write_new(chunk_keys, new, segments, sizes, fingerprint)
             self._stats.chunks_deduplicated += len(chunk_keys) - len(new)
-            n_full = n // self.block_size
-            if codec.splittable and new and self._memo.keeps(n_full):
-                # A conversation's next turn extends this state: keep its full blocks as one segment.
-                merged = codec.split(bytes(state), [0, n_full * self.block_size])[0]
-                self._memo.remember(codec, chunk_keys[:n_full], merged)
+            if codec.splittable and new:
+                self._remember_inserted(state, codec, chunk_keys, n)
             self._stats.inserts += 1
             self._stats.bytes_written += written
             return written
@@ -565,6 +553,29 @@ class PromptCache:
             return True
         self._forget(index, existing)
         return False
+
+    def _segments_and_sizes(
+        self,
+        state: bytes,
+        codec: StateCodec,
+        bounds: list[int],
+        chunk_keys: list[str],
+        new: list[int],
+    ) -> tuple[list[bytes], list[int]]:
+        """The state cut at bounds (nothing when no chunk is new) and every chunk's size."""
+        if not new:
+            return [], [self._chunks.size(k) for k in chunk_keys]
+        segments = codec.split(bytes(state), bounds) if codec.splittable else [bytes(state)]
+        return segments, [len(s) for s in segments]
+
+    def _remember_inserted(
+        self, state: bytes, codec: StateCodec, chunk_keys: list[str], n: int
+    ) -> None:
+        """A conversation's next turn extends this n-token state: keep its full blocks as one segment."""
+        n_full = n // self.block_size
+        if self._memo.keeps(n_full):
+            merged = codec.split(bytes(state), [0, n_full * self.block_size])[0]
+            self._memo.remember(codec, chunk_keys[:n_full], merged)
 
     def _write_new(
         self,
