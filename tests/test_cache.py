@@ -266,6 +266,17 @@ def test_a_new_question_after_a_cached_prompt_starts_from_its_merged_state():
     assert cache.lookup(question, FP) is None
 
 
+def test_a_miss_is_counted_as_a_lookup_and_a_miss():
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    seq = list(range(10))
+    assert cache.lookup(seq, FP) is None  # nothing cached: an empty plan reads nothing
+    cache.insert(seq, synthetic_state(seq), FP)
+    assert cache.lookup([99] + seq, FP) is None  # no shared first token
+    assert cache.lookup(seq, FP, max_tokens=0) is None
+    s = cache.stats()
+    assert (s["lookups"], s["misses"], s["hits"], s["tokens_looked_up"]) == (3, 3, 0, 31)
+
+
 def test_stats_is_one_consistent_snapshot_while_another_thread_inserts():
     """stats() and len() take the cache's lock: no dict resized under them, no half-done insert seen."""
     cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)

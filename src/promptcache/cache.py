@@ -460,6 +460,8 @@ class PromptCache:
         """The state of the plan's chunks: the deepest merged prefix from the memo (the hash chain
         makes its last block's key name all of its blocks), the chunks after it from the store.
         A missing chunk cuts the hit short before it. Raises CodecError if the parts do not join."""
+        if not plan.tokens(self.block_size):
+            return None
         memo_hit = self._memo.find(codec, plan.blocks)
         start = memo_hit.n_blocks if memo_hit is not None else 0
         tiers = {"memory"} if memo_hit is not None else set()
