@@ -341,10 +341,11 @@ class PromptCache:
         return self._chunks.nbytes
 
     def stats(self) -> dict[str, object]:
-        """Counters of this cache and of its store (a consistent snapshot: taken under the lock)."""
+        """Counters of this cache (one consistent snapshot, taken under the lock) and of its store
+        (read after the lock is released: a remote store's stats never hold up lookups)."""
         with self._lock:
             s = self._stats
-            return {
+            out: dict[str, object] = {
                 "sequences": len(self),
                 "chunks": len(self._chunks),
                 "bytes": self._chunks.nbytes,
@@ -365,8 +366,9 @@ class PromptCache:
                 "memo_hits": s.memo_hits,
                 "memo_bytes": self._memo.nbytes,
                 "hits_by_tier": dict(s.hits_by_tier),
-                "store": self.store.stats(),
             }
+        out["store"] = self.store.stats()
+        return out
 
     # ---------------------------------------------------------------- keys
 
