@@ -152,7 +152,7 @@ class PromptCache:
     default MemoryStore and is otherwise the store's own. codec: how states are cut and joined
     (engines pass theirs; a non-splittable codec means whole entries only). block_size: tokens per
     chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md). shared: whether
-    other processes write the store too (default: True for any store but a MemoryStore); a shared
+    other processes write the store too (default: the store's `persistent`, True for disk and Redis); a shared
     store is probed for the prompt's blocks on lookup, and eviction leaves its chunks to the store.
     memo_bytes: RAM for merged prefixes (a conversation's state as one segment, so its next turn joins
     two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
@@ -181,7 +181,7 @@ class PromptCache:
         self.block_size = block_size
         # A store this cache alone writes holds nothing the index does not know; a shared one
         # (disk, Redis, or any store passed with shared=True) may, so lookups probe it.
-        self._probe_store = shared if shared is not None else not isinstance(store, MemoryStore)
+        self._probe_store = shared if shared is not None else store.persistent
         self._indexes: dict[str, RadixIndex] = {}
         self._chunks = _ChunkLedger()
         if memo_bytes is None:
