@@ -104,7 +104,8 @@ class DatasetCache:
     size is not in the key: preprocess_fn must give the same rows however rows are grouped.
 
     Defaults follow the training cache users know: capacity 512 MiB, policy "fifo", batch_buffer 32
-    (batches computed and written per chunk when filling), prefetch 4 (batches made ahead).
+    (processed batches held before they are appended to the artefact being filled), prefetch 4
+    (batches made ahead by a background thread).
     Artefacts live in an ArtefactStore (placed atomically; see its docstring for crash safety).
     """
 
@@ -268,10 +269,10 @@ class DatasetCache:
     ) -> BatchStream[Any]:
         """Batches of `batch_size` rows of the processed dataset, from the cache or computed and cached on the way.
 
-        On a hit the batches are read from the memory-mapped artefact; on a miss the source is
-        processed in chunks of batch_buffer x batch_size rows, each chunk's batches are yielded and
-        the chunk is appended to an Arrow file, which becomes the artefact (the same key as
-        cache_dataset's) once the last batch is made. A stream closed early, or failing, stores nothing.
+        On a hit the batches are read from the memory-mapped artefact; on a miss each batch of the
+        source is processed and yielded, and every batch_buffer processed batches are appended to an
+        Arrow file, which becomes the artefact (the same key as cache_dataset's) once the last batch
+        is made. A stream closed early, or failing, stores nothing.
         Batches are dicts of column lists (`format`, e.g. "numpy", and `columns` as in Dataset.with_format).
         prefetch (default: the cache's) batches are made ahead by a background thread; use the
         stream in a `with` block or close() it when leaving it early.
@@ -323,26 +324,32 @@ class DatasetCache:
         format: str | None,
         columns: Sequence[str] | None,
     ) -> Iterator[Any]:
+        import pyarrow as pa
         from datasets import Dataset
         from datasets.arrow_writer import ArrowWriter
 
-        chunk_rows = batch_size * batch_buffer
         dataset = dataset.with_format(None)
         with self.store.writing(artefact) as tmp:
             arrow_file = Path(f"{tmp}.stream.arrow")
             writer = None
+            pending: list[Any] = []  # processed batches not yet written: at most batch_buffer
             try:
-                for start in range(0, len(dataset), chunk_rows):
-                    rows = dataset.select(range(start, min(start + chunk_rows, len(dataset))))
+                for start in range(0, len(dataset), batch_size):
+                    rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
                     with _quiet():
-                        chunk = self._map(rows, fn, remove_columns, chunk_rows, None, artefact)
+                        batch = self._map(rows, fn, remove_columns, batch_size, None, artefact)
                     if writer is None:
-                        writer = ArrowWriter(features=chunk.features, path=str(arrow_file))
-                    writer.write_table(chunk.data.table)
-                    yield from _read_batches(chunk, batch_size, format, columns)
+                        writer = ArrowWriter(features=batch.features, path=str(arrow_file))
+                    pending.append(batch.data.table)
+                    if len(pending) >= batch_buffer:
+                        writer.write_table(pa.concat_tables(pending))
+                        pending = []
+                    yield next(_read_batches(batch, batch_size, format, columns))
+                if pending:
+                    writer.write_table(pa.concat_tables(pending))
                 if writer is None:  # an empty source: its (empty) processed form is an artefact too
                     with _quiet():
-                        result = self._map(dataset, fn, remove_columns, chunk_rows, None, artefact)
+                        result = self._map(dataset, fn, remove_columns, batch_size, None, artefact)
                 else:
                     writer.finalize()
                     writer.close()
