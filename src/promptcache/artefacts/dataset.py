@@ -307,9 +307,9 @@ class DatasetCache:
                 format,
                 columns,
             )
-        stream: BatchStream[Any] = BatchStream(source_batches, prefetch)
-        stream.from_cache = cached is not None  # type: ignore[attr-defined]
-        stream.key = artefact  # type: ignore[attr-defined]
+        stream: BatchStream[Any] = BatchStream(
+            source_batches, prefetch, key=artefact, from_cache=cached is not None
+        )
         return stream
 
     def _fill(

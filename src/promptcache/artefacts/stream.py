@@ -64,17 +64,26 @@ class BatchStream(Generic[T]):
     `with` exit and when the stream is garbage-collected) stops the producer, waits for its thread and
     runs the producer's cleanup; closing twice is harmless.
 
-    Counters: `batches` handed out, `stalls` (times the consumer found no batch ready and waited),
+    `key` and `from_cache` say, for a DatasetCache stream, which artefact it reads or fills and
+    whether it was a hit. Counters: `batches` handed out, `stalls` (times the consumer found no batch ready and waited),
     `wait_seconds` (its total wait), `stalls_after(n)` (stalls after the first n batches: warm-up).
     """
 
     def __init__(
-        self, source: Iterator[T], prefetch: int = 4, *, name: str = "promptcache-prefetch"
+        self,
+        source: Iterator[T],
+        prefetch: int = 4,
+        *,
+        key: str | None = None,
+        from_cache: bool | None = None,
+        name: str = "promptcache-prefetch",
     ) -> None:
         """Start producing from `source` (a generator or iterator). Raises ValueError for a negative prefetch."""
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
         self.prefetch = prefetch
+        self.key = key
+        self.from_cache = from_cache
         self.batches = 0
         self.stalls = 0
         self.wait_seconds = 0.0
