@@ -119,8 +119,9 @@ class BatchStream(Generic[T]):
             t0 = time.perf_counter()
             item = self._queue.get()
             self.wait_seconds += time.perf_counter() - t0
-            self.stalls += 1
-            self._stall_at.append(self.batches)
+            if not isinstance(item, (_End, _Failure)):  # waiting for the end is no stall
+                self.stalls += 1
+                self._stall_at.append(self.batches)
         if isinstance(item, _End):
             self.close()
             raise StopIteration
