@@ -105,9 +105,9 @@ class LLM:
         if not isinstance(n_batch, int) or n_batch < 64:
             raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
         if exact_batch is not None and (
-            not isinstance(exact_batch, int) or not 1 <= exact_batch <= n_batch
+            not isinstance(exact_batch, int) or not 1 <= exact_batch <= 32
         ):
-            raise ValueError("exact_batch must be an int in [1, n_batch] or None (probe it)")
+            raise ValueError("exact_batch must be an int in [1, 32] or None (probe it)")
         llama_cpp = bindings()
         from llama_cpp._internals import LlamaModel
 

@@ -92,7 +92,7 @@ class ReuseRules:
     exact: exact mode; generated tokens' KV (decoded one at a time) is never reused as it is.
     may_reuse: False only in exact mode where the probe found no exact batch: then nothing is reused.
     splittable: states can be cut at any token; otherwise whole states, with a checkpoint at n - b.
-    n_batch: the largest batch the context takes.
+    n_batch: the largest batch the context takes (at least 2 * exact_batch).
     """
 
     exact_batch: int = 2
@@ -102,8 +102,12 @@ class ReuseRules:
     n_batch: int = 512
 
     def __post_init__(self) -> None:
-        if self.exact_batch < 1 or self.n_batch < self.exact_batch:
-            raise ValueError("need 1 <= exact_batch <= n_batch")
+        if self.exact_batch < 1 or self.n_batch < 2 * self.exact_batch:
+            raise ValueError(
+                "need 1 <= exact_batch <= n_batch / 2 (a short last batch borrows from the one before)"
+            )
+        if not (self.may_reuse or self.exact):
+            raise ValueError("fast mode always reuses: may_reuse=False needs exact=True")
 
     def limit(self, n: int) -> int:
         """The longest prefix of an n-token prompt that may be restored: at least b tokens are
