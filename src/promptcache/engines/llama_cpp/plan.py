@@ -172,9 +172,7 @@ class ReuseRules:
         re-reads them as batches when there are at least b; fast mode keeps everything as it is.
         """
         p, tokens = len(prompt), live.tokens
-        if (
-            self.exact and live.n_reusable < p
-        ):  # the prompt itself is not reusable: neither is the reply
+        if self.exact and live.n_reusable < p:  # an unreusable prompt makes its reply unreusable
             return Finish(p, list(tokens[:p]), live.n_reusable)
         target = self.next_turn(prompt, target) if self.may_reuse else None
         if target is not None and (self.exact or len(tokens) > p):
