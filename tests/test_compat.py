@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -448,3 +451,176 @@ def test_seed_basic_ram_caching_flow(llm: llama_cpp.Llama) -> None:
     assert response1["choices"][0]["text"] and response2["choices"][0]["text"]
     assert len(cache) in (1, 2)  # sampled (temperature 0.8): the two replies may differ
     assert cache.hits == 1
+
+
+# -- learning the model, healing the directory ----------------------------------------------------
+
+
+def test_index_deleted_or_broken_while_in_use_is_rebuilt_from_entry_files(tmp_path: Path) -> None:
+    a, b = (LlamaDiskCache(str(tmp_path), fingerprint="m") for _ in range(2))
+    a[[1, 2, 3]] = synthetic_state(3)
+    a[[4, 5]] = synthetic_state(2)
+    assert b[[1, 2, 3, 9]].n_tokens == 3
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    # Both objects notice, rebuild from the entry files and keep serving and storing.
+    assert a[[1, 2, 3]].n_tokens == 3 and b[[4, 5, 6]].n_tokens == 2
+    b[[7, 7]] = synthetic_state(2)
+    assert a[[7, 7]].n_tokens == 2 and len(a) == len(b) == 3
+    # An index that is not a database any more: a fresh object heals it the same way.
+    a.close()
+    b.close()
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "index.sqlite").write_bytes(b"not a database" * 100)
+    fresh = LlamaDiskCache(str(tmp_path), fingerprint="m")
+    assert fresh[[1, 2, 3]].n_tokens == 3 and len(fresh) == 3
+
+
+def test_deleted_and_truncated_entry_files_are_misses(tmp_path: Path) -> None:
+    cache = LlamaDiskCache(str(tmp_path))
+    for i in range(4):
+        cache[[100 + i, 1]] = synthetic_state(2, state_bytes=3000)
+    files = entry_files(tmp_path)
+    assert len(files) == 8
+    for path in files[:3]:
+        path.unlink()
+    files[3].write_bytes(files[3].read_bytes()[:10])
+    files[4].write_bytes(b"")
+    served = 0
+    for i in range(4):
+        try:
+            served += cache[[100 + i, 1]].n_tokens == 2
+        except KeyError:
+            pass
+    assert 0 < served < 4
+    assert len(cache) == served
+    cache[[200]] = synthetic_state(1)  # and it still stores
+    assert cache[[200]].n_tokens == 1
+
+
+def test_cleanup_by_age_never_meets_a_stale_directory_of_a_used_cache(tmp_path: Path) -> None:
+    old = time.time() - 7200
+    LlamaDiskCache(str(tmp_path))[[1, 2]] = synthetic_state(2)
+    for path in [tmp_path / "entries", tmp_path / "tmp"]:
+        os.utime(path, (old, old))
+    LlamaDiskCache(str(tmp_path))  # opening it is using it
+    assert all(os.path.getmtime(tmp_path / sub) > old + 3600 for sub in ("entries", "tmp"))
+
+
+def test_max_age_expires_entries(tmp_path: Path) -> None:
+    cache = LlamaDiskCache(str(tmp_path), max_age=0.5)
+    assert cache.max_age == 0.5
+    cache[[1, 2]] = synthetic_state(2)
+    assert cache[[1, 2]].n_tokens == 2
+    time.sleep(0.7)
+    with pytest.raises(KeyError):
+        cache[[1, 2]]
+    assert len(LlamaDiskCache(str(tmp_path), max_age=0.5)) == 0
+    with pytest.raises(ValueError):
+        LlamaDiskCache(str(tmp_path), max_age=0)
+
+
+def test_llama_cpp_calling_without_a_llama_in_reach_is_refused(tmp_path: Path) -> None:
+    # What a future llama-cpp-python that calls the cache from a free function would look like.
+    scope: dict = {"__name__": "llama_cpp.future"}
+    exec(
+        "def lookup(cache, key):\n    return cache[key]\n"
+        "def store(cache, key, state):\n    cache[key] = state\n",
+        scope,
+    )
+    for cache in (LlamaRAMCache(), LlamaDiskCache(str(tmp_path))):
+        cache[[1, 2]] = synthetic_state(2)
+        with pytest.raises(KeyError):
+            scope["lookup"](cache, [1, 2])
+        scope["store"](cache, [3, 4], synthetic_state(2))
+        assert len(cache) == 1
+    pinned = LlamaRAMCache(fingerprint="m")  # an explicit fingerprint is the user's word
+    pinned[[1, 2]] = synthetic_state(2)
+    assert scope["lookup"](pinned, [1, 2]).n_tokens == 2
+
+
+def test_custom_subclass_gets_portable_states_and_its_misses_are_key_errors() -> None:
+    class DictCache(BaseLlamaCache):  # as llama-cpp-python's docs write one: no super().__init__
+        def __init__(self):
+            self.saved = {}
+
+        def __getitem__(self, key):
+            return self.saved.get(tuple(key))
+
+        def __setitem__(self, key, value):
+            self.saved[tuple(key)] = json.loads(json.dumps(value))
+
+        def __contains__(self, key):
+            return tuple(key) in self.saved
+
+    cache = DictCache()
+    assert cache.capacity_bytes == 2 << 30 and cache.cache_size == 0 and bool(cache)
+    with pytest.raises(KeyError):
+        cache[[1, 2]]
+    state = synthetic_state(3)
+    state.scores[1, 2] = 0.5
+    cache[[1, 2, 3]] = state
+    got = cache[[1, 2, 3]]
+    assert got.llama_state == state.llama_state and got.scores.tobytes() == state.scores.tobytes()
+    cache.saved[(1, 2, 3)]["fingerprint"] = "another model"
+    with pytest.raises(KeyError):
+        cache[[1, 2, 3]]
+    cache.saved[(1, 2, 3)] = {
+        "format": "promptcache.llama_state/1",
+        "fingerprint": "",
+        "state": "!",
+    }
+    with pytest.raises(KeyError):
+        cache[[1, 2, 3]]
+
+
+def test_auto_fingerprint_is_llama_fingerprint_and_covers_the_whole_file(
+    llm: llama_cpp.Llama, tmp_path: Path
+) -> None:
+    auto = LlamaDiskCache(str(tmp_path / "c"))
+    llm.set_cache(auto)
+    complete(llm, PROMPT)
+    llm.set_cache(None)
+    pinned = LlamaDiskCache(str(tmp_path / "c"), fingerprint=llama_fingerprint(llm))
+    assert len(pinned) == 1 and len(LlamaDiskCache(str(tmp_path / "c"), fingerprint="x")) == 0
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(Path(llm.model_path).read_bytes())
+    assert compat.model_digest(copy) == compat.model_digest(llm.model_path)
+    with open(copy, "r+b") as f:  # a byte of tensor data, far from both ends of the file
+        f.seek(copy.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    assert compat.model_digest(copy) != compat.model_digest(llm.model_path)
+
+
+def test_one_cache_shared_by_two_models_of_one_shape_keeps_them_apart(
+    llm: llama_cpp.Llama, loads: list[int], tmp_path: Path
+) -> None:
+    copy = tmp_path / "finetune.gguf"
+    blob = bytearray(Path(llm.model_path).read_bytes())
+    blob[len(blob) // 2] ^= 1
+    copy.write_bytes(bytes(blob))
+    other = llama_cpp.Llama(model_path=str(copy), n_ctx=512, verbose=False, n_threads=2)
+    try:
+        for cache in (LlamaRAMCache(), LlamaDiskCache(str(tmp_path / "c"))):
+            llm.set_cache(cache)
+            other.set_cache(cache)
+            complete(llm, PROMPT)
+            loads.clear()
+            other_loads: list[int] = []
+            real = other.load_state
+            other.load_state = lambda s, seen=other_loads, real=real: (  # type: ignore[method-assign]
+                seen.append(s.n_tokens),
+                real(s),
+            )
+            complete(other, PROMPT)
+            assert other_loads == []  # the fine-tune was not served the original's state
+            complete(llm, OTHER)
+            complete(llm, PROMPT)
+            assert loads  # while the original still is
+            del other.load_state
+    finally:
+        other.set_cache(None)
+        other.close()

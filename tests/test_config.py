@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from promptcache import PromptCache
-from promptcache.config import CacheConfig, default_cache, parse_seconds, parse_size
+from promptcache.config import (
+    CacheConfig,
+    build_cache,
+    default_cache,
+    default_disk_path,
+    parse_seconds,
+    parse_size,
+    read_config_file,
+)
 from promptcache.errors import ConfigError
 from promptcache.store.disk import DiskStore
 from promptcache.store.memory import MemoryStore
@@ -275,3 +283,72 @@ def test_default_cache_reads_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PROMPTCACHE_DISK_SIZE", "0")
     cache = default_cache()
     assert cache.capacity_bytes == 8 << 20
+
+
+# -- build_cache: the one factory -----------------------------------------------------------------
+
+
+def test_build_cache_builds_every_kind_of_cache(tmp_path: Path) -> None:
+    given = PromptCache(capacity_bytes=1 << 20)
+    assert build_cache(given) is given and build_cache(None) is None
+    config = CacheConfig(memory_size="3MB", disk_size="5MB", policy="fifo")
+    ram = build_cache("ram", config)
+    assert isinstance(ram.store, MemoryStore) and ram.capacity_bytes == 3 << 20
+    assert ram.store.policy.name == "fifo" and not ram._probe_store
+    disk = build_cache("disk", config)
+    assert isinstance(disk.store, DiskStore) and disk.store.path == tmp_path / "kv"
+    assert disk.capacity_bytes == 5 << 20 and disk._probe_store
+    tiered = build_cache("tiered", config)
+    assert isinstance(tiered.store, NamespacedStore) and tiered.store.persistent
+    assert [t.name for t in tiered.store.store.tiers] == ["memory", "disk"]
+
+
+def test_build_cache_reads_the_environment_without_a_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMPTCACHE_MEMORY_SIZE", "6MB")
+    assert build_cache("ram").capacity_bytes == 6 << 20
+    assert build_cache("ram").capacity_bytes == PromptCache(capacity_bytes=6 << 20).capacity_bytes
+
+
+def test_build_cache_names_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="'ram', 'disk', 'tiered' or None"):
+        build_cache("redis")
+    with pytest.raises(ConfigError, match="memory_size above 0"):
+        build_cache("ram", CacheConfig(memory_size=0))
+    with pytest.raises(ConfigError, match="disk_size above 0"):
+        build_cache("disk", CacheConfig(disk_size=0))
+
+
+def test_policy_and_codec_names_come_from_the_stores() -> None:
+    from promptcache.store.compression import CODECS
+    from promptcache.store.policies import POLICY_NAMES
+
+    for policy in POLICY_NAMES:
+        max_age = 60 if policy == "ttl" else None
+        assert (
+            CacheConfig(policy=policy, max_age=max_age).build_store().tiers[0].policy.name == policy
+        )
+    for codec in CODECS:
+        assert CacheConfig(compression=codec).compressor().name == codec
+    with pytest.raises(ConfigError, match="use lru, fifo, size"):
+        CacheConfig(policy="ttl")
+
+
+def test_config_files_are_read_by_the_one_settings_reader(tmp_path: Path) -> None:
+    from promptcache.files import read_settings_file
+
+    path = tmp_path / "c.toml"
+    path.write_text('[cache]\nmemory-size = "1MB"\n[cache.disk]\nsize = 0\n')
+    assert read_settings_file(path) == {"cache": {"memory-size": "1MB", "disk": {"size": 0}}}
+    assert read_config_file(path) == {"memory_size": "1MB", "disk_size": 0}
+    (tmp_path / "bad.toml").write_text("[cache\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_config_file(tmp_path / "bad.toml")
+
+
+def test_default_disk_path_is_the_disk_store_default() -> None:
+    from promptcache.files import user_cache_dir
+    from promptcache.store.disk import default_path
+
+    assert default_disk_path() == default_path() == user_cache_dir("kv")

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from promptcache import LLM, PromptCache
 from promptcache.errors import CapacityError
@@ -37,19 +35,17 @@ def entry_bytes(key: str, value: bytes, fingerprint: str = FP) -> int:
     return len(envelope.pack(key, value, fingerprint))
 
 
-def test_put_get_contains_delete(redis_url: str) -> None:
+def test_stats_say_redis_is_available(redis_url: str) -> None:
+    """The round trip, capacity and accounting are the contract's (test_store_contract.py)."""
     store = RedisStore(redis_url, 1 << 20)
-    assert store.get("k1", fingerprint=FP) is None
     store.put("k1", b"value one", fingerprint=FP)
-    assert store.get("k1", fingerprint=FP) == b"value one"
-    assert store.get("k1") == b"value one"
-    assert store.contains("k1") and not store.contains("k2")
-    assert len(store) == 1 and list(store.keys()) == ["k1"]
-    assert store.size() == entry_bytes("k1", b"value one")
-    assert store.delete("k1") and not store.delete("k1")
-    assert store.size() == 0 and len(store) == 0
     s = store.stats()
-    assert (s["hits"], s["misses"], s["puts"], s["available"]) == (2, 1, 1, 1)
+    assert (s["available"], s["unavailable"], s["url"], s["namespace"]) == (
+        1,
+        0,
+        redis_url,
+        "promptcache",
+    )
 
 
 def test_lru_capacity_is_held_across_clients(redis_url: str) -> None:
@@ -68,39 +64,6 @@ def test_lru_capacity_is_held_across_clients(redis_url: str) -> None:
     assert b.stats()["evictions"] == 1
     with pytest.raises(CapacityError):
         a.put("huge", b"x" * (3 * size), fingerprint=FP)
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    ops=st.lists(
-        st.tuples(
-            st.sampled_from(["put", "get", "delete"]),
-            st.sampled_from([f"k{i}" for i in range(6)]),
-            st.integers(min_value=1, max_value=1200),
-        ),
-        max_size=30,
-    )
-)
-def test_accounting_matches_the_values_after_any_operations(redis_server: RedisServer, ops) -> None:
-    with redis_server.client() as raw:
-        raw.flushall()
-    store = RedisStore(redis_server.url, 4000)
-    latest: dict[str, bytes] = {}
-    for n, (op, key, size) in enumerate(ops):
-        if op == "put":
-            value = bytes([n % 256]) * size
-            store.put(key, value, fingerprint=FP)
-            latest[key] = value
-        elif op == "delete":
-            store.delete(key)
-            latest.pop(key, None)
-        else:
-            got = store.get(key, fingerprint=FP)
-            assert got is None or got == latest[key]
-        held = {k: latest[k] for k in store.keys()}
-        assert store.size() == sum(entry_bytes(k, v) for k, v in held.items()) <= 4000
-        assert all(store.contains(k) for k in held)
-    store.close()
 
 
 @pytest.mark.parametrize(("policy", "evicted"), [("fifo", "k0"), ("size", "big")])
@@ -176,7 +139,9 @@ def test_compressed_values_are_read_by_any_client(redis_url: str) -> None:
 
 
 def test_ttl_expires_values_and_gc_drops_their_accounting(redis_url: str) -> None:
-    store = RedisStore(redis_url, 1 << 20, ttl=1.5)  # room for a loaded CI machine between put and get
+    store = RedisStore(
+        redis_url, 1 << 20, ttl=1.5
+    )  # room for a loaded CI machine between put and get
     store.put("k1", b"short-lived", fingerprint=FP)
     store.put("k2", b"short-lived", fingerprint=FP)
     assert store.get("k1", fingerprint=FP) == b"short-lived"

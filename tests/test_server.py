@@ -508,6 +508,31 @@ def test_session_saved_by_one_server_restores_into_another(
     )
 
 
+def test_session_file_written_whole_or_500(server: _Server) -> None:
+    sessions = Path(_session_dir(server))
+    saved = httpx.post(
+        f"{server.url}/v1/sessions/plain-42/save",
+        json={"prompt": "Session file check."},
+        timeout=60,
+    ).json()
+    assert saved["bytes"] == (sessions / "plain-42.session").stat().st_size > 0
+    # A directory where the file should go: the write fails, the client gets a 500 and the
+    # server leaves no partial or temporary file behind.
+    occupied = sessions / "occupied.session"
+    occupied.mkdir(parents=True)
+    try:
+        r = httpx.post(
+            f"{server.url}/v1/sessions/occupied/save", json={"prompt": [1, 2, 3]}, timeout=60
+        )
+        error = _error(r, 500)
+        assert error["type"] == "server_error"
+        assert error["message"].startswith("cannot write the session")
+        assert not [p.name for p in sessions.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        occupied.rmdir()
+    httpx.delete(f"{server.url}/v1/sessions/plain-42", timeout=30).raise_for_status()
+
+
 def _session_dir(server: _Server) -> str:
     args = server.proc.args
     return args[args.index("--session-dir") + 1]

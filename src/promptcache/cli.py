@@ -5,13 +5,21 @@ Parses arguments and renders tables; the work is done by the library.
 
 from __future__ import annotations
 
+import enum
+import inspect
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from promptcache.server.settings import (
+    ServerSettings,
+    command_line_options,
+    settings_from_command_line,
+)
 
 if TYPE_CHECKING:
     from promptcache.manager import CacheManager
@@ -91,33 +99,65 @@ def chat(
     llm.close()
 
 
-@app.command()
-def serve(
-    model: Annotated[Path | None, typer.Option(help="A GGUF file (default: SmolLM2-135M-Instruct).")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
-    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' (all but /health).")] = None,
-    workers: Annotated[int | None, typer.Option(help="LLM workers sharing one prefix cache (default 1).")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Requests that may wait before a 503 (default 16).")] = None,
-    n_ctx: Annotated[int | None, typer.Option(help="Context limit per request (default: the model's).")] = None,
-    cache: Annotated[
-        str | None, typer.Option(help="ram, disk, tiered (the config file's cache table) or none (default ram).")
-    ] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML/YAML settings file: top-level keys or a server table (see python -m promptcache.server --help).")] = None,
-) -> None:
-    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...) over one shared prefix cache."""
+# -- serve: its options are made from ServerSettings' fields, as `python -m promptcache.server`'s are ----
+
+
+def _serve(**options: Any) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...) over one shared prefix cache.
+
+    Every option is also a PROMPTCACHE_<OPTION> variable and a key of the --config file.
+    """
     from promptcache.errors import ConfigError
-    from promptcache.server import ServerSettings, run
+    from promptcache.server import run
 
     try:
-        settings = ServerSettings.load(
-            config, model=model, host=host, port=port, api_key=api_key, workers=workers,
-            max_queue=max_queue, n_ctx=n_ctx, cache=cache,
-        )
+        settings = _serve_settings(options)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
     run(settings)
+
+
+def _serve_parameters() -> list[inspect.Parameter]:
+    """typer reads a command's options from its signature: one keyword per ServerSettings field."""
+    parameters = []
+    for option in command_line_options():
+        if option.kind is bool:
+            info = typer.Option(f"{option.flag}/{option.negative_flag}", help=option.help)
+        else:
+            info = typer.Option(option.flag, help=option.help)
+        # Every typer release takes choices as an Enum (Literal only the newest); _serve unwraps it.
+        kind = (
+            enum.Enum(option.field, {c: c for c in option.choices})
+            if option.choices
+            else option.kind
+        )
+        parameters.append(
+            inspect.Parameter(
+                option.field,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[kind | None, info],
+            )
+        )
+    return parameters
+
+
+_serve.__signature__ = inspect.Signature(_serve_parameters())  # type: ignore[attr-defined]
+app.command("serve")(_serve)
+
+
+def serve_settings(argv: list[str]) -> ServerSettings:
+    """The settings `promptcache serve ARGV` would serve with, parsed by the same command, without
+    serving. Raises ConfigError for bad values and click.UsageError for an unknown option."""
+    command = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    with command.make_context("serve", list(argv)) as ctx:
+        return _serve_settings(ctx.params)
+
+
+def _serve_settings(options: dict[str, Any]) -> ServerSettings:
+    values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in options.items()}
+    return settings_from_command_line(values)
 
 
 @app.callback()

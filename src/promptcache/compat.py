@@ -18,22 +18,45 @@ bit for bit. On disk, an entry is two DiskStore keys: `<id>-s` (the state) and `
 (its tokens, fingerprint and shape), so a new process rebuilds the prefix index from the
 small `-t` files alone.
 
-Model check: an entry records the cache's `fingerprint` (optional, for example
-`llama_fingerprint(llm)` or `promptcache.model.file_identity(path)`) and the state's shape
-(n_vocab, n_ctx). A cache serves only entries of its own fingerprint and of the shape of the
-last state stored into it. A cache that has stored nothing yet knows no shape: it then serves
-entries only when it has a fingerprint and they all have one shape, and otherwise misses,
-because loading a state from another model or context size fails inside `load_state`.
+Model check: every entry records a fingerprint and its state's shape (n_vocab, n_ctx); a lookup
+is served only from entries of the caller's fingerprint and shape. The fingerprint is the cache's
+`fingerprint=` when given, else that of the `Llama` calling the cache, learnt without being told:
+llama-cpp-python 0.3.36 calls the cache from `Llama._create_completion` as `self.cache[...]`, so
+the nearest caller frame (at most _CALLER_DEPTH up) whose `self` is a `llama_cpp.Llama` is the
+model, and `llama_fingerprint` hashes its whole GGUF file (sha256: a fine-tune of the same shape,
+or one changed byte, is another model) with the settings a state's layout depends on, memoized
+per Llama and per file. Frames rather than wrapping `Llama.set_cache`: nothing global is patched,
+`llm.cache = cache` works too, and one cache set on two Llamas of two models tells them apart on
+every call. Fail safe: when llama_cpp's own code calls the cache and no Llama is found up the
+stack (a llama-cpp-python that calls from elsewhere), the lookup is a miss and nothing is stored
+(logged once). A call from user code with no Llama up the stack (cache[key] by hand) uses the
+cache's fingerprint or "", and, without a fingerprint, the shape of the last state stored
+through this object.
+
+Subclasses of BaseLlamaCache written as llama-cpp-python's docs show (a dict-like store that
+returns None on a miss and json.dumps the value) work unchanged: the base gives `cache_size` and
+`capacity_bytes` defaults, hands `__setitem__` a PortableLlamaState (a LlamaState that is also a
+JSON-ready dict carrying the model fingerprint) and turns what `__getitem__` returns (None, that
+dict as read back, a state of another model) into a state or a KeyError.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import hashlib
 import logging
+import os
 import re
+import sqlite3
 import struct
+import sys
 import threading
+import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from pathlib import Path
@@ -42,23 +65,26 @@ from typing import Any, NamedTuple
 import llama_cpp
 import llama_cpp.llama_cache
 import numpy as np
+from llama_cpp import Llama
 from llama_cpp.llama import LlamaState
 
 from promptcache.errors import CapacityError, CorruptEntryError, StoreUnavailableError
 from promptcache.index import Node, RadixIndex
 from promptcache.keys import token_bytes
-from promptcache.model import file_identity
 from promptcache.store.disk import DiskStore
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BaseLlamaCache",
+    "Llama",
     "LlamaCache",
     "LlamaDiskCache",
     "LlamaRAMCache",
     "LlamaState",
+    "PortableLlamaState",
     "llama_fingerprint",
+    "model_digest",
 ]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -84,18 +110,49 @@ class Shape(NamedTuple):
     n_ctx: int
 
 
-def llama_fingerprint(llm: llama_cpp.Llama) -> str:
-    """A fingerprint for `llm`: its GGUF file's identity plus every setting a state's layout depends on.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+_LLAMA_IDS: weakref.WeakKeyDictionary[Llama, tuple[str, Shape]] = weakref.WeakKeyDictionary()
 
-    Pass it as `fingerprint=` so that a cache serves a fresh process's first request from
-    earlier entries, and never serves a state from another model, context size, KV type or
-    score-matrix layout. Raises OSError when the model file cannot be read.
+
+def model_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a whole model file, memoized per file version (device, inode, size, mtime).
+
+    The whole file, not its ends: a fine-tune of the same shape or one changed byte in a tensor
+    is another model. sha256 runs at about 1.4 GB/s here (SHA extensions), 0.07 s for the default
+    model; blake2b takes 2.3x as long. Raises OSError when the file cannot be read.
     """
+    st = os.stat(path)
+    memo_key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(memo_key)
+    if digest is None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        _DIGESTS[memo_key] = digest
+    return digest
+
+
+def llama_fingerprint(llm: Llama) -> str:
+    """A fingerprint for `llm`: its GGUF file's content hash plus every setting a state's layout depends on.
+
+    The caches compute it themselves for the Llama that calls them; pass it as `fingerprint=`
+    to pin one explicitly. Includes the llama-cpp-python version and llama.cpp's system info
+    (backend and instruction set), since a state is only as portable as the kernels that made it.
+    Raises OSError when the model file cannot be read.
+    """
+    return _llama_identity(llm)[0]
+
+
+def _llama_identity(llm: Llama) -> tuple[str, Shape]:
+    """(fingerprint, state shape) of `llm`, memoized per Llama. Raises OSError, AttributeError."""
+    known = _LLAMA_IDS.get(llm)
+    if known is not None:
+        return known
     params = llm.context_params
     parts = [
         "llama-cpp-python",
         llama_cpp.__version__,
-        file_identity(llm.model_path),
+        llama_cpp.llama_print_system_info().decode("utf-8", "replace"),
+        model_digest(llm.model_path),
         f"n_vocab={llm.n_vocab()}",
         f"n_ctx={llm.n_ctx()}",
         f"score_rows={llm.scores.shape[0]}",
@@ -103,7 +160,52 @@ def llama_fingerprint(llm: llama_cpp.Llama) -> str:
     for name in ("type_k", "type_v", "flash_attn", "flash_attn_type", "swa_full", "embeddings"):
         if hasattr(params, name):
             parts.append(f"{name}={getattr(params, name)}")
-    return blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
+    fingerprint = blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
+    known = (fingerprint, Shape(llm.n_vocab(), len(llm.input_ids)))
+    _LLAMA_IDS[llm] = known
+    return known
+
+
+class _Refused:
+    """The caller is llama_cpp code, but no Llama was found up the stack: serve and store nothing."""
+
+
+_REFUSED = _Refused()
+_CALLER_DEPTH = 12
+_refusal_logged = False
+
+
+def _calling_llama() -> Llama | _Refused | None:
+    """The Llama whose method called the cache (nearest frame whose `self` is a Llama), if any.
+
+    _REFUSED when llama_cpp code is on the stack without a Llama in reach: the calling convention
+    this relies on (llama-cpp-python 0.3.36) has changed, and a miss is the safe answer.
+    """
+    global _refusal_logged
+    frame = sys._getframe(1)
+    from_llama_cpp = False
+    for _ in range(_CALLER_DEPTH):
+        if frame is None:
+            break
+        if "self" in frame.f_code.co_varnames:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Llama):
+                return obj
+        module = frame.f_globals.get("__name__", "")
+        if module == "llama_cpp" or module.startswith("llama_cpp."):
+            from_llama_cpp = True
+        frame = frame.f_back
+    if not from_llama_cpp:
+        return None
+    if not _refusal_logged:
+        _refusal_logged = True
+        log.warning(
+            "llama_cpp called a promptcache cache but no Llama was found among its callers "
+            "(llama-cpp-python %s; promptcache is tested with 0.3.36): serving and storing nothing; "
+            "pass fingerprint=llama_fingerprint(llm) to the cache to use it anyway",
+            llama_cpp.__version__,
+        )
+    return _REFUSED
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,16 +421,145 @@ def _entry_id(fingerprint: str, shape: Shape, tokens_le: bytes) -> str:
     return h.hexdigest()
 
 
+_PORTABLE_FORMAT = "promptcache.llama_state/1"
+
+
+class PortableLlamaState(dict, LlamaState):
+    """A LlamaState that is also a JSON-ready dict: what a user subclass's `__setitem__` receives.
+
+    As a LlamaState it has input_ids, scores, n_tokens, llama_state, llama_state_size and seed; as a
+    dict it holds three strings (format, the model's fingerprint, the compact state in base64), so
+    `json.dump(value, f)` works and what `json.load` returns is read back by the base class.
+    """
+
+    def __init__(self, state: Any, fingerprint: str) -> None:
+        """Raises TypeError when `state` is not shaped like llama_cpp.LlamaState."""
+        entry = _Entry.from_state(b"", state, fingerprint)
+        dict.__init__(
+            self,
+            format=_PORTABLE_FORMAT,
+            fingerprint=fingerprint,
+            state=base64.b64encode(entry.encode()).decode("ascii"),
+        )
+        LlamaState.__init__(
+            self,
+            input_ids=state.input_ids,
+            scores=state.scores,
+            n_tokens=entry.n_tokens,
+            llama_state=entry.llama_state,
+            llama_state_size=entry.llama_state_size,
+            seed=entry.seed,
+        )
+
+
+def _state_from_user(value: Any, caller: tuple[str, Shape | None]) -> LlamaState:
+    """What a user subclass's __getitem__ returned, as a state for `caller`; KeyError when unusable."""
+    fingerprint, shape = caller
+    if isinstance(value, dict) and value.get("format") == _PORTABLE_FORMAT:
+        if value.get("fingerprint") != fingerprint:
+            raise KeyError("cached state belongs to another model")
+        try:
+            payload = base64.b64decode(str(value["state"]), validate=True)
+            entry = _Entry.decode(payload, fingerprint)
+        except (KeyError, binascii.Error, ValueError, CorruptEntryError) as exc:
+            log.warning("cached state read back from a custom cache is unusable: %s", exc)
+            raise KeyError("unusable cached state") from None
+        if shape is not None and entry.shape != shape:
+            raise KeyError("cached state has another shape than the model")
+        return entry.to_state()
+    if not isinstance(value, LlamaState):
+        log.warning("a custom cache returned %s, not a LlamaState: a miss", type(value).__name__)
+        raise KeyError("not a cached state")
+    try:
+        found = Shape(np.shape(value.scores)[1], np.size(value.input_ids))
+    except (AttributeError, IndexError, TypeError):
+        raise KeyError("not a cached state") from None
+    if shape is not None and found != shape:
+        raise KeyError("cached state has another shape than the model")
+    return value
+
+
+def _adapt_getitem(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    @functools.wraps(method)
+    def __getitem__(self: Any, key: Any) -> LlamaState:
+        caller = _resolve_caller(None)
+        if caller is None:
+            raise KeyError("the calling model is unknown")
+        try:
+            value = method(self, key)
+        except (ValueError, OSError) as exc:  # e.g. a file a crashed write left half-written
+            log.warning(
+                "%s failed to read an entry, treating it as a miss: %r", type(self).__name__, exc
+            )
+            raise KeyError("unreadable cache entry") from None
+        if value is None:
+            raise KeyError("no cached state for this key")
+        return _state_from_user(value, caller)
+
+    return __getitem__
+
+
+def _adapt_setitem(method: Callable[[Any, Any, Any], None]) -> Callable[[Any, Any, Any], None]:
+    @functools.wraps(method)
+    def __setitem__(self: Any, key: Any, value: Any) -> None:
+        caller = _resolve_caller(None)
+        if caller is None:
+            return
+        if isinstance(value, LlamaState) and not isinstance(value, PortableLlamaState):
+            value = PortableLlamaState(value, caller[0])
+        method(self, key, value)
+
+    return __setitem__
+
+
+def _resolve_caller(fingerprint: str | None) -> tuple[str, Shape | None] | None:
+    """(fingerprint, shape) a call is served under; None: refuse (miss, store nothing).
+
+    `fingerprint` (the cache's own) wins; else the calling Llama's; else "" with no shape.
+    """
+    found = _calling_llama()
+    if isinstance(found, Llama):
+        try:
+            llama_fp, shape = _llama_identity(found)
+        except (OSError, AttributeError, TypeError, ValueError) as exc:
+            log.warning("cannot fingerprint the calling Llama, serving nothing: %s", exc)
+            return None
+        return (fingerprint if fingerprint is not None else llama_fp), shape
+    if found is _REFUSED and fingerprint is None:
+        return None
+    return (fingerprint or ""), None
+
+
 class BaseLlamaCache(llama_cpp.llama_cache.BaseLlamaCache):
     """The interface llama-cpp-python's Llama.set_cache expects, plus `__len__` and an always-true `__bool__`.
 
-    Subclasses implement `cache_size`, `__getitem__` (raise KeyError on a miss), `__contains__`,
-    `__setitem__` and `__len__`. It subclasses llama_cpp.llama_cache.BaseLlamaCache, so
-    isinstance checks against llama-cpp-python's base pass.
+    Subclasses implement `__getitem__`, `__contains__`, `__setitem__` and, to be counted,
+    `__len__` and `cache_size`. It subclasses llama_cpp.llama_cache.BaseLlamaCache, so isinstance
+    checks against llama-cpp-python's base pass. A subclass written for llama-cpp-python works
+    as is: `__getitem__` may return None on a miss, `__setitem__` receives a PortableLlamaState
+    (JSON-ready), states of another model read back are misses, and `__init__` need not call
+    super (capacity_bytes defaults to 2 GiB).
     """
+
+    capacity_bytes: int = 2 << 30
+    _adapt_methods = True  # wrap a subclass's __getitem__/__setitem__ (off for promptcache's own)
 
     def __init__(self, capacity_bytes: int = (2 << 30)) -> None:
         super().__init__(capacity_bytes)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("_adapt_methods", cls._adapt_methods):
+            return
+        if "__getitem__" in cls.__dict__:
+            cls.__getitem__ = _adapt_getitem(cls.__dict__["__getitem__"])  # type: ignore[method-assign]
+        if "__setitem__" in cls.__dict__:
+            cls.__setitem__ = _adapt_setitem(cls.__dict__["__setitem__"])  # type: ignore[method-assign]
+
+    @property
+    def cache_size(self) -> int:
+        """Bytes held; 0 unless a subclass counts them."""
+        return 0
 
     def __bool__(self) -> bool:
         # Llama._create_completion tests `if self.cache:`; with __len__ defined, an empty cache
@@ -341,11 +572,14 @@ class BaseLlamaCache(llama_cpp.llama_cache.BaseLlamaCache):
 
 
 class _PrefixCache(BaseLlamaCache):
-    """Longest-prefix lookup over a RadixIndex (one per state shape); subclasses own the entries.
+    """Longest-prefix lookup over a RadixIndex per (fingerprint, shape); subclasses own the entries.
 
     Subclasses implement `_read_entry` (None: gone or unusable; forgotten here), `_write_entry`
-    (False: not stored), `cache_size` and `_refresh` (bring the index up to date with the store).
+    (False: not stored), `cache_size`, `_refresh` (bring the index up to date with the store) and
+    may implement `_before` (run first in every call, under the lock).
     """
+
+    _adapt_methods = False
 
     def __init__(self, capacity_bytes: int, fingerprint: str | None) -> None:
         if (
@@ -358,17 +592,28 @@ class _PrefixCache(BaseLlamaCache):
             raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
         super().__init__(capacity_bytes)
         self.fingerprint = fingerprint
-        self.shape: Shape | None = None  # of the last state stored: the model this cache serves
+        self.shape: Shape | None = None  # of the last state stored: the shape hand calls are served
         self.hits = 0
         self.misses = 0
-        self._indexes: dict[Shape, RadixIndex] = {}
-        self._ids: dict[str, tuple[Shape, bytes]] = {}  # entry id -> (shape, key tokens)
+        self._indexes: dict[str, RadixIndex] = {}  # identity (fingerprint and shape) -> index
+        self._identities: dict[str, tuple[str, Shape]] = {}
+        self._ids: dict[str, tuple[str, bytes]] = {}  # entry id -> (identity, key tokens)
         self._lock = threading.RLock()
         self._told_unknown = False
+        self._last_llama: tuple[str, Shape] | None = None  # the last Llama that called this cache
 
-    @property
-    def _fp(self) -> str:
-        return self.fingerprint or ""
+    def _caller(self) -> tuple[str, Shape | None] | None:
+        """(fingerprint, shape) this call is served under (None: refuse); a hand call gets the last Llama's."""
+        caller = _resolve_caller(self.fingerprint)
+        if caller is None:
+            return None
+        fingerprint, shape = caller
+        if shape is not None:
+            self._last_llama = (fingerprint, shape)
+        elif self._last_llama is not None and self.shape in (None, self._last_llama[1]):
+            if self.fingerprint is None or self.fingerprint == self._last_llama[0]:
+                return self._last_llama
+        return caller
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -381,42 +626,54 @@ class _PrefixCache(BaseLlamaCache):
     def _refresh(self, force: bool = False) -> None:
         """Bring the index up to date with entries others added or evicted; RAM needs nothing."""
 
+    def _before(self) -> None:
+        """Run first in every lookup or store, under the lock; RAM needs nothing."""
+
     # -- index ----------------------------------------------------------------------------------
 
-    def _add(self, entry_id: str, shape: Shape, tokens_le: bytes) -> None:
-        index = self._indexes.setdefault(shape, RadixIndex())
+    def _add(self, entry_id: str, fingerprint: str, shape: Shape, tokens_le: bytes) -> None:
+        identity = _identity(fingerprint, shape)
+        self._identities[identity] = (fingerprint, shape)
+        index = self._indexes.setdefault(identity, RadixIndex())
         index.insert(tokens_le, entry_id)
-        self._ids[entry_id] = (shape, tokens_le)
+        self._ids[entry_id] = (identity, tokens_le)
 
     def _forget(self, entry_id: str) -> None:
         known = self._ids.pop(entry_id, None)
         if known is None:
             return
-        shape, tokens_le = known
-        index = self._indexes.get(shape)
+        identity, tokens_le = known
+        index = self._indexes.get(identity)
         node = index.find(tokens_le) if index is not None else None
         if node is not None:
             index.remove(node)
             if not len(index):
-                del self._indexes[shape]
+                del self._indexes[identity]
+                del self._identities[identity]
 
-    def _serving_index(self) -> RadixIndex | None:
-        if self.shape is not None:
-            return self._indexes.get(self.shape)
-        if self.fingerprint is not None and len(self._indexes) == 1:
-            return next(iter(self._indexes.values()))
-        if self._indexes and not self._told_unknown:
+    def _serving_index(self, caller: tuple[str, Shape | None]) -> RadixIndex | None:
+        fingerprint, shape = caller
+        if shape is None:
+            shape = self.shape
+        if shape is not None:
+            return self._indexes.get(_identity(fingerprint, shape))
+        mine = [i for i, (fp, _s) in self._identities.items() if fp == fingerprint]
+        if self.fingerprint is not None and len(mine) == 1:
+            return self._indexes[mine[0]]
+        if mine and not self._told_unknown:
             self._told_unknown = True
             log.info(
-                "%s has stored no state yet, so it does not know the model's shape; it misses until "
-                "it has (pass fingerprint=llama_fingerprint(llm) to serve earlier entries at once)",
+                "%s was called without a Llama and has stored no state yet, so it does not know the "
+                "model's shape; it misses until it has (or pass fingerprint=llama_fingerprint(llm))",
                 type(self).__name__,
             )
         return None
 
-    def _match(self, tokens_le: bytes) -> tuple[RadixIndex, Node] | None:
+    def _match(
+        self, tokens_le: bytes, caller: tuple[str, Shape | None]
+    ) -> tuple[RadixIndex, Node] | None:
         """The index and cached sequence sharing the longest prefix with tokens_le, if any token."""
-        index = self._serving_index()
+        index = self._serving_index(caller)
         if index is None or not tokens_le:
             return None
         m = index.match(tokens_le)
@@ -427,16 +684,18 @@ class _PrefixCache(BaseLlamaCache):
     # -- the llama-cpp-python interface ----------------------------------------------------------
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
-        """The state stored under the key sharing the longest prefix with `key`.
+        """The state stored under the key sharing the longest prefix with `key`, for the calling model.
 
-        Raises KeyError when no entry of this cache's fingerprint and shape shares a first token
+        Raises KeyError when no entry of the caller's fingerprint and shape shares a first token
         (unusable entries, such as corrupt files, are misses that are logged and removed), and
         TypeError when `key` is not a sequence of token ids.
         """
         tokens_le = token_bytes(key)
+        caller = self._caller()
         with self._lock:
+            self._before()
             self._refresh()
-            while (found := self._match(tokens_le)) is not None:
+            while caller is not None and (found := self._match(tokens_le, caller)) is not None:
                 index, node = found
                 entry = self._read_entry(node.value)
                 if entry is None:
@@ -449,41 +708,60 @@ class _PrefixCache(BaseLlamaCache):
         raise KeyError("no cached state shares a prefix with this key")
 
     def __contains__(self, key: Sequence[int]) -> bool:
-        """Whether some usable entry shares at least the first token with `key` (as llama-cpp-python's caches)."""
+        """Whether some entry for the calling model shares at least the first token with `key` (as llama-cpp-python's caches)."""
         tokens_le = token_bytes(key)
+        caller = self._caller()
+        if caller is None:
+            return False
         with self._lock:
+            self._before()
             self._refresh()
-            return self._match(tokens_le) is not None
+            return self._match(tokens_le, caller) is not None
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
-        """Store `value` under `key`, evicting least recently used entries to stay within capacity_bytes.
+        """Store `value` under `key` for the calling model, evicting least recently used entries to stay within capacity_bytes.
 
         A state that cannot be stored (larger than the whole capacity, disk full) is logged and
         dropped: llama-cpp-python calls this after every completion and must not fail there.
         Raises TypeError when `key` is not token ids or `value` is not a LlamaState.
         """
         tokens_le = token_bytes(key)
-        entry = _Entry.from_state(tokens_le, value, self._fp)
+        caller = self._caller()
+        entry = _Entry.from_state(tokens_le, value, caller[0] if caller else "")
+        if caller is None:
+            return
         with self._lock:
+            self._before()
             self.shape = entry.shape
             if not tokens_le:
                 log.debug("not caching a state under an empty key")
                 return
             if self._write_entry(entry):
-                self._add(entry.entry_id, entry.shape, tokens_le)
+                self._add(entry.entry_id, entry.fingerprint, entry.shape, tokens_le)
                 self._refresh(force=True)
 
     def __len__(self) -> int:
-        """Number of entries of this cache's fingerprint (of every shape)."""
+        """Number of entries: of this cache's fingerprint if it has one, else of every model."""
         with self._lock:
+            self._before()
             self._refresh(force=True)
-            return len(self._ids)
+            if self.fingerprint is None:
+                return len(self._ids)
+            return sum(
+                1
+                for identity, _t in self._ids.values()
+                if self._identities[identity][0] == self.fingerprint
+            )
 
     def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
         """The stored key sharing the longest prefix with `key`, or None (llama-cpp-python's helper)."""
+        caller = self._caller()
+        if caller is None:
+            return None
         with self._lock:
+            self._before()
             self._refresh()
-            found = self._match(token_bytes(key))
+            found = self._match(token_bytes(key), caller)
             if found is None:
                 return None
             index, node = found
@@ -559,6 +837,7 @@ class LlamaRAMCache(_PrefixCache):
         with self._lock:
             self._entries.clear()
             self._indexes.clear()
+            self._identities.clear()
             self._ids.clear()
             self._bytes = 0
 
@@ -570,14 +849,22 @@ LlamaCache = LlamaRAMCache
 class LlamaDiskCache(_PrefixCache):
     """Persistent cache of llama.cpp states in `cache_dir`, shared safely by several processes.
 
-    Entries live in a promptcache DiskStore (checksummed files, sqlite index, LRU within
-    capacity_bytes across processes). Reading an entry keeps it. A new LlamaDiskCache on the
-    same directory finds earlier entries (its prefix index is rebuilt from the small `-t` files
-    on first use); a corrupt or truncated file is a logged miss and is removed.
+    Entries live in a promptcache DiskStore (checksummed files under `entries/`, a sqlite index
+    `index.sqlite`, LRU within capacity_bytes across processes). Reading an entry keeps it. A new
+    LlamaDiskCache on the same directory, in a new process, serves earlier entries of the model
+    calling it at once (see the module docstring: it learns the model from the calling Llama).
 
-    fingerprint: optional model identity (see llama_fingerprint). Without it, a new cache serves
-    nothing until it has stored one state (that state tells it the model's shape).
+    It heals from what a user's cleanup does to the directory, never raising into a completion: a
+    deleted or replaced `index.sqlite` is noticed on the next call and rebuilt from the entry files
+    whose checksums verify; a deleted, truncated or corrupt entry file is a logged miss. The
+    directories it holds are touched when used, so a cleanup that removes top-level files older
+    than some age (as llama-cpp-python's docs show) never meets a stale directory of a live cache.
+
+    fingerprint: optional model identity that overrides the calling Llama's (see llama_fingerprint).
+    max_age: seconds after which an entry expires (None: never).
     """
+
+    _TOUCH_EVERY = 1.0  # seconds between refreshes of the directories' mtimes
 
     def __init__(
         self,
@@ -585,34 +872,133 @@ class LlamaDiskCache(_PrefixCache):
         capacity_bytes: int = (2 << 30),
         *,
         fingerprint: str | None = None,
+        max_age: float | None = None,
     ) -> None:
         """Open or create the cache in `cache_dir`.
 
-        Raises ValueError for a capacity that is not a positive int, TypeError for a non-str
-        fingerprint, and StoreUnavailableError when the directory or its index cannot be created.
+        Raises ValueError for a capacity that is not a positive int or a max_age that is not
+        positive, TypeError for a non-str fingerprint, and StoreUnavailableError when the
+        directory or its index cannot be created.
         """
         super().__init__(capacity_bytes, fingerprint)
+        if max_age is not None and not max_age > 0:
+            raise ValueError(f"max_age must be positive seconds or None, got {max_age!r}")
         self.cache_dir = cache_dir
-        self._disk = DiskStore(Path(cache_dir), capacity_bytes)
+        self.max_age = max_age
+        self._index_path = Path(cache_dir) / "index.sqlite"
+        self._index_id: tuple[int, int] | None = None
+        self._touched = 0.0
         self._mark: tuple[int, int] | None = None  # (entries, bytes) of the store at the last sync
-        self._foreign: set[str] = set()  # ids of entries of another fingerprint: skipped by syncs
+        self._disk = self._open()
+        self._touch()
 
     def __repr__(self) -> str:
         return f"LlamaDiskCache(cache_dir={self.cache_dir!r}, capacity_bytes={self.capacity_bytes})"
 
+    # -- the directory, and healing it ------------------------------------------------------------
+
+    def _open(self) -> DiskStore:
+        """A DiskStore on cache_dir; rebuilds its index from entry files when the index is new or lost.
+
+        An index sqlite cannot read (a stale WAL replayed onto a new file, a truncated file) is
+        removed and recreated: the entry files are the truth. Raises StoreUnavailableError.
+        """
+        path = Path(self.cache_dir)
+        try:
+            disk = DiskStore(path, self.capacity_bytes, max_age=self.max_age)
+        except StoreUnavailableError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, sqlite3.DatabaseError) or isinstance(
+                cause, sqlite3.OperationalError
+            ):
+                raise
+            log.warning(
+                "disk cache index %s is unreadable (%s); rebuilding it", self._index_path, cause
+            )
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(f"{self._index_path}{suffix}")
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    raise StoreUnavailableError(
+                        f"cannot remove {self._index_path}{suffix}: {err}"
+                    ) from err
+            disk = DiskStore(path, self.capacity_bytes, max_age=self.max_age)
+        st = os.stat(self._index_path)
+        self._index_id = (st.st_dev, st.st_ino)
+        if len(disk) == 0 and self._has_entry_files(path / "entries"):
+            counts = disk.gc()
+            log.info("rebuilt disk cache index %s from entry files: %s", self._index_path, counts)
+        else:
+            disk.expire()
+        return disk
+
+    @staticmethod
+    def _has_entry_files(entries: Path) -> bool:
+        try:
+            for shard in os.scandir(entries):
+                if shard.is_dir(follow_symlinks=False) and any(os.scandir(shard.path)):
+                    return True
+        except OSError:
+            return False
+        return False
+
+    def _before(self) -> None:
+        """Reopen (and rebuild) when index.sqlite was deleted or replaced; keep directory mtimes fresh."""
+        try:
+            st = os.stat(self._index_path)
+            intact = (st.st_dev, st.st_ino) == self._index_id
+        except OSError:
+            intact = False
+        if not intact:
+            log.warning(
+                "disk cache index %s was deleted or replaced; rebuilding it", self._index_path
+            )
+            self._disk.close()
+            try:
+                self._disk = self._open()
+            except StoreUnavailableError as exc:
+                log.warning("cannot reopen disk cache %s: %s", self.cache_dir, exc)
+                return
+            self._ids.clear()
+            self._indexes.clear()
+            self._identities.clear()
+            self._mark = None
+        self._touch()
+
+    def _touch(self) -> None:
+        """Set the directories' mtimes to now (at most once a _TOUCH_EVERY): they are in use."""
+        now = time.time()
+        if now - self._touched >= self._TOUCH_EVERY:
+            self._touched = now
+            for sub in ("entries", "tmp"):
+                try:
+                    os.utime(os.path.join(self.cache_dir, sub))
+                except OSError:
+                    pass  # recreated by the next write if it is gone
+
     @property
     def cache_size(self) -> int:
-        """Bytes of entry files in the directory (every fingerprint's). Raises StoreUnavailableError."""
-        return self._disk.size()
+        """Bytes of entry files in the directory (every model's); 0 when the index is unreadable."""
+        with self._lock:
+            self._before()
+            try:
+                return self._disk.size()
+            except StoreUnavailableError as exc:
+                log.warning("disk cache %s unreadable: %s", self.cache_dir, exc)
+                return 0
+
+    # -- entries --------------------------------------------------------------------------------
 
     def _read_entry(self, entry_id: str) -> _Entry | None:
-        shape, tokens_le = self._ids[entry_id]
-        identity = _identity(self._fp, shape)
+        identity, tokens_le = self._ids[entry_id]
+        fingerprint, shape = self._identities[identity]
         payload = self._disk.get(f"{entry_id}-s", fingerprint=identity)
         if payload is None:
             return None
         try:
-            entry = _Entry.decode(payload, self._fp)
+            entry = _Entry.decode(payload, fingerprint)
             if entry.tokens_le != tokens_le or entry.shape != shape:
                 raise CorruptEntryError("state file holds another key or shape than its name")
         except CorruptEntryError as exc:
@@ -657,7 +1043,7 @@ class LlamaDiskCache(_PrefixCache):
                 log.warning("cannot remove disk cache entry %s%s: %s", entry_id, suffix, exc)
 
     def _refresh(self, force: bool = False) -> None:
-        """Sync the index with the directory: drop entries gone, index new ones of this fingerprint.
+        """Sync the index with the directory: drop entries gone, index new ones (every model's).
 
         Without `force`, syncs only when the store's entry count or byte total changed.
         """
@@ -679,8 +1065,7 @@ class LlamaDiskCache(_PrefixCache):
                 (states if m.group(2) == "s" else manifests).add(m.group(1))
         for entry_id in [i for i in self._ids if i not in states or i not in manifests]:
             self._forget(entry_id)
-        self._foreign &= manifests
-        for entry_id in manifests - self._ids.keys() - self._foreign:
+        for entry_id in manifests - self._ids.keys():
             if entry_id not in states:  # its state was evicted or removed: the manifest is litter
                 self._delete(entry_id)
                 continue
@@ -689,6 +1074,8 @@ class LlamaDiskCache(_PrefixCache):
                 continue
             try:
                 fingerprint, shape, tokens_le = _decode_manifest(payload)
+                if _entry_id(fingerprint, shape, tokens_le) != entry_id:
+                    raise CorruptEntryError("manifest holds another key than its name")
             except CorruptEntryError as exc:
                 log.warning(
                     "disk cache manifest %s in %s is unusable, removing it: %s",
@@ -698,18 +1085,17 @@ class LlamaDiskCache(_PrefixCache):
                 )
                 self._delete(entry_id)
                 continue
-            if fingerprint != self._fp or _entry_id(fingerprint, shape, tokens_le) != entry_id:
-                self._foreign.add(entry_id)
-                continue
-            self._add(entry_id, shape, tokens_le)
+            self._add(entry_id, fingerprint, shape, tokens_le)
         self._mark = mark
 
     def clear(self) -> None:
-        """Remove every entry of this cache's fingerprint from the directory."""
+        """Remove every entry of this cache's fingerprint (every entry, without one) from the directory."""
         with self._lock:
+            self._before()
             self._refresh(force=True)
-            for entry_id in list(self._ids):
-                self._delete(entry_id)
+            for entry_id, (identity, _t) in list(self._ids.items()):
+                if self.fingerprint is None or self._identities[identity][0] == self.fingerprint:
+                    self._delete(entry_id)
 
     def close(self) -> None:
         """Close this process's index connections (they reopen on next use). Never raises."""

@@ -1,38 +1,38 @@
 """CacheConfig: every setting of the cache tiers, from keyword arguments, a TOML/YAML file and
-PROMPTCACHE_* environment variables, in that order of precedence. Validates values and builds stores.
+PROMPTCACHE_* environment variables, in that order of precedence; build_cache, the one cache factory.
 
-Owns parsing and validation only; stores and caches do the work (see docs/configuration.md).
+Owns parsing, validation and which stores a setting builds; stores and caches do the work (see
+docs/configuration.md). Never defines a policy, codec or path of its own: it imports theirs.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from promptcache.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from promptcache.files import read_settings_file
+from promptcache.store.compression import CODECS, Compressor
+from promptcache.store.disk import DiskStore
+from promptcache.store.disk import default_path as default_disk_path
+from promptcache.store.memory import MemoryStore
+from promptcache.store.policies import POLICIES, POLICY_NAMES
 
 if TYPE_CHECKING:
     from promptcache.cache import PromptCache
-    from promptcache.store.compression import Compressor
+    from promptcache.store.redis import RedisStore
     from promptcache.store.tiered import TieredStore
 
 CONFIG_ENV = "PROMPTCACHE_CONFIG"
 """Environment variable naming a config file, read when no config_file is given."""
 
-POLICIES = ("lru", "fifo", "ttl", "size")
-COMPRESSIONS = ("none", "zstd", "lz4")
+CACHE_KINDS = ("ram", "disk", "tiered")
+"""The cache names build_cache accepts besides a PromptCache and None."""
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmgt])(?:i?b)?|(b))?\s*", re.IGNORECASE)
@@ -40,11 +40,6 @@ _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)?\s*", re.IGNORECASE)
 _NAMESPACE = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 _OFF = ("", "none", "null", "off")
-
-
-def default_disk_path() -> Path:
-    """platformdirs' user cache dir / "kv", e.g. ~/.cache/promptcache/kv on Linux."""
-    return Path(platformdirs.user_cache_dir("promptcache")) / "kv"
 
 
 def parse_size(value: object) -> int:
@@ -232,7 +227,7 @@ class CacheConfig(BaseSettings):
     @field_validator("policy", "compression", mode="before")
     @classmethod
     def _choice(cls, value: object, info: Any) -> str:
-        accepted = POLICIES if info.field_name == "policy" else COMPRESSIONS
+        accepted = POLICY_NAMES if info.field_name == "policy" else CODECS
         name = value.strip().lower() if isinstance(value, str) else value
         if name not in accepted:
             raise ValueError(f"{value!r} is not accepted; use one of {', '.join(accepted)}")
@@ -280,16 +275,15 @@ class CacheConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> CacheConfig:
-        if self.policy == "ttl" and self.max_age is None:
+        if POLICIES[self.policy].needs_max_age and self.max_age is None:
+            others = ", ".join(n for n in POLICY_NAMES if not POLICIES[n].needs_max_age)
             raise ValueError(
-                "policy 'ttl' needs max_age (seconds); set max_age or use lru, fifo or size"
+                f"policy {self.policy!r} needs max_age (seconds); set max_age or use {others}"
             )
         if not self.memory_size and not self.disk_size and not self.redis_url:
             raise ValueError(
                 "every tier is off; give memory_size or disk_size above 0, or a redis_url"
             )
-        from promptcache.store.compression import Compressor
-
         try:
             if self.compression != "none":
                 Compressor(self.compression, self.compression_level)
@@ -306,8 +300,6 @@ class CacheConfig(BaseSettings):
 
     def compressor(self) -> Compressor:
         """The Compressor for disk and Redis values. Raises ConfigError for a level out of range."""
-        from promptcache.store.compression import Compressor
-
         try:
             return Compressor(
                 self.compression, self.compression_level if self.compression != "none" else None
@@ -317,42 +309,51 @@ class CacheConfig(BaseSettings):
                 f"invalid cache setting compression_level={self.compression_level!r}: {exc}"
             ) from None
 
+    def memory_store(self) -> MemoryStore | None:
+        """The RAM tier, or None when memory_size is 0."""
+        if not self.memory_size:
+            return None
+        return MemoryStore(self.memory_size, policy=self.policy, max_age=self.max_age)
+
+    def disk_store(self) -> DiskStore | None:
+        """The disk tier, or None when disk_size is 0.
+
+        Raises StoreUnavailableError when the directory or its index cannot be created."""
+        if not self.disk_size:
+            return None
+        return DiskStore(
+            self.disk_path,
+            self.disk_size,
+            policy=self.policy,
+            max_age=self.max_age,
+            compression=self.compressor(),
+        )
+
+    def redis_store(self) -> RedisStore | None:
+        """The Redis tier, or None without a redis_url. Sends nothing until first used."""
+        if not self.redis_url:
+            return None
+        from promptcache.store.redis import RedisStore  # redis-py loads only where a URL is set
+
+        return RedisStore(
+            self.redis_url,
+            self.redis_size,
+            namespace=self.namespace,
+            ttl=self.max_age,
+            policy=self.policy,
+            compression=self.compressor(),
+        )
+
     def build_store(self) -> TieredStore:
         """A TieredStore of the tiers this config turns on: RAM, then disk, then Redis.
 
         Raises StoreUnavailableError when the disk directory cannot be created; an unreachable
         Redis does not raise (that tier is skipped until it answers).
         """
-        from promptcache.store.disk import DiskStore
-        from promptcache.store.memory import MemoryStore
-        from promptcache.store.redis import RedisStore
         from promptcache.store.tiered import TieredStore
 
-        tiers: list[Any] = []
-        if self.memory_size:
-            tiers.append(MemoryStore(self.memory_size, policy=self.policy, max_age=self.max_age))
-        if self.disk_size:
-            tiers.append(
-                DiskStore(
-                    self.disk_path,
-                    self.disk_size,
-                    policy=self.policy,
-                    max_age=self.max_age,
-                    compression=self.compressor(),
-                )
-            )
-        if self.redis_url:
-            tiers.append(
-                RedisStore(
-                    self.redis_url,
-                    self.redis_size,
-                    namespace=self.namespace,
-                    ttl=self.max_age,
-                    policy=self.policy,
-                    compression=self.compressor(),
-                )
-            )
-        return TieredStore(tiers)
+        tiers = [self.memory_store(), self.disk_store(), self.redis_store()]
+        return TieredStore([tier for tier in tiers if tier is not None])
 
     def build_cache(self, name: str = "default") -> PromptCache:
         """A PromptCache over build_store(), its keys under the cache name `name`.
@@ -366,6 +367,35 @@ class CacheConfig(BaseSettings):
         return PromptCache(NamespacedStore(self.build_store(), name), shared=self.shared)
 
 
+def build_cache(
+    spec: PromptCache | str | None, config: CacheConfig | None = None
+) -> PromptCache | None:
+    """The cache `spec` names, built from `config` (default: CacheConfig(), the file and environment).
+
+    spec: a PromptCache (returned as is), None (no cache), "ram" (config's RAM tier alone), "disk"
+    (its disk tier alone) or "tiered" (every tier it turns on, under the cache name "default"; for
+    background cleanup, use CacheManager(config).cache() instead). The config is read only for a
+    name. Raises ValueError for another spec, ConfigError for bad settings or a named tier that
+    is off (size 0), StoreUnavailableError when the disk directory cannot be created.
+    """
+    from promptcache.cache import PromptCache
+
+    if spec is None or isinstance(spec, PromptCache):
+        return spec
+    if spec not in CACHE_KINDS:
+        raise ValueError(
+            f"cache must be a PromptCache, {', '.join(map(repr, CACHE_KINDS))} or None, not {spec!r}"
+        )
+    config = config if config is not None else CacheConfig()
+    if spec == "tiered":
+        return config.build_cache()
+    store = config.memory_store() if spec == "ram" else config.disk_store()
+    if store is None:
+        setting = "memory_size" if spec == "ram" else "disk_size"
+        raise ConfigError(f"cache {spec!r} needs {setting} above 0; it is 0 in this config")
+    return PromptCache(store)
+
+
 def default_cache() -> PromptCache:
     """The PromptCache the environment describes (CacheConfig() with no arguments): what LLM(cache="tiered") uses."""
     return CacheConfig().build_cache()
@@ -377,23 +407,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     The settings may sit at the top level or under a [cache] table; nested tables join their
     names with "_" ([cache.disk] path = ... is disk_path). Raises ConfigError.
     """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc}") from None
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = tomllib.loads(text)
-    except Exception as exc:  # noqa: BLE001 - YAML and TOML raise their own error types
-        kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "TOML"
-        raise ConfigError(f"config file {p} is not valid {kind}: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {p} must hold a table of settings")
+    values = read_settings_file(path)
     if isinstance(values.get("cache"), dict):
         values = values["cache"]
     flat: dict[str, Any] = {}
@@ -428,4 +442,13 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-__all__ = ["CacheConfig", "default_cache", "parse_size", "parse_seconds", "read_config_file"]
+__all__ = [
+    "CACHE_KINDS",
+    "CacheConfig",
+    "build_cache",
+    "default_cache",
+    "default_disk_path",
+    "parse_size",
+    "parse_seconds",
+    "read_config_file",
+]

@@ -60,7 +60,9 @@ def read_settings_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:
             values = tomllib.loads(text)
     except Exception as exc:  # noqa: BLE001 - YAML and TOML raise their own error types
-        raise ConfigError(f"config file {p} is not valid {'YAML' if yaml_file else 'TOML'}: {exc}") from None
+        raise ConfigError(
+            f"config file {p} is not valid {'YAML' if yaml_file else 'TOML'}: {exc}"
+        ) from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {p} must hold a table of settings")
     return values

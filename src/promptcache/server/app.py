@@ -1,7 +1,8 @@
 """create_app: the OpenAI-compatible FastAPI application of `promptcache serve`.
 
-Turns HTTP requests into worker jobs and job events into OpenAI responses and server-sent events.
-Generation runs in the pool's threads, never on the event loop; every worker shares one PromptCache.
+Owns the routes: HTTP requests into worker jobs, job events into OpenAI responses and server-sent
+events. Never generates on the event loop (the pool's threads do; every worker shares one
+PromptCache); prompts are built in prompts.py and session jobs live in sessions.py.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ import asyncio
 import hmac
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +25,26 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from promptcache.cache import PromptCache
 from promptcache.engines.llama_cpp import LLM, GenerationConfig
-from promptcache.errors import (
-    ContextOverflowError,
-    CorruptEntryError,
-    ModelMismatchError,
-    PromptCacheError,
-)
 from promptcache.server.metrics import Metrics, cache_stats, tier_stats
 from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
+from promptcache.server.prompts import (
+    Prompt,
+    chat_messages,
+    completion_prompt,
+    context_error,
+    prompt_tokens,
+)
 from promptcache.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     Envelope,
     error_body,
-    message_text,
     parse_json,
     parse_request,
     sse,
 )
-from promptcache.server.sessions import SessionDirectory
+from promptcache.server.sessions import SessionDirectory, restore_job, save_job, session_prompt
 from promptcache.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,6 @@ log = logging.getLogger(__name__)
 # OpenAI's default max_tokens for /v1/completions; chat defaults to the room left in the context.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 _DISCONNECTED = 499  # nginx's "client closed request": nobody reads it, but logs say what happened
-
-
-@dataclass
-class _Prompt:
-    """What a worker turns into prompt tokens: text, token ids, or chat messages (and user stop strings)."""
-
-    text: str | None = None
-    tokens: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
-    stops: list[str] = field(default_factory=list)
-    param: str = "prompt"
 
 
 @dataclass
@@ -95,38 +84,6 @@ class _Server:
             code="model_not_found",
         )
 
-    def tokens(self, llm: LLM, prompt: _Prompt) -> tuple[list[int], list[str]]:
-        """Prompt tokens and stop strings (the chat template's plus the request's); runs in a worker."""
-        stops = list(prompt.stops)
-        if prompt.messages is not None:
-            try:
-                text, template_stops = llm.apply_chat_template(prompt.messages)
-            except PromptCacheError as exc:
-                raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
-            except Exception as exc:  # noqa: BLE001 - a Jinja template may reject a conversation it cannot render
-                raise ApiError(
-                    400, f"the chat template rejected these messages: {exc}", param="messages"
-                ) from None
-            tokens = llm.tokenize(text, add_bos=False, special=True)
-            stops = template_stops + stops
-        elif prompt.text is not None:
-            tokens = llm.tokenize(prompt.text) if prompt.text else []
-        else:
-            tokens = list(prompt.tokens or [])
-        if not tokens:
-            raise ApiError(400, "the prompt is empty: give at least one token", param=prompt.param)
-        return tokens, stops
-
-    def context_error(self, n_prompt: int, max_tokens: int, param: str) -> ApiError:
-        return ApiError(
-            400,
-            f"This model's maximum context length is {self.n_ctx} tokens. However, you requested "
-            f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-            "Please reduce the length of the prompt or of max_tokens.",
-            param=param,
-            code="context_length_exceeded",
-        )
-
 
 # ------------------------------------------------------------------------------------ app factory
 
@@ -138,23 +95,22 @@ def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | Non
     """`settings.workers` LLMs over one shared PromptCache, probed and ready to serve.
 
     Raises ConfigError for bad cache settings and StoreUnavailableError for an unusable cache directory."""
+    from promptcache.config import CacheConfig, build_cache
+
     cache: PromptCache | None
-    if settings.cache == "none":
-        cache = None
-    elif settings.cache == "tiered":
-        from promptcache.config import CacheConfig
+    if settings.cache == "tiered":
         from promptcache.manager import CacheManager
 
         # The manager runs the background cleanup (max_age, capacity) for as long as the server lives.
         manager = CacheManager(CacheConfig(config_file=settings.config))
         cache = manager.cache()
         _MANAGERS.append(manager)
-    elif settings.cache == "disk":
-        from promptcache.store.disk import DiskStore
-
-        cache = PromptCache(DiskStore(settings.cache_dir, capacity_bytes=settings.cache_bytes))
-    else:
-        cache = PromptCache(capacity_bytes=settings.cache_bytes)
+    elif settings.cache == "none":
+        cache = None
+    else:  # "ram" or "disk": the one tier, sized by the server's own settings
+        size = {"memory_size" if settings.cache == "ram" else "disk_size": settings.cache_bytes}
+        path = {"disk_path": settings.cache_dir} if settings.cache_dir else {}
+        cache = build_cache(settings.cache, CacheConfig(**size, **path))
     llms = []
     for _ in range(settings.workers):
         llm = LLM(
@@ -389,12 +345,12 @@ async def _job_result(
 def _generation_job(
     server: _Server,
     endpoint: str,
-    prompt: _Prompt,
+    prompt: Prompt,
     max_tokens: int | None,
     sampling: dict[str, Any],
 ) -> Callable[[LLM, Job], None]:
     def run(llm: LLM, job: Job) -> None:
-        tokens, stops = server.tokens(llm, prompt)
+        tokens, stops = prompt_tokens(llm, prompt)
         room = server.n_ctx - len(tokens)
         if max_tokens is not None:
             n_new = max_tokens
@@ -402,7 +358,7 @@ def _generation_job(
             default = room if prompt.messages is not None else COMPLETION_DEFAULT_MAX_TOKENS
             n_new = min(default, room, server.max_tokens)
         if n_new < 1 or n_new > room:
-            raise server.context_error(len(tokens), max(n_new, 1), prompt.param)
+            raise context_error(server.n_ctx, len(tokens), max(n_new, 1), prompt.param)
         config = GenerationConfig(max_tokens=n_new, stop=stops or None, **sampling)
         job.emit("start", len(tokens))
         finish = "length"
@@ -436,10 +392,12 @@ async def _generate(
     request: Request,
     server: _Server,
     kind: str,
-    prompt: _Prompt,
+    prompt: Prompt,
     req: CompletionRequest | ChatCompletionRequest,
     max_tokens: int | None,
 ) -> Response:
+    """Queue the generation, wait for it to start (so errors before the first token are plain 4xx
+    answers), then answer as one JSON body or as server-sent events."""
     if max_tokens is not None and max_tokens > server.max_tokens:
         raise ApiError(
             400,
@@ -459,44 +417,50 @@ async def _generate(
     envelope = Envelope(
         "chat" if kind == "chat" else "completion", server.model_id, server.system_fingerprint
     )
-
     if not req.stream:
-        pieces: list[str] = []
-        done = None
-        async with aclosing(events):
-            async for event in events:
-                if event[0] == "piece":
-                    pieces.append(event[1])
-                elif event[0] == "done":
-                    done = event
-                elif event[0] == "error":
-                    raise _as_api_error(event[1])
-        if done is None:
-            return Response(status_code=_DISCONNECTED)
-        return JSONResponse(envelope.response("".join(pieces), done[1], done[2]))
-
+        return await _whole_response(events, envelope)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def stream() -> AsyncIterator[bytes]:
-        async with aclosing(events):
-            if kind == "chat":
-                yield sse(envelope.chunk("", role=True))
-            async for event in events:
-                if event[0] == "piece":
-                    yield sse(envelope.chunk(event[1]))
-                elif event[0] == "done":
-                    yield sse(envelope.chunk(None if kind == "chat" else "", event[1]))
-                    if include_usage:
-                        yield sse(envelope.usage_chunk(event[2]))
-                elif event[0] == "error":
-                    yield sse(_as_api_error(event[1]).body())
-            yield sse("[DONE]")
-
     return StreamingResponse(
-        stream(),
+        _event_stream(events, envelope, chat=kind == "chat", include_usage=include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _whole_response(events: AsyncIterator[tuple[Any, ...]], envelope: Envelope) -> Response:
+    """The generation's pieces joined into one OpenAI response (499 if the client left)."""
+    pieces: list[str] = []
+    done = None
+    async with aclosing(events):
+        async for event in events:
+            if event[0] == "piece":
+                pieces.append(event[1])
+            elif event[0] == "done":
+                done = event
+            elif event[0] == "error":
+                raise _as_api_error(event[1])
+    if done is None:
+        return Response(status_code=_DISCONNECTED)
+    return JSONResponse(envelope.response("".join(pieces), done[1], done[2]))
+
+
+async def _event_stream(
+    events: AsyncIterator[tuple[Any, ...]], envelope: Envelope, *, chat: bool, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """The generation as OpenAI's server-sent events, ending with [DONE]."""
+    async with aclosing(events):
+        if chat:
+            yield sse(envelope.chunk("", role=True))
+        async for event in events:
+            if event[0] == "piece":
+                yield sse(envelope.chunk(event[1]))
+            elif event[0] == "done":
+                yield sse(envelope.chunk(None if chat else "", event[1]))
+                if include_usage:
+                    yield sse(envelope.usage_chunk(event[2]))
+            elif event[0] == "error":
+                yield sse(_as_api_error(event[1]).body())
+        yield sse("[DONE]")
 
 
 def _unsupported(condition: object, param: str, what: str) -> None:
@@ -509,129 +473,17 @@ def _unsupported(condition: object, param: str, what: str) -> None:
         )
 
 
-def _completion_prompt(req: CompletionRequest, n_vocab: int) -> _Prompt:
-    prompt: Any = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ApiError(
-                400,
-                "send one prompt per request (batched prompts are not supported)",
-                param="prompt",
-            )
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return _Prompt(text=prompt, stops=req.stops())
-    if not prompt:
-        raise ApiError(400, "the prompt is empty: give at least one token", param="prompt")
-    if min(prompt) < 0 or max(prompt) >= n_vocab:
-        raise ApiError(
-            400, f"token ids must be in [0, {n_vocab})", param="prompt", code="invalid_value"
-        )
-    return _Prompt(tokens=list(prompt), stops=req.stops())
-
-
-def _chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    # The chat templates of small models know system, user and assistant; OpenAI's "developer" is a system turn.
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
-        for i, m in enumerate(req.messages)
-    ]
-
-
-# ------------------------------------------------------------------------------------ sessions
-
-
-def _session_prompt(body: dict[str, Any], n_vocab: int) -> _Prompt:
-    if ("messages" in body) == ("prompt" in body):
-        raise ApiError(
-            400,
-            "send either 'messages' (a chat) or 'prompt' (text or token ids) to save",
-            param="messages",
-        )
-    if "messages" in body:
-        req = parse_request(ChatCompletionRequest, {"messages": body["messages"]})
-        return _Prompt(messages=_chat_messages(req), param="messages")
-    return _completion_prompt(parse_request(CompletionRequest, {"prompt": body["prompt"]}), n_vocab)
-
-
-def _save_job(
-    server: _Server, session_id: str, path: Path, prompt: _Prompt
-) -> Callable[[LLM, Job], None]:
-    def run(llm: LLM, job: Job) -> None:
-        tokens, _ = server.tokens(llm, prompt)
-        if len(tokens) >= server.n_ctx:
-            raise server.context_error(len(tokens), 1, prompt.param)
-        llm.logits(tokens)
-        reused = llm.last_stats.tokens_reused
-        blob = llm.session_bytes()
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise ApiError(500, f"cannot write the session: {exc}", type="server_error") from None
-        finally:
-            tmp.unlink(missing_ok=True)
-        job.emit(
-            "result",
-            {
-                "id": session_id,
-                "object": "session",
-                "tokens": len(tokens),
-                "bytes": len(blob),
-                "cached_tokens": reused,
-            },
-        )
-
-    return run
-
-
-def _restore_job(server: _Server, session_id: str, path: Path) -> Callable[[LLM, Job], None]:
-    def run(llm: LLM, job: Job) -> None:
-        try:
-            blob = path.read_bytes()
-        except OSError:
-            raise ApiError(
-                404,
-                f"no session named {session_id!r}",
-                param="session_id",
-                code="session_not_found",
-            ) from None
-        try:
-            n = llm.load_session_bytes(blob)
-        except ModelMismatchError as exc:
-            raise ApiError(
-                409, str(exc), param="session_id", code="session_model_mismatch"
-            ) from None
-        except ContextOverflowError as exc:
-            raise ApiError(
-                400, str(exc), param="session_id", code="context_length_exceeded"
-            ) from None
-        except (CorruptEntryError, PromptCacheError) as exc:
-            raise ApiError(
-                422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt"
-            ) from None
-        if server.cache is not None:
-            # Re-reads the last tokens and puts the state into the shared cache for every worker.
-            llm.logits(llm.tokens)
-        job.emit(
-            "result",
-            {
-                "id": session_id,
-                "object": "session",
-                "tokens": n,
-                "cached": server.cache is not None,
-            },
-        )
-
-    return run
-
-
 # ------------------------------------------------------------------------------------ routes
 
 
 def _install_routes(app: FastAPI, server: _Server) -> None:
-    limit = server.settings.max_body_bytes
+    _install_status_routes(app, server)
+    _install_generation_routes(app, server)
+    _install_session_routes(app, server)
+
+
+def _install_status_routes(app: FastAPI, server: _Server) -> None:
+    """/health, /v1/models, /v1/cache/stats and /metrics."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -661,37 +513,6 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(model_id)
         return model_card()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req = parse_request(CompletionRequest, await _read_json(request, limit))
-        server.check_model(req.model)
-        _unsupported(req.n != 1, "n", "n other than 1")
-        _unsupported(req.best_of not in (None, 1), "best_of", "best_of")
-        _unsupported(req.echo, "echo", "echo")
-        _unsupported(req.suffix, "suffix", "suffix")
-        _unsupported(req.logprobs is not None, "logprobs", "logprobs")
-        prompt = _completion_prompt(req, server.n_vocab)
-        return await _generate(request, server, "completion", prompt, req, req.max_tokens)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req = parse_request(ChatCompletionRequest, await _read_json(request, limit))
-        server.check_model(req.model)
-        _unsupported(req.n != 1, "n", "n other than 1")
-        _unsupported(req.logprobs, "logprobs", "logprobs")
-        _unsupported(req.top_logprobs, "top_logprobs", "top_logprobs")
-        _unsupported(req.tools, "tools", "tool calling")
-        _unsupported(
-            req.response_format and req.response_format.get("type") != "text",
-            "response_format",
-            "a response_format other than text",
-        )
-        prompt = _Prompt(messages=_chat_messages(req), stops=req.stops(), param="messages")
-        max_tokens = (
-            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        )
-        return await _generate(request, server, "chat", prompt, req, max_tokens)
-
     @app.get("/v1/cache/stats")
     async def stats() -> dict[str, Any]:
         cache = cache_stats(server.cache) if server.cache is not None else None
@@ -711,6 +532,47 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
         body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
+
+def _install_generation_routes(app: FastAPI, server: _Server) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    limit = server.settings.max_body_bytes
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(CompletionRequest, await _read_json(request, limit))
+        server.check_model(req.model)
+        _unsupported(req.n != 1, "n", "n other than 1")
+        _unsupported(req.best_of not in (None, 1), "best_of", "best_of")
+        _unsupported(req.echo, "echo", "echo")
+        _unsupported(req.suffix, "suffix", "suffix")
+        _unsupported(req.logprobs is not None, "logprobs", "logprobs")
+        prompt = completion_prompt(req, server.n_vocab)
+        return await _generate(request, server, "completion", prompt, req, req.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(ChatCompletionRequest, await _read_json(request, limit))
+        server.check_model(req.model)
+        _unsupported(req.n != 1, "n", "n other than 1")
+        _unsupported(req.logprobs, "logprobs", "logprobs")
+        _unsupported(req.top_logprobs, "top_logprobs", "top_logprobs")
+        _unsupported(req.tools, "tools", "tool calling")
+        _unsupported(
+            req.response_format and req.response_format.get("type") != "text",
+            "response_format",
+            "a response_format other than text",
+        )
+        prompt = Prompt(messages=chat_messages(req), stops=req.stops(), param="messages")
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        return await _generate(request, server, "chat", prompt, req, max_tokens)
+
+
+def _install_session_routes(app: FastAPI, server: _Server) -> None:
+    """/v1/sessions: list, save, restore and delete saved sessions (jobs in sessions.py)."""
+    limit = server.settings.max_body_bytes
+
     @app.get("/v1/sessions")
     async def sessions() -> dict[str, Any]:
         return {"object": "list", "data": server.sessions.list()}
@@ -718,16 +580,17 @@ def _install_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/sessions/{session_id}/save")
     async def save_session(session_id: str, request: Request) -> Response:
         path = server.sessions.file(session_id)
-        prompt = _session_prompt(await _read_json(request, limit), server.n_vocab)
+        prompt = session_prompt(await _read_json(request, limit), server.n_vocab)
         server.sessions.prepare()
-        return await _job_result(request, server, _save_job(server, session_id, path, prompt))
+        return await _job_result(request, server, save_job(session_id, path, prompt, server.n_ctx))
 
     @app.post("/v1/sessions/{session_id}/restore")
     async def restore_session(session_id: str, request: Request) -> Response:
         path = server.sessions.file(session_id, must_exist=True)
         # No options yet, but the body is read (and bounded) all the same.
         await _read_json(request, limit, optional=True)
-        return await _job_result(request, server, _restore_job(server, session_id, path))
+        job = restore_job(session_id, path, share=server.cache is not None)
+        return await _job_result(request, server, job)
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str) -> dict[str, Any]:

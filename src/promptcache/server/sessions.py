@@ -1,14 +1,36 @@
 """Saved sessions of the server: one file per id in one directory (in the spirit of llama-server's
-slot save/restore). Validates ids and maps them to paths; the LLM writes and reads the files.
+slot save/restore), and the worker jobs that save and restore them. Never speaks HTTP.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from promptcache.server.protocol import ApiError
+from promptcache.engines.llama_cpp import LLM
+from promptcache.errors import (
+    ContextOverflowError,
+    CorruptEntryError,
+    ModelMismatchError,
+    PromptCacheError,
+)
+from promptcache.files import atomic_write
+from promptcache.server.pool import Job
+from promptcache.server.prompts import (
+    Prompt,
+    chat_messages,
+    completion_prompt,
+    context_error,
+    prompt_tokens,
+)
+from promptcache.server.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+)
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SUFFIX = ".session"
@@ -31,12 +53,7 @@ class SessionDirectory:
             )
         path = self.path / f"{session_id}{SUFFIX}"
         if must_exist and not path.is_file():
-            raise ApiError(
-                404,
-                f"no session named {session_id!r}",
-                param="session_id",
-                code="session_not_found",
-            )
+            raise _not_found(session_id)
         return path
 
     def prepare(self) -> None:
@@ -67,3 +84,76 @@ class SessionDirectory:
 
     def delete(self, session_id: str) -> None:
         self.file(session_id, must_exist=True).unlink(missing_ok=True)
+
+
+def _not_found(session_id: str) -> ApiError:
+    return ApiError(
+        404, f"no session named {session_id!r}", param="session_id", code="session_not_found"
+    )
+
+
+def session_prompt(body: dict[str, Any], n_vocab: int) -> Prompt:
+    """The prompt a save request names: {"messages": [...]} or {"prompt": text or token ids}."""
+    if ("messages" in body) == ("prompt" in body):
+        raise ApiError(
+            400,
+            "send either 'messages' (a chat) or 'prompt' (text or token ids) to save",
+            param="messages",
+        )
+    if "messages" in body:
+        req = parse_request(ChatCompletionRequest, {"messages": body["messages"]})
+        return Prompt(messages=chat_messages(req), param="messages")
+    return completion_prompt(parse_request(CompletionRequest, {"prompt": body["prompt"]}), n_vocab)
+
+
+def save_job(session_id: str, path: Path, prompt: Prompt, n_ctx: int) -> Callable[[LLM, Job], None]:
+    """A worker job that prefills `prompt` (reusing the shared cache) and writes its state to `path`
+    atomically; it emits ("result", session object). Raises ApiError 400 past the context, 500 when
+    the file cannot be written."""
+
+    def run(llm: LLM, job: Job) -> None:
+        tokens, _ = prompt_tokens(llm, prompt)
+        if len(tokens) >= n_ctx:
+            raise context_error(n_ctx, len(tokens), 1, prompt.param)
+        llm.logits(tokens)
+        reused = llm.last_stats.tokens_reused
+        try:
+            n_bytes = atomic_write(path, llm.session_bytes())
+        except OSError as exc:
+            raise ApiError(500, f"cannot write the session: {exc}", type="server_error") from None
+        session = {"id": session_id, "object": "session", "tokens": len(tokens), "bytes": n_bytes}
+        job.emit("result", {**session, "cached_tokens": reused})
+
+    return run
+
+
+def restore_job(session_id: str, path: Path, *, share: bool) -> Callable[[LLM, Job], None]:
+    """A worker job that loads the session at `path` into its LLM and, with `share`, puts its state
+    into the shared cache for every worker; it emits ("result", session object). Raises ApiError 404
+    (gone), 409 (another model), 400 (too long for the context) or 422 (damaged)."""
+
+    def run(llm: LLM, job: Job) -> None:
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            raise _not_found(session_id) from None
+        try:
+            n = llm.load_session_bytes(blob)
+        except ModelMismatchError as exc:
+            raise ApiError(
+                409, str(exc), param="session_id", code="session_model_mismatch"
+            ) from None
+        except ContextOverflowError as exc:
+            raise ApiError(
+                400, str(exc), param="session_id", code="context_length_exceeded"
+            ) from None
+        except (CorruptEntryError, PromptCacheError) as exc:
+            raise ApiError(
+                422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt"
+            ) from None
+        if share:
+            # Re-reads the last tokens; the engine puts the state into the cache every worker shares.
+            llm.logits(llm.tokens)
+        job.emit("result", {"id": session_id, "object": "session", "tokens": n, "cached": share})
+
+    return run

@@ -1,25 +1,25 @@
-"""ServerSettings: every knob of `promptcache serve`, from keyword arguments, a TOML/YAML file and
-PROMPTCACHE_* environment variables, in that order of precedence. Validates values; runs nothing.
+"""ServerSettings: every knob of the server, and the command-line options both commands make of them.
+
+Owns the server's settings (keywords, a TOML/YAML file, PROMPTCACHE_* variables) and their option
+table; never parses a command line itself nor starts anything.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import platformdirs
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptcache.config import keywords_then_environment
 from promptcache.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from promptcache.files import read_settings_file, user_cache_dir
 
 
 class ServerSettings(BaseSettings):
@@ -70,8 +70,8 @@ class ServerSettings(BaseSettings):
     )
     config: Path | None = Field(
         None,
-        description="A TOML or YAML file: server settings at the top level or under [server]; its [cache] "
-        "table configures --cache tiered (default: $PROMPTCACHE_CONFIG).",
+        description="A TOML or YAML file: server settings at its top level or in its server table; "
+        "its cache table configures --cache tiered (default: $PROMPTCACHE_CONFIG).",
     )
     cache: Literal["ram", "disk", "tiered", "none"] = Field(
         "ram",
@@ -117,30 +117,14 @@ class ServerSettings(BaseSettings):
 
     @property
     def sessions_path(self) -> Path:
-        return self.session_dir or Path(platformdirs.user_cache_dir("promptcache")) / "sessions"
+        return self.session_dir or user_cache_dir("sessions")
 
     def threads_per_worker(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = tomllib.loads(text)
-    except Exception as exc:  # noqa: BLE001 - YAML and TOML raise their own error types
-        raise ConfigError(
-            f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}"
-        ) from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a table of settings")
+    values = read_settings_file(path)
     # One file may hold several tools' settings: the server's sit under [server] (or [serve]) or at
     # the top level, where other tables (such as [cache]) are left to their owners.
     for section in ("server", "serve"):
@@ -150,3 +134,53 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     else:
         values = {k: v for k, v in values.items() if not isinstance(v, dict)}
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------ command lines
+
+
+@dataclass(frozen=True)
+class CommandLineOption:
+    """The command-line option of one ServerSettings field; `promptcache serve` (typer) and
+    `python -m promptcache.server` (argparse) are both built from these, so they cannot drift."""
+
+    field: str  # the ServerSettings field, e.g. "max_queue"
+    flag: str  # "--max-queue"; a bool field is "--exact" / "--no-exact"
+    kind: type  # what the value is parsed as: str, int, Path or bool
+    choices: tuple[str, ...]  # the accepted values of a Literal field, else ()
+    help: str
+
+    @property
+    def negative_flag(self) -> str:
+        """The flag that sets a bool field to False."""
+        return "--no-" + self.flag[2:]
+
+
+def command_line_options() -> list[CommandLineOption]:
+    """One option per ServerSettings field, in field order. Every option defaults to "not given"
+    (None), so what the command line leaves out comes from the config file or the environment."""
+    options = []
+    for name, info in ServerSettings.model_fields.items():
+        kind: Any = info.annotation
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "X | None" takes an X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(kind) is Literal:
+            choices, kind = typing.get_args(kind), str
+        if kind not in (str, int, Path, bool):
+            raise TypeError(f"ServerSettings.{name}: no command-line option for {kind!r}")
+        flag = "--" + name.replace("_", "-")
+        help_text = info.description or ""
+        if info.default is not None:
+            shown = (flag if info.default else "--no-" + flag[2:]) if kind is bool else info.default
+            help_text += f" (default: {shown})"
+        options.append(CommandLineOption(name, flag, kind, choices, help_text))
+    return options
+
+
+def settings_from_command_line(options: Mapping[str, Any]) -> ServerSettings:
+    """ServerSettings from parsed options (field name -> value, None for an option not given); the
+    config option names the settings file. Raises ConfigError."""
+    overrides = dict(options)
+    config = overrides.pop("config", None)
+    return ServerSettings.load(config, **overrides)

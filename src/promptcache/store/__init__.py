@@ -1,23 +1,27 @@
-"""Byte stores behind one small protocol: get, put, delete, contains, size, capacity.
+"""Byte stores behind one small protocol: get, put, delete, contains, size, capacity, and the
+capabilities store.base.BaseStore declares with defaults (tiers, expiry, gc, listing, close).
 
 Stores know keys and bytes only; they never parse states and never unpickle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
 class Store(Protocol):
     """A byte store with a byte capacity that holds at all times.
 
-    `name` names the tier in stats and hits ("memory", "disk", "redis").
+    `name` names the tier in stats and hits ("memory", "disk", "redis"). Implementations inherit
+    store.base.BaseStore, which gives every capability below the `stats` line a default; the
+    contract every store meets is tests/test_store_contract.py.
     """
 
     name: str
     capacity_bytes: int
+    latency_rank: int
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
         """The value, or None on a miss (including a corrupt or foreign entry, which is removed).
@@ -52,8 +56,50 @@ class Store(Protocol):
         """Counters: hits, misses, puts, evictions, bytes, entries, capacity_bytes."""
         ...
 
+    # -- declared capabilities (defaults in BaseStore) ------------------------------------------
 
+    @property
+    def persistent(self) -> bool:
+        """Whether entries outlive this process and other processes see them (disk, Redis)."""
+        ...
+
+    def get_with_tier(
+        self, key: str, *, fingerprint: str | None = None
+    ) -> tuple[bytes | None, str]:
+        """(value, name of the tier that answered); (None, "none") on a miss."""
+        ...
+
+    def tier_rank(self, tier: str) -> int:
+        """Latency rank of a tier by name, fastest 0."""
+        ...
+
+    def slowest(self, tiers: Iterable[str]) -> str:
+        """The slowest of the named tiers, "none" for none."""
+        ...
+
+    def expire(self) -> int:
+        """Drop entries past their age limit now; returns how many."""
+        ...
+
+    def gc(self) -> dict[str, Any]:
+        """Enforce age limit and capacity now, reconcile persisted state; returns counts."""
+        ...
+
+    def entries(self) -> list[dict[str, str | int | float]]:
+        """One dict per entry (key, and size, fingerprint, times where known), most recent first."""
+        ...
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """Each tier's stats() by tier name."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files; never raises; the store may be used again after."""
+        ...
+
+
+from promptcache.store.base import BaseStore  # noqa: E402
 from promptcache.store.disk import DiskStore  # noqa: E402
 from promptcache.store.memory import MemoryStore  # noqa: E402
 
-__all__ = ["Store", "MemoryStore", "DiskStore"]
+__all__ = ["Store", "BaseStore", "MemoryStore", "DiskStore"]

@@ -1,19 +1,21 @@
 """BaseStore: the optional capabilities every store declares, with their defaults.
 
-Owns the names and defaults of get_with_tier, expire, gc, entries, close and the latency rank of a
-tier, so callers never probe a store with getattr; never holds values itself.
+Owns the names and defaults of get_with_tier, tier ranks, persistence, expire, gc, entries,
+tier_stats and close, so callers never probe a store with getattr; never holds values itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 
 class BaseStore:
-    """Defaults for the capabilities a store may have beyond the `Store` protocol.
+    """Defaults for the capabilities a store has beyond get/put/delete/contains/size/keys/clear/stats.
 
-    `latency_rank` orders tiers from fastest (0) to slowest: a hit's source is its slowest tier.
+    `latency_rank` orders tiers from fastest (0, RAM) to slowest (2, Redis): a hit joined from
+    several tiers costs what its slowest tier costs. `persistent` says whether entries outlive the
+    process and other processes can see them (disk, Redis), so a cache over it probes it on lookup.
     """
 
     name: str = "store"
@@ -21,6 +23,17 @@ class BaseStore:
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:  # pragma: no cover
         raise NotImplementedError
+
+    def keys(self) -> Iterator[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int | float | str]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def persistent(self) -> bool:
+        """Whether entries outlive this process and other processes see them."""
+        return False
 
     def get_with_tier(
         self, key: str, *, fingerprint: str | None = None
@@ -47,8 +60,13 @@ class BaseStore:
         return {"expired": self.expire()}
 
     def entries(self) -> list[dict[str, str | int | float]]:
-        """One dict per entry (key, size, times, fingerprint) for inspection; [] where not listable."""
-        return []
+        """One dict per entry, most recently used first: "key", and where the store knows them
+        "size", "fingerprint", "ctime" and "atime" (wall clock). The default knows keys only."""
+        return [{"key": key} for key in reversed(list(self.keys()))]
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """Each tier's own stats(), by tier name (a single store is its one tier)."""
+        return {self.name: dict(self.stats())}
 
     def close(self) -> None:
         """Release connections and files. Never raises; the store may be used again after."""

@@ -18,16 +18,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import platformdirs
-
-from promptcache.store.base import BaseStore
 from promptcache.errors import (
     CapacityError,
     CorruptEntryError,
     ModelMismatchError,
     StoreUnavailableError,
 )
+from promptcache.files import user_cache_dir
 from promptcache.store import envelope
+from promptcache.store.base import BaseStore
 from promptcache.store.compression import Compressor, decompress, get_compressor
 from promptcache.store.counters import base_stats
 from promptcache.store.policies import get_policy
@@ -43,14 +42,11 @@ TMP_GRACE = 300.0
 BUSY_TIMEOUT = 30.0
 """Seconds a process waits for another one's index transaction before giving up."""
 
-# Eviction order per policy, first victim first. Policies come from policies.POLICIES; the order
-# is the index's, so that one SQL query picks victims across every process sharing the directory.
-_EVICTION_ORDER = {
-    "lru": "atime, ctime",
-    "fifo": "ctime, atime",
-    "ttl": "ctime, atime",
-    "size": "size DESC, atime",
-}
+
+def default_path() -> Path:
+    """Where a DiskStore lives unless told: the user cache dir / "kv" (~/.cache/promptcache/kv on Linux)."""
+    return user_cache_dir("kv")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -99,7 +95,7 @@ def _disk_full(exc: BaseException) -> bool:
 class DiskStore(BaseStore):
     """Entries as files under `path`, indexed by sqlite; `capacity_bytes` holds across every process.
 
-    path: the cache directory (default: platformdirs' user cache dir / "promptcache" / "kv").
+    path: the cache directory (default: default_path(), the user cache dir / "kv").
     Layout: `entries/<key[:2]>/<key>` hold `envelope.pack(key, value, fingerprint)`, `index.sqlite`
     (WAL) holds one row per entry (key, size, ctime, atime, fingerprint), `tmp/` holds writes in flight.
     Sizes count the entry files' bytes (value plus an envelope of about 40 bytes plus key and fingerprint).
@@ -147,24 +143,13 @@ class DiskStore(BaseStore):
         """
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be a positive int")
-        self.policy = get_policy(policy)
-        if self.policy.name not in _EVICTION_ORDER:
-            raise ValueError(
-                f"the disk store does not support policy {policy!r}; use one of {sorted(_EVICTION_ORDER)}"
-            )
-        if policy == "ttl" and not max_age:
-            raise ValueError("policy 'ttl' needs max_age (seconds)")
-        if max_age is not None and max_age <= 0:
-            raise ValueError("max_age must be positive seconds or None")
-        if path is None:
-            path = Path(platformdirs.user_cache_dir("promptcache")) / "kv"
-        self.path = Path(path)
+        self.policy = get_policy(policy, max_age)
+        self.path = Path(path) if path is not None else default_path()
         self.capacity_bytes = capacity_bytes
         self.max_age = max_age
         self.fsync = fsync
         self.compressor = get_compressor(compression)
         self._clock = clock
-        self._order = _EVICTION_ORDER[self.policy.name]
         self._entries_dir = self.path / "entries"
         self._tmp_dir = self.path / "tmp"
         self._index_path = self.path / "index.sqlite"
@@ -187,6 +172,10 @@ class DiskStore(BaseStore):
                 )
             conn.executescript(_SCHEMA)
             self._remove_stale_temps()
+
+    @property
+    def persistent(self) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return f"DiskStore({str(self.path)!r}, capacity_bytes={self.capacity_bytes}, policy={self.policy.name!r})"
@@ -274,7 +263,8 @@ class DiskStore(BaseStore):
         victims: list[str] = []
         if excess > 0:
             cur = conn.execute(
-                f"SELECT key, size FROM entries WHERE key != ? ORDER BY {self._order}", (keep,)
+                f"SELECT key, size FROM entries WHERE key != ? ORDER BY {self.policy.disk_order}",
+                (keep,),
             )
             while excess > 0:
                 batch = cur.fetchmany(64)
@@ -365,7 +355,6 @@ class DiskStore(BaseStore):
         return value
 
     def _read(self, key: str, fingerprint: str | None, now: float) -> bytes | None:
-        path = self._file(key)
         try:
             conn = self._conn()
             row = conn.execute(
@@ -385,6 +374,24 @@ class DiskStore(BaseStore):
         if self._expired(ctime, now):
             self._expire_one(key, ctime)
             return None
+        value = self._read_file(key, size, fingerprint)
+        if (
+            value is not None
+            and self.policy.refresh_on_read
+            and now - atime >= self.atime_resolution
+        ):
+            try:
+                conn.execute(
+                    "UPDATE entries SET atime = ? WHERE key = ? AND atime < ?", (now, key, now)
+                )
+            except sqlite3.Error as exc:  # only a recency hint: a busy index must not fail a hit
+                log.debug("could not refresh atime of %s: %s", key, exc)
+        return value
+
+    def _read_file(self, key: str, size: int, fingerprint: str | None) -> bytes | None:
+        """The verified value in key's file, which the index says holds `size` bytes; None (and
+        the entry removed, unless a writer replaced it meanwhile) when it is missing or unusable."""
+        path = self._file(key)
         try:
             with open(path, "rb") as f:
                 seen = os.fstat(f.fileno())
@@ -416,13 +423,6 @@ class DiskStore(BaseStore):
             )
             self._bump("corrupt")
             return None
-        if self.policy.refresh_on_read and now - atime >= self.atime_resolution:
-            try:
-                conn.execute(
-                    "UPDATE entries SET atime = ? WHERE key = ? AND atime < ?", (now, key, now)
-                )
-            except sqlite3.Error as exc:  # only a recency hint: a busy index must not fail a hit
-                log.debug("could not refresh atime of %s: %s", key, exc)
         return value
 
     def _expire_one(self, key: str, ctime: float) -> None:
@@ -461,6 +461,9 @@ class DiskStore(BaseStore):
             )
         target = self._file(key)
         tmp: str | None = None
+        # Not files.atomic_write: the temp file lives in tmp/ (where open() and gc() find a dead
+        # writer's leftovers), may be fsynced, and is renamed into place only after _make_room,
+        # inside the same BEGIN IMMEDIATE transaction that commits its row (see the class docstring).
         with self._unavailable("write to"):
             try:
                 target.parent.mkdir(exist_ok=True)
@@ -613,29 +616,7 @@ class DiskStore(BaseStore):
         return counts
 
     def _reconcile(self) -> dict[str, int]:
-        conn = self._conn()
-        indexed = {key for (key,) in conn.execute("SELECT key FROM entries")}
-        # Verify orphan candidates outside the lock (reading them may be slow), re-check under it.
-        candidates: dict[str, tuple[os.stat_result, int | None, str]] = {}
-        for shard in os.scandir(self._entries_dir):
-            if not shard.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(shard.path):
-                if entry.name in indexed:
-                    continue
-                try:
-                    with open(entry.path, "rb") as f:
-                        seen = os.fstat(f.fileno())
-                        blob = f.read()
-                except OSError:
-                    continue
-                try:
-                    if not _KEY.fullmatch(entry.name) or shard.name != entry.name[:2]:
-                        raise CorruptEntryError("not a cache file name")
-                    _value, _flags, fp = envelope.unpack(blob, key=entry.name)
-                    candidates[entry.path] = (seen, len(blob), fp)
-                except (CorruptEntryError, ModelMismatchError):
-                    candidates[entry.path] = (seen, None, "")
+        candidates = self._orphan_candidates()
         adopted = removed = stale = 0
         with self._locked() as conn:
             rows = dict(conn.execute("SELECT key, size FROM entries").fetchall())
@@ -657,21 +638,54 @@ class DiskStore(BaseStore):
                 else:
                     log.info("removing orphan disk cache file %s", path)
                     removed += _unlink(path)
-            for key, size in rows.items():
-                try:
-                    actual = os.stat(self._file(key)).st_size
-                except FileNotFoundError:
-                    actual = None
-                if actual != size:
-                    log.info(
-                        "dropping disk cache entry %s: index says %d bytes, file has %s",
-                        key,
-                        size,
-                        actual,
-                    )
-                    self._remove(conn, [key])
-                    stale += 1
+            stale = self._drop_stale_rows(conn, rows)
         return {"adopted": adopted, "orphans_removed": removed, "stale_rows": stale}
+
+    def _orphan_candidates(self) -> dict[str, tuple[os.stat_result, int | None, str]]:
+        """Files without a row: path -> (stat, entry size or None when it does not verify, fingerprint).
+
+        Read outside the lock (verifying may be slow); _reconcile re-checks each under it."""
+        indexed = {key for (key,) in self._conn().execute("SELECT key FROM entries")}
+        candidates: dict[str, tuple[os.stat_result, int | None, str]] = {}
+        for shard in os.scandir(self._entries_dir):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(shard.path):
+                if entry.name in indexed:
+                    continue
+                try:
+                    with open(entry.path, "rb") as f:
+                        seen = os.fstat(f.fileno())
+                        blob = f.read()
+                except OSError:
+                    continue
+                try:
+                    if not _KEY.fullmatch(entry.name) or shard.name != entry.name[:2]:
+                        raise CorruptEntryError("not a cache file name")
+                    _value, _flags, fp = envelope.unpack(blob, key=entry.name)
+                    candidates[entry.path] = (seen, len(blob), fp)
+                except (CorruptEntryError, ModelMismatchError):
+                    candidates[entry.path] = (seen, None, "")
+        return candidates
+
+    def _drop_stale_rows(self, conn: sqlite3.Connection, rows: dict[str, int]) -> int:
+        """Remove rows whose file is missing or has another size; inside _locked. Returns how many."""
+        stale = 0
+        for key, size in rows.items():
+            try:
+                actual = os.stat(self._file(key)).st_size
+            except FileNotFoundError:
+                actual = None
+            if actual != size:
+                log.info(
+                    "dropping disk cache entry %s: index says %d bytes, file has %s",
+                    key,
+                    size,
+                    actual,
+                )
+                self._remove(conn, [key])
+                stale += 1
+        return stale
 
     def close(self) -> None:
         """Close this process's index connections; later calls reopen them. Never raises."""

@@ -15,7 +15,9 @@ from promptcache.errors import CorruptEntryError, ModelMismatchError
 
 MAGIC = b"PCE\x01"
 VERSION = 2
-_HEAD = struct.Struct("<4sHHII Q")  # magic, version, flags, len(fingerprint), len(key), len(payload)
+_HEAD = struct.Struct(
+    "<4sHHII Q"
+)  # magic, version, flags, len(fingerprint), len(key), len(payload)
 _SUM = 16
 
 FLAG_ZSTD = 1

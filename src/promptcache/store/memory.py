@@ -5,15 +5,18 @@ Holds bytes only; thread-safe; never copies a value on read.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError
+from promptcache.store.base import BaseStore
 from promptcache.store.counters import base_stats
 from promptcache.store.policies import Entry, get_policy
+
+log = logging.getLogger(__name__)
 
 
 class MemoryStore(BaseStore):
@@ -21,6 +24,10 @@ class MemoryStore(BaseStore):
 
     policy: "lru" (default), "fifo", "ttl" or "size"; max_age (seconds) expires entries under any policy
     and is required by "ttl". `on_evict(key)` is called for each entry evicted or expired.
+
+    An entry put under one fingerprint and read under another is a logged miss and is removed, as
+    in the persisted tiers; an entry put without one ("", e.g. promoted by an unchecked read)
+    matches any.
     """
 
     name = "memory"
@@ -37,11 +44,7 @@ class MemoryStore(BaseStore):
     ) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be a positive int")
-        self.policy = get_policy(policy)
-        if policy == "ttl" and not max_age:
-            raise ValueError("policy 'ttl' needs max_age (seconds)")
-        if max_age is not None and max_age <= 0:
-            raise ValueError("max_age must be positive seconds or None")
+        self.policy = get_policy(policy, max_age)
         self.capacity_bytes = capacity_bytes
         self.max_age = max_age
         self.on_evict = on_evict
@@ -49,7 +52,7 @@ class MemoryStore(BaseStore):
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
-        self.hits = self.misses = self.puts = self.evictions = self.expirations = 0
+        self.hits = self.misses = self.puts = self.evictions = self.expirations = self.corrupt = 0
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
@@ -60,14 +63,26 @@ class MemoryStore(BaseStore):
     def _expired(self, entry: Entry, now: float) -> bool:
         return self.max_age is not None and now - entry.created > self.max_age
 
+    @staticmethod
+    def _foreign(entry: Entry, fingerprint: str | None) -> bool:
+        return bool(fingerprint) and bool(entry.fingerprint) and entry.fingerprint != fingerprint
+
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
         with self._lock:
             entry = self._entries.get(key)
             now = self._clock()
-            if entry is None or self._expired(entry, now):
-                if entry is not None:
-                    self._drop(key)
-                    self.expirations += 1
+            if entry is not None and self._expired(entry, now):
+                self._drop(key)
+                self.expirations += 1
+                entry = None
+            elif entry is not None and self._foreign(entry, fingerprint):
+                log.warning(
+                    "memory cache entry %s was written for another fingerprint; removed it", key
+                )
+                self._drop(key)
+                self.corrupt += 1
+                entry = None
+            if entry is None:
                 self.misses += 1
                 return None
             entry.accessed = now
@@ -90,7 +105,7 @@ class MemoryStore(BaseStore):
                 self._drop(self.policy.victim(self._entries))
                 self.evictions += 1
             now = self._clock()
-            self._entries[key] = Entry(value, size, now, now)
+            self._entries[key] = Entry(value, size, now, now, fingerprint)
             self._bytes += size
             self.puts += 1
 
@@ -134,5 +149,16 @@ class MemoryStore(BaseStore):
             self._entries.clear()
             self._bytes = 0
 
+    def entries(self) -> list[dict[str, str | int | float]]:
+        """Every entry's key, size and fingerprint, most recently used (or written) first.
+
+        No times: this store's clock is monotonic, not wall-clock."""
+        with self._lock:
+            rows = list(self._entries.items())
+        return [
+            {"key": key, "size": entry.size, "fingerprint": entry.fingerprint}
+            for key, entry in reversed(rows)
+        ]
+
     def stats(self) -> dict[str, int | float | str]:
-        return base_stats(self, len(self._entries), self._bytes)
+        return {**base_stats(self, len(self._entries), self._bytes), "corrupt": self.corrupt}

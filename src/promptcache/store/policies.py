@@ -1,6 +1,7 @@
-"""Eviction policies as a small table: which entry goes first, and whether a read refreshes it.
+"""Eviction policies as one table: each row says which entry goes first in RAM, on disk and in Redis.
 
-Policies pick victims; they never hold values or count bytes (the store does).
+Owns every store's notion of a policy (victim rule, SQL order, Redis score, read refresh); never holds
+values or counts bytes (the stores do). Modelled on python-diskcache's EVICTION_POLICY table.
 """
 
 from __future__ import annotations
@@ -10,21 +11,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
-class Policy:
-    """`victim` picks the key to evict from entries kept in insertion/recency order."""
-
-    name: str
-    refresh_on_read: bool
-    victim: Callable[[OrderedDict[str, Entry]], str]
-
-
 @dataclass
 class Entry:
+    """A RAM entry. fingerprint "" means unknown (promoted without one): it matches any."""
+
     value: bytes
     size: int
     created: float
     accessed: float
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One row of the policy table.
+
+    victim: the key MemoryStore evicts first, from entries kept in insertion/recency order.
+    refresh_on_read: a read makes the entry recent (RAM: moves it to the end; disk: rewrites atime).
+    disk_order: DiskStore's SQL ORDER BY over (key, size, ctime, atime), first victim first, so that
+    one query picks victims across every process sharing a directory.
+    redis_score: RedisStore's score at write (now, entry bytes) in its order zset, lowest evicted first.
+    redis_touch: a read rescores the entry with the read time (the zset then holds access times).
+    needs_max_age: the policy is meaningless without an age limit.
+    """
+
+    name: str
+    victim: Callable[[OrderedDict[str, Entry]], str]
+    refresh_on_read: bool
+    disk_order: str
+    redis_score: Callable[[float, int], float]
+    redis_touch: bool = False
+    needs_max_age: bool = False
 
 
 def _oldest(entries: OrderedDict[str, Entry]) -> str:
@@ -35,18 +52,44 @@ def _largest(entries: OrderedDict[str, Entry]) -> str:
     return max(entries.items(), key=lambda kv: kv[1].size)[0]
 
 
+def _by_time(now: float, size: int) -> float:
+    return now
+
+
+def _by_size(now: float, size: int) -> float:
+    return -float(size)
+
+
 POLICIES: dict[str, Policy] = {
-    "lru": Policy("lru", refresh_on_read=True, victim=_oldest),
-    "fifo": Policy("fifo", refresh_on_read=False, victim=_oldest),
-    # ttl: entries expire after max_age; under pressure the oldest-written goes first.
-    "ttl": Policy("ttl", refresh_on_read=False, victim=_oldest),
-    "size": Policy("size", refresh_on_read=True, victim=_largest),
+    policy.name: policy
+    for policy in (
+        Policy("lru", _oldest, True, "atime, ctime", _by_time, redis_touch=True),
+        Policy("fifo", _oldest, False, "ctime, atime", _by_time),
+        # ttl: entries expire after max_age; under pressure the oldest-written goes first.
+        Policy("ttl", _oldest, False, "ctime, atime", _by_time, needs_max_age=True),
+        Policy("size", _largest, True, "size DESC, atime", _by_size),
+    )
 }
 
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+"""The accepted policy names, in the table's order (what config.py validates against)."""
 
-def get_policy(name: str) -> Policy:
-    """The policy called `name`. Raises ValueError naming the accepted values."""
+
+def get_policy(name: str, max_age: float | None = None, *, age_setting: str = "max_age") -> Policy:
+    """The policy called `name`, checked against `max_age` (seconds or None; `age_setting` names it).
+
+    Raises ValueError naming the accepted values, when the policy needs max_age and has none, or
+    when max_age is not positive.
+    """
     try:
-        return POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; use one of {sorted(POLICIES)}") from None
+        policy = POLICIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown policy {name!r}; use one of {', '.join(POLICY_NAMES)}") from None
+    if policy.needs_max_age and not max_age:
+        raise ValueError(f"policy {name!r} needs {age_setting} (seconds)")
+    if max_age is not None and max_age <= 0:
+        raise ValueError(f"{age_setting} must be positive seconds or None")
+    return policy
+
+
+__all__ = ["Entry", "Policy", "POLICIES", "POLICY_NAMES", "get_policy"]

@@ -19,9 +19,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError, CorruptEntryError, ModelMismatchError
 from promptcache.store import envelope
+from promptcache.store.base import BaseStore
 from promptcache.store.compression import Compressor, decompress, get_compressor
 from promptcache.store.counters import base_stats
 from promptcache.store.policies import get_policy
@@ -128,6 +128,24 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + netloc))
 
 
+def _connect(url: str, socket_timeout: float, connect_timeout: float) -> redis.Redis:
+    """A lazy client for `url` (nothing is sent yet). Raises ValueError for a malformed URL."""
+    try:
+        return redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            # One immediate retry replaces a pooled connection a Redis restart broke; more
+            # would only stall requests while Redis is away (RedisStore backs off instead).
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=0,
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid Redis URL {redact(url)!r}: {exc}; use redis://host:port/db, rediss://... or unix:///path"
+        ) from None
+
+
 class RedisStore(BaseStore):
     """Entries as Redis strings under `<namespace>:v:<key>`; capacity held across every client.
 
@@ -178,11 +196,7 @@ class RedisStore(BaseStore):
             raise ValueError(
                 f"namespace must be 1 to 64 characters of [0-9A-Za-z_.-], got {namespace!r}"
             )
-        self.policy = get_policy(policy)
-        if policy == "ttl" and not ttl:
-            raise ValueError("policy 'ttl' needs ttl (seconds)")
-        if ttl is not None and ttl <= 0:
-            raise ValueError("ttl must be positive seconds or None")
+        self.policy = get_policy(policy, ttl, age_setting="ttl")
         if retry_after <= 0 or max_retry_after < retry_after:
             raise ValueError("retry_after must be positive and at most max_retry_after")
         self.url = url
@@ -193,20 +207,7 @@ class RedisStore(BaseStore):
         self.retry_after = retry_after
         self.max_retry_after = max_retry_after
         self._clock = clock
-        try:
-            self._client = redis.Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                # One immediate retry replaces a pooled connection a Redis restart broke; more
-                # would only stall requests while Redis is away (this class backs off instead).
-                retry=Retry(NoBackoff(), 1),
-                health_check_interval=0,
-            )
-        except ValueError as exc:
-            raise ValueError(
-                f"invalid Redis URL {redact(url)!r}: {exc}; use redis://host:port/db, rediss://... or unix:///path"
-            ) from None
+        self._client = _connect(url, socket_timeout, connect_timeout)
         prefix = f"{namespace}:"
         self._value_prefix = prefix + "v:"
         self._meta = [prefix + "order", prefix + "ctime", prefix + "sizes", prefix + "bytes"]
@@ -220,6 +221,10 @@ class RedisStore(BaseStore):
         self._backoff = retry_after
         self.hits = self.misses = self.puts = self.evictions = self.expirations = 0
         self.corrupt = self.unavailable = self.outages = self.errors = 0
+
+    @property
+    def persistent(self) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return (
@@ -293,9 +298,6 @@ class RedisStore(BaseStore):
                 f"Redis cache keys are non-empty strings of at most 1000 characters, got {key!r}"
             )
 
-    def _order_score(self, now: float, size: int) -> float:
-        return -float(size) if self.policy.name == "size" else now
-
     def _forget_if_unchanged(self, key: str, blob: bytes, why: str) -> None:
         digest = hashlib.sha1(blob, usedforsecurity=False).hexdigest()
         self._call(
@@ -320,7 +322,7 @@ class RedisStore(BaseStore):
         def fetch() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             pipe.get(self._vkey(key))
-            if self.policy.refresh_on_read and self.policy.name == "lru":
+            if self.policy.redis_touch:
                 pipe.zadd(self._meta[0], {key: now}, xx=True, ch=True)
             else:
                 pipe.zscore(self._meta[0], key)
@@ -374,7 +376,7 @@ class RedisStore(BaseStore):
             self._value_prefix,
             key,
             blob,
-            self._order_score(now, len(blob)),
+            self.policy.redis_score(now, len(blob)),
             now,
             self.capacity_bytes,
             ttl_ms,
@@ -509,7 +511,7 @@ class RedisStore(BaseStore):
         return counts
 
     def entries(self) -> list[dict[str, str | int | float]]:
-        """Every entry's key, size, fingerprint, ctime and (under lru) atime, most recently written first.
+        """Every entry's key, size, fingerprint, ctime and (where reads rescore) atime, most recently written first.
 
         Reads the accounting and the first bytes of each value (the envelope's header). Empty when
         Redis is unreachable.
@@ -532,7 +534,7 @@ class RedisStore(BaseStore):
                         _key, fp, _n = envelope.peek(head)
                     except CorruptEntryError:
                         fp = "?"
-                    atime = order if self.policy.name == "lru" and order is not None else ctime
+                    atime = order if self.policy.redis_touch and order is not None else ctime
                     out.append(
                         {
                             "key": m.decode(),

@@ -12,9 +12,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from promptcache.store.base import BaseStore
 from promptcache.errors import CapacityError, PromptCacheError
-from promptcache.store import MemoryStore, Store
+from promptcache.store import Store
+from promptcache.store.base import BaseStore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class TieredStore(BaseStore):
     def capacity_bytes(self) -> int:
         return max(t.capacity_bytes for t in self.tiers)
 
+    @property
+    def persistent(self) -> bool:
+        """Whether any tier outlives the process (disk, Redis)."""
+        return any(t.persistent for t in self.tiers)
+
     def tier(self, name: str) -> Store | None:
         """The tier called `name` ("memory", "disk", "redis"), or None."""
         return next((t for t in self.tiers if t.name == name), None)
@@ -71,7 +76,7 @@ class TieredStore(BaseStore):
         """A tier's latency rank: its own, else its position in this chain (first = fastest)."""
         for i, t in enumerate(self.tiers):
             if t.name == tier:
-                return max(t.latency_rank, i) if isinstance(t, BaseStore) else i
+                return max(t.latency_rank, i)
         return 99
 
     def _bump(self, counter: str, n: int = 1) -> None:
@@ -111,8 +116,8 @@ class TieredStore(BaseStore):
         self, key: str, value: bytes, fingerprint: str | None, upper: Sequence[Store]
     ) -> None:
         for tier in upper:
-            if fingerprint is None and not isinstance(tier, MemoryStore):
-                continue
+            if fingerprint is None and tier.persistent:
+                continue  # a persisted entry is stamped with its fingerprint, which we do not know
             try:
                 tier.put(key, value, fingerprint=fingerprint or "")
                 self._bump("promotions")
@@ -216,12 +221,10 @@ class TieredStore(BaseStore):
         """Drop entries older than each tier's max_age now; returns how many in all."""
         total = 0
         for tier in self.tiers:
-            expire = getattr(tier, "expire", None)
-            if expire is not None:
-                try:
-                    total += expire()
-                except PromptCacheError as exc:
-                    log.warning("could not expire entries of the %s tier: %s", tier.name, exc)
+            try:
+                total += tier.expire()
+            except PromptCacheError as exc:
+                log.warning("could not expire entries of the %s tier: %s", tier.name, exc)
         return total
 
     def gc(self) -> dict[str, dict[str, int | str]]:
@@ -233,26 +236,33 @@ class TieredStore(BaseStore):
         out: dict[str, dict[str, int | str]] = {}
         for tier in self.tiers:
             try:
-                gc = getattr(tier, "gc", None)
-                if gc is not None:
-                    out[tier.name] = dict(gc())
-                else:
-                    expire = getattr(tier, "expire", None)
-                    out[tier.name] = {"expired": expire() if expire is not None else 0}
+                out[tier.name] = dict(tier.gc())
             except PromptCacheError as exc:
                 log.warning("could not collect garbage in the %s tier: %s", tier.name, exc)
                 out[tier.name] = {"error": str(exc)}
         return out
 
+    def entries(self) -> list[dict[str, str | int | float]]:
+        """Every tier's entries, each key once (from the fastest tier that lists it), each row
+        naming its "tier". A tier that cannot be listed is skipped with a warning."""
+        seen: dict[str, dict[str, str | int | float]] = {}
+        for tier in self.tiers:
+            try:
+                rows = tier.entries()
+            except PromptCacheError as exc:
+                log.warning("cannot list the %s tier: %s", tier.name, exc)
+                continue
+            for row in rows:
+                seen.setdefault(str(row["key"]), {**row, "tier": tier.name})
+        return list(seen.values())
+
     def close(self) -> None:
         """Close the tiers that hold connections (disk index, Redis client). Never raises."""
         for tier in self.tiers:
-            close = getattr(tier, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as exc:  # noqa: BLE001 - closing must not fail
-                    log.debug("closing the %s tier: %s", tier.name, exc)
+            try:
+                tier.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not fail
+                log.debug("closing the %s tier: %s", tier.name, exc)
 
 
 class NamespacedStore(BaseStore):
@@ -285,8 +295,37 @@ class NamespacedStore(BaseStore):
         """(value, tier name) from the shared store; see TieredStore.get_with_tier."""
         return self.store.get_with_tier(self._prefix + key, fingerprint=fingerprint)
 
+    @property
+    def persistent(self) -> bool:
+        return self.store.persistent
+
     def tier_rank(self, tier: str) -> int:
         return self.store.tier_rank(tier)
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """The shared store's per-tier stats (every name's entries: tiers are shared)."""
+        return self.store.tier_stats()
+
+    def entries(self) -> list[dict[str, str | int | float]]:
+        """This name's entries, keys without the "<name>:" prefix."""
+        n = len(self._prefix)
+        return [
+            {**row, "key": str(row["key"])[n:]}
+            for row in self.store.entries()
+            if str(row["key"]).startswith(self._prefix)
+        ]
+
+    def expire(self) -> int:
+        """Expire the shared store (age limits are the tiers', not a name's)."""
+        return self.store.expire()
+
+    def gc(self) -> dict[str, Any]:
+        """Collect garbage in the shared store (capacity and reconciliation are the tiers')."""
+        return self.store.gc()
+
+    def close(self) -> None:
+        """Close the shared store's connections (they reopen on next use). Never raises."""
+        self.store.close()
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
         return self.store.get(self._prefix + key, fingerprint=fingerprint)
