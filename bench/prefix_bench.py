@@ -134,16 +134,17 @@ def floor(llm, tokens: list[int]) -> list[float]:  # noqa: ANN001
     b = llm.exact_batch
     llm.reset_context()
     llm.logits(tokens)
-    llm._ctx.kv_cache_seq_rm(0, len(tokens) - b, -1)
-    state = llm._get_state()
+    context = llm.context
+    context.truncate(len(tokens) - b)
+    state = context.state_bytes()
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        llm._set_state(state)
-        llm._decode(tokens[-b:], len(tokens) - b)
-        llm._last_logits()
+        context.load_state(state)
+        context.decode(tokens[-b:], len(tokens) - b)
+        context.last_logits()
         times.append((time.perf_counter() - t0) * 1000)
-    llm.reset_context()
+    llm.reset_context()  # the context no longer holds what the LLM's live sequence says
     return times
 
 

@@ -100,17 +100,25 @@ def test_strict_prefix_of_a_cached_prompt_is_exact(llm, ref):
 
 
 def test_live_context_reuse_across_a_conversation_is_exact(llm, ref):
-    messages = [{"role": "system", "content": DOC}, {"role": "user", "content": "Do gift cards expire?"}]
+    messages = [
+        {"role": "system", "content": DOC},
+        {"role": "user", "content": "Do gift cards expire?"},
+    ]
     first = llm.chat_tokens(messages)
     reply = llm.chat(messages, GenerationConfig(max_tokens=12, temperature=0))
-    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And refunds?"}]
+    messages += [
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "And refunds?"},
+    ]
     tokens = llm.chat_tokens(messages)
     out = llm.logits(tokens)
     # The reply's KV is reused too (re-read as one batch after generation, exact), and so is the
     # template's turn separator that every next user message follows.
     assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused > len(first) + 5
     after_reply = [*messages[:3], {"role": "user", "content": "zzz"}]
-    separator_end = next(i for i, (x, y) in enumerate(zip(tokens, llm.chat_tokens(after_reply))) if x != y)
+    separator_end = next(
+        i for i, (x, y) in enumerate(zip(tokens, llm.chat_tokens(after_reply))) if x != y
+    )
     assert llm.last_stats.tokens_reused >= separator_end
     assert np.array_equal(out, uncached_logits(ref, tokens))
 
@@ -184,7 +192,9 @@ def test_session_round_trip_across_processes(tmp_path, ref):
         print(json.dumps(tokens))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     tokens = json.loads(proc.stdout.strip().splitlines()[-1])
     with LLM(cache=None, n_ctx=512) as llm:
         assert llm.load_session(path) == len(tokens)
@@ -272,7 +282,7 @@ def test_sliding_window_model_is_never_served_inexact_states():
         llm.reset_context()
         again = llm.logits(tokens)
         assert np.array_equal(again, reference)
-        if llm.exact_reuse:
+        if llm.may_reuse:
             assert llm.last_stats.tokens_reused == len(tokens) - llm.exact_batch
         else:
             assert llm.last_stats.tokens_reused == 0 and len(llm.cache) == 0
@@ -282,3 +292,23 @@ def test_sliding_window_model_is_never_served_inexact_states():
         fast.logits(tokens)
         assert fast.last_stats.source == "memory"
         assert fast.last_stats.tokens_reused == len(tokens) - fast.exact_batch
+
+
+def test_a_prompt_shorter_than_the_exact_batch_is_never_reused(llm, ref):
+    """Its one batch is smaller than exact_batch, so its KV differs from a larger batch's: a longer
+    prompt starting with it evaluates everything, from the live context and from the cache alike."""
+    b = llm.exact_batch
+    longer = llm.tokenize(DOC + "Question: do gift cards expire?")
+    llm.logits(longer[: b - 1])
+    out = llm.logits(longer)
+    assert llm.last_stats.tokens_reused == 0
+    assert np.array_equal(out, uncached_logits(ref, longer))
+
+
+def test_state_bytes_and_context_are_public_hooks(llm):
+    assert llm.context is None
+    tokens = llm.tokenize(DOC)
+    llm.logits(tokens)
+    assert llm.context is not None and llm.context.n_ctx == llm.context_size
+    state = llm.state_bytes()
+    assert llm.codec.n_tokens(state) == len(tokens) == len(llm.tokens)
