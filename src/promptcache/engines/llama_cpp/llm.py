@@ -53,17 +53,9 @@ def _resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
     """The PromptCache `cache` names: itself, "ram", "disk", "tiered" (CacheConfig's tiers) or None."""
     if cache is None or isinstance(cache, PromptCache):
         return cache
-    if cache == "ram":
-        return PromptCache()
-    if cache == "disk":
-        from promptcache.store.disk import DiskStore
+    from promptcache.config import build_cache
 
-        return PromptCache(DiskStore())
-    if cache == "tiered":
-        from promptcache.config import default_cache
-
-        return default_cache()
-    raise ValueError(f"cache must be a PromptCache, 'ram', 'disk', 'tiered' or None, not {cache!r}")
+    return build_cache(cache)
 
 
 def _splitting_codec() -> StateCodec:
