@@ -523,7 +523,7 @@ def _install_status_routes(app: FastAPI, server: _Server) -> None:
             "workers": {"size": server.pool.size, "busy": server.pool.busy},
             "queue": {"waiting": server.pool.waiting, "capacity": server.pool.max_queue},
             "cache": cache,
-            "tiers": tier_stats(server.cache, cache["store"]) if server.cache is not None else [],
+            "tiers": tier_stats(server.cache) if server.cache is not None else [],
             **server.metrics.snapshot(),
         }
 

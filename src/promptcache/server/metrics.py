@@ -35,17 +35,9 @@ def cache_stats(cache: PromptCache) -> dict[str, Any]:
     return cache.stats()
 
 
-def tier_stats(cache: PromptCache, store_stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each tier's stats: a tiered store (possibly inside a namespace wrapper) reports its tiers
-    through tier_stats(); a plain store is its own one tier."""
-    store: Any = cache.store
-    for _ in range(4):
-        if hasattr(store, "tier_stats"):
-            return [dict(row, tier=name) for name, row in store.tier_stats().items()]
-        store = getattr(store, "store", None)
-        if store is None:
-            break
-    return [store_stats]
+def tier_stats(cache: PromptCache) -> list[dict[str, Any]]:
+    """Each tier's stats, with its name under "tier" (a plain store is its own one tier)."""
+    return [dict(row, tier=name) for name, row in cache.store.tier_stats().items()]
 
 
 class _CacheCollector(Collector):
@@ -56,6 +48,18 @@ class _CacheCollector(Collector):
         self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._pool_metrics()
+        if self.cache is None:
+            return
+        try:
+            stats = cache_stats(self.cache)
+        except PromptCacheError:
+            return
+        yield from self._cache_metrics(stats)
+        if isinstance(stats.get("store"), dict):
+            yield from self._tier_metrics()
+
+    def _pool_metrics(self) -> Iterator[Metric]:
         pool = self.pool()
         if pool is not None:
             for name, doc, value in (
@@ -69,12 +73,8 @@ class _CacheCollector(Collector):
                 ),
             ):
                 yield GaugeMetricFamily(name, doc, value=value)
-        if self.cache is None:
-            return
-        try:
-            stats = cache_stats(self.cache)
-        except PromptCacheError:
-            return
+
+    def _cache_metrics(self, stats: dict[str, Any]) -> Iterator[Metric]:
         for key, doc in (
             ("lookups", "Prefix-cache lookups."),
             ("hits", "Lookups that restored a cached prefix."),
@@ -97,9 +97,9 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily(
             "promptcache_cache_sequences", "Cached token sequences.", value=stats["sequences"]
         )
-        store = stats.get("store")
-        if not isinstance(store, dict):
-            return
+
+    def _tier_metrics(self) -> Iterator[Metric]:
+        assert self.cache is not None
         gauges = {
             k: GaugeMetricFamily(f"promptcache_store_{k}", doc, labels=["tier"])
             for k, doc in (
@@ -117,7 +117,7 @@ class _CacheCollector(Collector):
             )
         }
         try:
-            tiers = tier_stats(self.cache, store)
+            tiers = tier_stats(self.cache)
         except PromptCacheError:
             tiers = []
         for tier in tiers:
