@@ -121,7 +121,7 @@ def block_size_tradeoff(blocks: list[int]) -> list[dict]:
         prompt = system + [7, 8, 9]
         join_s = timeit(lambda c=cache, p=prompt: c.lookup(p, FP), 9)
         ratio = cache.nbytes / (unique_tokens * KV_BYTES_PER_TOKEN)
-        rows.append({"block_size": b, "lookup_join_2000_ms": join_s * 1e3, "chunks": len(cache._refs), "stored_over_unique": ratio})
+        rows.append({"block_size": b, "lookup_join_2000_ms": join_s * 1e3, "chunks": cache.stats()["chunks"], "stored_over_unique": ratio})
         print(f"  block {b:>4}: lookup+join of 2000 tokens {join_s * 1e3:.1f} ms, stored/unique {ratio:.3f}")
     return rows
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 from conftest import WIDTH, synthetic_state
 from hypothesis import given, settings
@@ -97,7 +100,9 @@ def test_capacity_holds_after_every_operation(stream, capacity):
 def test_eviction_keeps_the_shared_prefix():
     block = 4
     prefix = list(range(1000, 1016))  # 4 full blocks
-    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block, capacity_bytes=(16 + 3 * 4) * WIDTH)
+    cache = PromptCache(
+        codec=FixedWidthCodec(WIDTH), block_size=block, capacity_bytes=(16 + 3 * 4) * WIDTH
+    )
     for i in range(6):
         seq = prefix + [i] * 4
         cache.insert(seq, synthetic_state(seq), FP)
@@ -210,11 +215,17 @@ def test_adopt_indexes_a_sequence_another_process_stored():
     assert reader.adopt(seq, FP) and reader.contains(seq, FP)
     hit = reader.lookup(seq[:22] + [5], FP)  # token-granular through the adopted index entry
     assert hit.tokens_reused == 22 and hit.state == synthetic_state(seq[:22])
-    assert not PromptCache(codec=FixedWidthCodec(WIDTH)).adopt(seq, FP)  # a private store has nothing to adopt
+    assert not PromptCache(codec=FixedWidthCodec(WIDTH)).adopt(
+        seq, FP
+    )  # a private store has nothing to adopt
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=24, max_size=60), st.lists(seqs, min_size=3, max_size=6), st.integers(2, 5))
+@given(
+    st.lists(st.integers(0, 3), min_size=24, max_size=60),
+    st.lists(seqs, min_size=3, max_size=6),
+    st.integers(2, 5),
+)
 def test_repeated_prefix_hits_through_the_merged_memo_are_exact(prefix, suffixes, block):
     cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=block)
     cache.insert(prefix + suffixes[0], synthetic_state(prefix + suffixes[0]), FP)
@@ -236,7 +247,9 @@ def test_a_conversation_turn_joins_from_the_previous_turns_merged_state():
     hit = cache.lookup(turn2, FP)
     assert hit.tokens_reused == 40 and hit.state == synthetic_state(turn1)
     assert cache.stats()["memo_hits"] == 1
-    assert cache.lookup(turn2, FP, min_tokens=40) is None  # the caller holds 40 already: nothing fetched
+    assert (
+        cache.lookup(turn2, FP, min_tokens=40) is None
+    )  # the caller holds 40 already: nothing fetched
     assert cache.stats()["lookups"] == 1
 
 
@@ -251,3 +264,44 @@ def test_a_new_question_after_a_cached_prompt_starts_from_its_merged_state():
     assert cache.stats()["memo_hits"] == 1
     cache.clear()
     assert cache.lookup(question, FP) is None
+
+
+def test_a_miss_is_counted_as_a_lookup_and_a_miss():
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    seq = list(range(10))
+    assert cache.lookup(seq, FP) is None  # nothing cached: an empty plan reads nothing
+    cache.insert(seq, synthetic_state(seq), FP)
+    assert cache.lookup([99] + seq, FP) is None  # no shared first token
+    assert cache.lookup(seq, FP, max_tokens=0) is None
+    s = cache.stats()
+    assert (s["lookups"], s["misses"], s["hits"], s["tokens_looked_up"]) == (3, 3, 0, 31)
+
+
+def test_stats_is_one_consistent_snapshot_while_another_thread_inserts():
+    """stats() and len() take the cache's lock: no dict resized under them, no half-done insert seen."""
+    cache = PromptCache(codec=FixedWidthCodec(WIDTH), block_size=4)
+    done = threading.Event()
+
+    def writer():
+        try:
+            for i in range(2000):
+                seq = [i, i + 1, i + 2]
+                cache.insert(seq, synthetic_state(seq), f"model-{i}")  # one more index each time
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        snapshots = 0
+        while not done.is_set() or snapshots == 0:
+            s = cache.stats()
+            assert s["sequences"] == s["chunks"] == s["inserts"] <= len(cache)
+            assert s["bytes"] == 3 * WIDTH * s["chunks"]
+            snapshots += 1
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert cache.stats()["sequences"] == len(cache) == 2000

@@ -8,28 +8,30 @@ for [j*B, e) (e = (j+1)*B, or n for the tail) is keyed by chain(h_j, tokens[j*B:
 the hash chain over (fingerprint, the full blocks before it): full blocks are shared by every
 sequence with the same prefix (stored once), and any process can compute their keys from a
 prompt alone, which is how a fresh process finds what others wrote to a shared store.
+
+PromptCache coordinates three parts: a RadixIndex per fingerprint (which sequences are cached),
+a _ChunkLedger (which chunks they use, their sizes, the bytes held) and a PrefixMemo (merged
+prefixes). A lookup plans the chunks to read (index, then a shared store's probe), then reads
+them (memo first, store for the rest), then merges a prefix seen twice.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from promptcache import keys as K
 from promptcache.codec import FixedWidthCodec, OpaqueCodec, StateCodec
 from promptcache.errors import CapacityError, CodecError, PromptCacheError
 from promptcache.index import Node, RadixIndex
+from promptcache.memo import PrefixMemo
 from promptcache.store import MemoryStore, Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8
-_MEMO_MIN_BLOCKS = 4  # below this a prefix joins fast enough on its own
-_MEMO_ALIAS_EVERY = 16  # a merged prefix answers for its earlier prefixes at every 16th block
-_SKIPPED = object()  # lookup found no more than min_tokens: not a hit, not a miss
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,74 @@ class _Record:
 
     keys: list[str]
     sizes: list[int]
-    opaque: bool = False
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """The chunks a lookup reads: whole blocks in token order, then at most one chunk cut to
+    `partial_len` tokens (a tail, or a block of a sequence that goes on differently)."""
+
+    blocks: list[str]
+    partial_key: str | None = None
+    partial_len: int = 0
+
+    def tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size + self.partial_len
+
+    def keys(self) -> list[str]:
+        return self.blocks + ([self.partial_key] if self.partial_key is not None else [])
+
+    def cut_to(self, n_chunks: int) -> _ChunkPlan:
+        """The plan's first n_chunks whole blocks (the chunks after them are not readable)."""
+        return _ChunkPlan(self.blocks[:n_chunks])
+
+
+class _ChunkLedger:
+    """Which chunks the index references: how many cached sequences use each, and their bytes."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+        self.nbytes = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def size(self, key: str) -> int:
+        return self.sizes[key]
+
+    def hold(self, keys: Iterable[str], size: int | None = None) -> None:
+        """One more sequence uses each key; with size, keys not sized yet get it (adopt: 0)."""
+        for k in keys:
+            self.refs[k] = self.refs.get(k, 0) + 1
+            if size is not None:
+                self.sizes.setdefault(k, size)
+
+    def add(self, key: str, size: int) -> None:
+        """A held chunk's bytes are now cached."""
+        self.sizes[key] = size
+        self.nbytes += size
+
+    def release(self, keys: Iterable[str]) -> list[str]:
+        """One sequence fewer uses each key; returns the keys no sequence uses any more."""
+        freed = []
+        for k in keys:
+            left = self.refs.get(k, 0) - 1
+            if left > 0:
+                self.refs[k] = left
+                continue
+            self.refs.pop(k, None)
+            self.nbytes -= self.sizes.pop(k, 0)
+            freed.append(k)
+        return freed
+
+    def clear(self) -> None:
+        self.refs.clear()
+        self.sizes.clear()
+        self.nbytes = 0
 
 
 @dataclass
@@ -83,7 +152,7 @@ class PromptCache:
     default MemoryStore and is otherwise the store's own. codec: how states are cut and joined
     (engines pass theirs; a non-splittable codec means whole entries only). block_size: tokens per
     chunk (DEFAULT_BLOCK_SIZE, chosen by bench/index_bench.py: see BENCHMARKS.md). shared: whether
-    other processes write the store too (default: True for any store but a MemoryStore); a shared
+    other processes write the store too (default: the store's `persistent`, True for disk and Redis); a shared
     store is probed for the prompt's blocks on lookup, and eviction leaves its chunks to the store.
     memo_bytes: RAM for merged prefixes (a conversation's state as one segment, so its next turn joins
     two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
@@ -104,31 +173,33 @@ class PromptCache:
         if store is None:
             store = MemoryStore(capacity_bytes if capacity_bytes is not None else 2 << 30)
         elif capacity_bytes is not None and capacity_bytes != store.capacity_bytes:
-            raise ValueError("give capacity_bytes to the store, not to PromptCache, when passing a store")
+            raise ValueError(
+                "give capacity_bytes to the store, not to PromptCache, when passing a store"
+            )
         self.store = store
         self.codec: StateCodec = codec if codec is not None else OpaqueCodec()
         self.block_size = block_size
         # A store this cache alone writes holds nothing the index does not know; a shared one
         # (disk, Redis, or any store passed with shared=True) may, so lookups probe it.
-        self._probe_store = shared if shared is not None else not isinstance(store, MemoryStore)
+        self._probe_store = shared if shared is not None else store.persistent
         self._indexes: dict[str, RadixIndex] = {}
-        self._refs: dict[str, int] = {}
-        self._sizes: dict[str, int] = {}
-        self._bytes = 0
+        self._chunks = _ChunkLedger()
+        if memo_bytes is None:
+            memo_bytes = min(256 << 20, self.capacity_bytes // 4)
+        self._memo = PrefixMemo(memo_bytes, block_size)
         self._lock = threading.RLock()
         self._stats = CacheStats()
-        self._memo: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._memo_used = 0
-        self._memo_alias: dict[tuple[str, str], tuple[tuple[str, str], int]] = {}
-        self._memo_aliases_of: dict[tuple[str, str], list[tuple[str, str]]] = {}
-        self.memo_bytes = memo_bytes if memo_bytes is not None else min(256 << 20, self.capacity_bytes // 4)
-        self._memo_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ---------------------------------------------------------------- public API
 
     @property
     def capacity_bytes(self) -> int:
         return self.store.capacity_bytes
+
+    @property
+    def memo_bytes(self) -> int:
+        """RAM bound of the merged prefixes (PrefixMemo), outside capacity_bytes."""
+        return self._memo.capacity_bytes
 
     def lookup(
         self,
@@ -151,28 +222,22 @@ class PromptCache:
         n = len(tb) // 4
         limit = n if max_tokens is None else max(0, min(n, int(max_tokens)))
         with self._lock:
-            found: Hit | object | None = None
-            if limit > min_tokens:
-                try:
-                    if codec.splittable:
-                        found = self._lookup_chunks(tb, limit, fingerprint, codec, min_tokens)
-                    else:
-                        found = self._lookup_whole(tb, limit, fingerprint, codec)
-                except CodecError as exc:
-                    log.warning("cached state failed to join (%s); treating as a miss", exc)
-            if found is _SKIPPED or (found is None and 0 < limit <= min_tokens):
+            if 0 < limit <= min_tokens:
                 return None
-            if isinstance(found, Hit) and found.tokens_reused <= min_tokens:
+            hit = None
+            try:
+                if codec.splittable and limit:
+                    plan = self._plan(tb, limit, fingerprint)
+                    if 0 < plan.tokens(self.block_size) <= min_tokens:
+                        return None  # the caller already holds as much (its live context): fetch nothing
+                    hit = self._read(plan, fingerprint, codec)
+                elif limit:
+                    hit = self._lookup_whole(tb, limit, fingerprint, codec)
+            except CodecError as exc:
+                log.warning("cached state failed to join (%s); treating as a miss", exc)
+            if hit is not None and hit.tokens_reused <= min_tokens:
                 return None
-            self._stats.lookups += 1
-            self._stats.tokens_looked_up += n
-            if not isinstance(found, Hit):
-                self._stats.misses += 1
-                return None
-            self._stats.hits += 1
-            self._stats.tokens_reused += found.tokens_reused
-            self._stats.hits_by_tier[found.source] = self._stats.hits_by_tier.get(found.source, 0) + 1
-            return found
+            return self._count_lookup(n, hit)
 
     def insert(
         self,
@@ -195,60 +260,26 @@ class PromptCache:
             raise TypeError(f"state must be bytes, not {type(state).__name__}")
         codec = codec or self.codec
         n = len(tb) // 4
-        if codec.splittable:
-            have = codec.n_tokens(state)
-            if have != n:
-                raise ValueError(f"state covers {have} tokens but {n} tokens were given")
-            bounds = self._bounds(n)
-            chunk_keys = self._chunk_keys(tb, fingerprint, bounds)
-        else:
-            bounds = [0, n]
-            chunk_keys = [_hex(K.chain(K.root_key(fingerprint), tb)) + "-w"]
+        bounds, chunk_keys = self._insert_keys(tb, state, fingerprint, codec)
         with self._lock:
             index = self._indexes.setdefault(fingerprint, RadixIndex())
-            existing = index.find(tb)
-            if existing is not None and existing.value is not None:
-                index.touch(existing)
-                if all(self.store.contains(k) for k in existing.value.keys):
-                    return 0
-                self._forget(index, existing)
-            new = [i for i, k in enumerate(chunk_keys) if k not in self._refs]
-            if codec.splittable:
-                segments = codec.split(bytes(state), bounds) if new else []
-            else:
-                segments = [bytes(state)]
-            sizes = [len(s) for s in segments] if segments else [self._sizes[k] for k in chunk_keys]
+            if self._still_cached(index, tb):
+                return 0
+            new = [i for i, k in enumerate(chunk_keys) if k not in self._chunks]
+            segments, sizes = self._segments_and_sizes(state, codec, bounds, chunk_keys, new)
             new_bytes = sum(sizes[i] for i in new)
             if new_bytes > self.capacity_bytes:
                 raise CapacityError(
                     f"a {n}-token state needs {new_bytes} bytes, more than the cache's capacity of "
                     f"{self.capacity_bytes}; raise capacity_bytes"
                 )
-            node, _ = index.insert(tb, _Record(chunk_keys, sizes, not codec.splittable))
-            for k in chunk_keys:
-                self._refs[k] = self._refs.get(k, 0) + 1
+            node, _ = index.insert(tb, _Record(chunk_keys, sizes))
+            self._chunks.hold(chunk_keys)
             self._make_room(new_bytes, keep=node)
-            written = 0
-            # Tail first, root block last: a shared prefix ends up the most recently used.
-            for i in reversed(new):
-                key = chunk_keys[i]
-                self._sizes[key] = sizes[i]
-                self._bytes += sizes[i]
-                if self._probe_store and self.store.contains(key):
-                    self._stats.chunks_deduplicated += 1
-                    continue
-                self.store.put(key, segments[i], fingerprint=fingerprint)
-                written += sizes[i]
-                self._stats.chunks_written += 1
+            written = self._write_new(chunk_keys, new, segments, sizes, fingerprint)
             self._stats.chunks_deduplicated += len(chunk_keys) - len(new)
-            n_full = n // self.block_size
-            if codec.splittable and new and n_full >= _MEMO_MIN_BLOCKS:
-                # A conversation's next turn extends this state: keep its full blocks as one segment.
-                self._remember_merged(
-                    (codec.name, chunk_keys[n_full - 1]),
-                    codec.split(bytes(state), [0, n_full * self.block_size])[0],
-                    chunk_keys[:n_full],
-                )
+            if codec.splittable and new:
+                self._remember_inserted(state, codec, chunk_keys, n)
             self._stats.inserts += 1
             self._stats.bytes_written += written
             return written
@@ -260,7 +291,9 @@ class PromptCache:
             index = self._indexes.get(fingerprint)
             return bool(tb) and index is not None and index.find(tb) is not None
 
-    def adopt(self, tokens: Sequence[int], fingerprint: str, *, codec: StateCodec | None = None) -> bool:
+    def adopt(
+        self, tokens: Sequence[int], fingerprint: str, *, codec: StateCodec | None = None
+    ) -> bool:
         """Index `tokens` without a state when a shared store already holds every chunk of it
         (another process wrote them); True if adopted. Saves an engine reading and splitting a state
         it just restored. Chunk sizes are not read back: a shared store holds its own capacity.
@@ -271,14 +304,12 @@ class PromptCache:
             return False
         chunk_keys = self._chunk_keys(tb, fingerprint, self._bounds(len(tb) // 4))
         with self._lock:
-            if not all(k in self._refs or self.store.contains(k) for k in chunk_keys):
+            if not all(k in self._chunks or self.store.contains(k) for k in chunk_keys):
                 return False
             index = self._indexes.setdefault(fingerprint, RadixIndex())
             node, is_new = index.insert(tb, _Record(chunk_keys, [0] * len(chunk_keys)))
             if is_new:
-                for k in chunk_keys:
-                    self._refs[k] = self._refs.get(k, 0) + 1
-                    self._sizes.setdefault(k, 0)
+                self._chunks.hold(chunk_keys, size=0)
             return True
 
     def remove(self, tokens: Sequence[int], fingerprint: str) -> bool:
@@ -296,51 +327,50 @@ class PromptCache:
         """Forget everything and empty the store."""
         with self._lock:
             self._indexes.clear()
-            self._refs.clear()
-            self._sizes.clear()
-            self._bytes = 0
+            self._chunks.clear()
             self._memo.clear()
-            self._memo_alias.clear()
-            self._memo_aliases_of.clear()
-            self._memo_used = 0
-            self._memo_seen.clear()
             self.store.clear()
 
     def __len__(self) -> int:
-        return sum(len(ix) for ix in self._indexes.values())
+        with self._lock:
+            return sum(len(ix) for ix in self._indexes.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes of state this cache's index references (each chunk counted once)."""
-        return self._bytes
+        return self._chunks.nbytes
 
     def stats(self) -> dict[str, object]:
-        """Counters of this cache and of its store."""
-        s = self._stats
-        return {
-            "sequences": len(self),
-            "chunks": len(self._refs),
-            "bytes": self._bytes,
-            "capacity_bytes": self.capacity_bytes,
-            "block_size": self.block_size,
-            "lookups": s.lookups,
-            "hits": s.hits,
-            "misses": s.misses,
-            "hit_rate": s.hit_rate,
-            "tokens_looked_up": s.tokens_looked_up,
-            "tokens_reused": s.tokens_reused,
-            "inserts": s.inserts,
-            "bytes_written": s.bytes_written,
-            "chunks_written": s.chunks_written,
-            "chunks_deduplicated": s.chunks_deduplicated,
-            "evicted_sequences": s.evicted_sequences,
-            "missing_chunks": s.missing_chunks,
-            "memo_hits": s.memo_hits,
-            "hits_by_tier": dict(s.hits_by_tier),
-            "store": self.store.stats(),
-        }
+        """Counters of this cache (one consistent snapshot, taken under the lock) and of its store
+        (read after the lock is released: a remote store's stats never hold up lookups)."""
+        with self._lock:
+            s = self._stats
+            out: dict[str, object] = {
+                "sequences": len(self),
+                "chunks": len(self._chunks),
+                "bytes": self._chunks.nbytes,
+                "capacity_bytes": self.capacity_bytes,
+                "block_size": self.block_size,
+                "lookups": s.lookups,
+                "hits": s.hits,
+                "misses": s.misses,
+                "hit_rate": s.hit_rate,
+                "tokens_looked_up": s.tokens_looked_up,
+                "tokens_reused": s.tokens_reused,
+                "inserts": s.inserts,
+                "bytes_written": s.bytes_written,
+                "chunks_written": s.chunks_written,
+                "chunks_deduplicated": s.chunks_deduplicated,
+                "evicted_sequences": s.evicted_sequences,
+                "missing_chunks": s.missing_chunks,
+                "memo_hits": s.memo_hits,
+                "memo_bytes": self._memo.nbytes,
+                "hits_by_tier": dict(s.hits_by_tier),
+            }
+        out["store"] = self.store.stats()
+        return out
 
-    # ---------------------------------------------------------------- internals
+    # ---------------------------------------------------------------- keys
 
     def _bounds(self, n: int) -> list[int]:
         b = self.block_size
@@ -355,138 +385,137 @@ class PromptCache:
             out.append(_hex(prefix[j + 1] if full else K.chain(prefix[j], view[4 * a : 4 * e])))
         return out
 
+    def _insert_keys(
+        self, tb: bytes, state: bytes, fingerprint: str, codec: StateCodec
+    ) -> tuple[list[int], list[str]]:
+        """Where an inserted state is cut and its chunks' keys; one whole key for an opaque codec."""
+        n = len(tb) // 4
+        if not codec.splittable:
+            return [0, n], [_hex(K.chain(K.root_key(fingerprint), tb)) + "-w"]
+        have = codec.n_tokens(state)
+        if have != n:
+            raise ValueError(f"state covers {have} tokens but {n} tokens were given")
+        bounds = self._bounds(n)
+        return bounds, self._chunk_keys(tb, fingerprint, bounds)
+
+    # ---------------------------------------------------------------- lookup: plan, read, merge
+
+    def _plan(self, tb: bytes, limit: int, fingerprint: str) -> _ChunkPlan:
+        """The chunks that hold the longest known prefix of tb[:limit] (index, then shared store)."""
+        n = len(tb) // 4
+        # Every block key of the whole prompt, hashed once: probing a shared store needs all of them.
+        prefix = K.block_keys(
+            fingerprint, tb, self.block_size, (n if self._probe_store else limit) // self.block_size
+        )
+        plan = self._plan_from_index(self._indexes.get(fingerprint), tb, limit, prefix)
+        if self._probe_store and plan.tokens(self.block_size) < limit:
+            plan = self._plan_from_store(plan, tb, limit, prefix)
+        return plan
+
+    def _plan_from_index(
+        self, index: RadixIndex | None, tb: bytes, limit: int, prefix: list[bytes]
+    ) -> _ChunkPlan:
+        B = self.block_size
+        match = index.match(tb[: 4 * limit]) if index is not None else None
+        if index is None or match is None or not match.length:
+            return _ChunkPlan([])
+        seq = index.terminal_below(match.node)
+        index.touch(seq)
+        n_full, partial_len = divmod(match.length, B)
+        blocks = [_hex(prefix[j + 1]) for j in range(n_full)]
+        if not partial_len:
+            return _ChunkPlan(blocks)
+        # The chunk that covers the match's last tokens belongs to a cached sequence that goes on
+        # differently (or further): its key comes from that sequence's tokens, not the prompt's.
+        seq_tokens = index.tokens_of(seq)
+        end = min(len(seq_tokens) // 4, (n_full + 1) * B)
+        partial_key = _hex(
+            K.chain(prefix[n_full], memoryview(seq_tokens)[4 * n_full * B : 4 * end])
+        )
+        return _ChunkPlan(blocks, partial_key, partial_len)
+
+    def _plan_from_store(
+        self, plan: _ChunkPlan, tb: bytes, limit: int, prefix: list[bytes]
+    ) -> _ChunkPlan:
+        """Other processes may have written what this index does not know: probe the prompt's own
+        blocks (over the whole prompt: a block or tail that runs past `limit` is cut to it)."""
+        B, n = self.block_size, len(tb) // 4
+        j = len(plan.blocks)
+        while (j + 1) * B <= n and self.store.contains(_hex(prefix[j + 1])):
+            j += 1
+        if j * B > plan.tokens(B):
+            whole = min(j, limit // B)
+            partial_len = limit - whole * B if j * B >= limit else 0
+            partial_key = _hex(prefix[whole + 1]) if partial_len else None
+            plan = _ChunkPlan([_hex(prefix[i + 1]) for i in range(whole)], partial_key, partial_len)
+        start = len(plan.blocks) * B
+        if plan.partial_key is not None or start >= limit:
+            return plan
+        view = memoryview(tb)
+        for r in range(min(B - 1, n - start), 0, -1):
+            key = _hex(K.chain(prefix[len(plan.blocks)], view[4 * start : 4 * (start + r)]))
+            if self.store.contains(key):
+                return _ChunkPlan(plan.blocks, key, min(r, limit - start))
+        return plan
+
+    def _read(self, plan: _ChunkPlan, fingerprint: str, codec: StateCodec) -> Hit | None:
+        """The state of the plan's chunks: the deepest merged prefix from the memo (the hash chain
+        makes its last block's key name all of its blocks), the chunks after it from the store.
+        A missing chunk cuts the hit short before it. Raises CodecError if the parts do not join."""
+        if not plan.tokens(self.block_size):
+            return None
+        memo_hit = self._memo.find(codec, plan.blocks)
+        start = memo_hit.n_blocks if memo_hit is not None else 0
+        tiers = {"memory"} if memo_hit is not None else set()
+        if memo_hit is not None:
+            self._stats.memo_hits += 1
+        keys = plan.keys()
+        values = self._fetch_all(keys[start:], fingerprint, tiers)
+        missing = next((start + i for i, v in enumerate(values) if v is None), None)
+        if missing is not None:
+            self._stats.missing_chunks += len(keys) - missing
+            self._drop_missing(fingerprint, keys[missing])
+            plan = plan.cut_to(missing)
+            if not plan.blocks:
+                return None
+        n_blocks = len(plan.blocks)
+        parts = [memo_hit.segment] if memo_hit is not None else []
+        parts += [v for v in values[: n_blocks - start] if v is not None]
+        parts = self._merge_on_second_hit(codec, plan.blocks, parts)
+        if plan.partial_len:
+            tail = values[n_blocks - start]
+            assert tail is not None
+            parts.append(codec.cut(tail, plan.partial_len))
+        return Hit(
+            plan.tokens(self.block_size), codec.join(parts), self.store.slowest(tiers), fingerprint
+        )
+
+    def _fetch_all(self, keys: list[str], fingerprint: str, tiers: set[str]) -> list[bytes | None]:
+        """Every key's value (None where missing); the tiers that answered are added to `tiers`."""
+        values: list[bytes | None] = [None] * len(keys)
+        for i in reversed(range(len(keys))):  # deepest first: the root block ends most recent
+            values[i], tier = self._fetch(keys[i], fingerprint)
+            if values[i] is not None:
+                tiers.add(tier)
+        return values
+
     def _fetch(self, key: str, fingerprint: str) -> tuple[bytes | None, str]:
         return self.store.get_with_tier(key, fingerprint=fingerprint)
 
-    def _lookup_chunks(
-        self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec, min_tokens: int = 0
-    ) -> Hit | object | None:
-        B = self.block_size
-        index = self._indexes.get(fingerprint)
-        match = index.match(tb[: 4 * limit]) if index else None
-        length = match.length if match else 0
-        if length:
-            assert index is not None and match is not None
-            index.touch(index.terminal_below(match.node))
-        n_full = length // B
-        n = len(tb) // 4
-        # Every block key of the whole prompt, hashed once: probing a shared store needs all of them.
-        prefix = K.block_keys(fingerprint, tb, B, (n if self._probe_store else limit) // B)
-        chunk_keys = [_hex(prefix[j + 1]) for j in range(n_full)]
-        partial_key, partial_len = None, length - n_full * B
-        if partial_len:
-            assert index is not None and match is not None
-            # The chunk that covers the match's last tokens belongs to a cached sequence that goes on
-            # differently (or further): its key comes from that sequence's tokens, not the prompt's.
-            seq_tokens = index.tokens_of(index.terminal_below(match.node))
-            end = min(len(seq_tokens) // 4, (n_full + 1) * B)
-            partial_key = _hex(K.chain(prefix[n_full], memoryview(seq_tokens)[4 * n_full * B : 4 * end]))
-        if self._probe_store and length < limit:
-            # Other processes may have written what this index does not know: probe the prompt's own
-            # blocks (over the whole prompt: a block or tail that runs past `limit` is cut to it).
-            j = n_full
-            while (j + 1) * B <= n and self.store.contains(_hex(prefix[j + 1])):
-                j += 1
-            if j * B > length:
-                whole = min(j, limit // B)
-                chunk_keys = [_hex(prefix[i + 1]) for i in range(whole)]
-                partial_len = limit - whole * B if j * B >= limit else 0
-                partial_key = _hex(prefix[whole + 1]) if partial_len else None
-                n_full = whole
-            if partial_key is None and n_full * B < limit:
-                view = memoryview(tb)
-                start = n_full * B
-                for r in range(min(B - 1, n - start), 0, -1):
-                    key = _hex(K.chain(prefix[n_full], view[4 * start : 4 * (start + r)]))
-                    if self.store.contains(key):
-                        partial_key, partial_len = key, min(r, limit - start)
-                        break
-        n_blocks = len(chunk_keys)
-        if partial_key is not None:
-            chunk_keys.append(partial_key)
-        if not chunk_keys:
-            return None
-        if n_blocks * B + partial_len <= min_tokens:
-            return _SKIPPED  # the caller already holds as much (its live context): fetch nothing
-        # The deepest prefix merged before comes from the memo as one segment: the hash chain makes
-        # the key of its last block name all of its blocks. Only the blocks after it are fetched.
-        # A merged prefix also answers for its earlier blocks every _MEMO_ALIAS_EVERY blocks (cut
-        # to them): a new question after a cached system prompt starts from it too.
-        m, merged = 0, None
-        if n_blocks >= _MEMO_MIN_BLOCKS and self._memo:
-            for i in range(n_blocks - 1, _MEMO_MIN_BLOCKS - 2, -1):
-                key = (codec.name, chunk_keys[i])
-                found = self._memo.get(key)
-                if found is None and key in self._memo_alias:
-                    main, count = self._memo_alias[key]
-                    whole = self._memo.get(main)
-                    if whole is not None:
-                        key, found = main, codec.cut(whole, count * B)
-                if found is not None:
-                    m, merged = i + 1, found
-                    self._memo.move_to_end(key)
-                    self._stats.memo_hits += 1
-                    break
-        segments: list[bytes] = [b""] * len(chunk_keys)
-        tiers = {"memory"} if merged is not None else set()
-        usable = len(chunk_keys)
-        for i in reversed(range(m, len(chunk_keys))):  # deepest first: the root block ends most recent
-            value, tier = self._fetch(chunk_keys[i], fingerprint)
-            if value is None:
-                usable = i
-                continue
-            segments[i] = value
-            tiers.add(tier)
-        if usable < len(chunk_keys):
-            self._stats.missing_chunks += len(chunk_keys) - usable
-            self._drop_missing(fingerprint, chunk_keys[usable])
-            n_blocks, partial_len = min(n_blocks, usable), 0
-            if n_blocks == 0:
-                return None
-        parts = ([merged] if merged is not None else []) + segments[m:n_blocks]
-        if len(parts) > 2 and n_blocks >= _MEMO_MIN_BLOCKS:
-            # Merge on the second hit of a prefix: a first hit would pay the merge for nothing.
-            key = (codec.name, chunk_keys[n_blocks - 1])
-            if key in self._memo_seen:
-                merged_all = codec.split(codec.join(parts), [0, n_blocks * B])[0]
-                parts = [self._remember_merged(key, merged_all, chunk_keys[:n_blocks])]
-            else:
-                self._memo_seen[key] = None
-                while len(self._memo_seen) > 64:
-                    self._memo_seen.popitem(last=False)
-        if partial_len:
-            parts.append(codec.cut(segments[n_blocks], partial_len))
-        reused = n_blocks * B + partial_len
-        return Hit(reused, codec.join(parts), self.store.slowest(tiers), fingerprint)
+    def _merge_on_second_hit(
+        self, codec: StateCodec, blocks: list[str], parts: list[bytes]
+    ) -> list[bytes]:
+        """`parts` (the state of `blocks`), merged into one remembered segment when the prefix is
+        hit the second time: a first hit would pay the merge for nothing."""
+        if len(parts) <= 2 or not self._memo.seen_twice(codec, blocks):
+            return parts
+        merged = codec.split(codec.join(parts), [0, len(blocks) * self.block_size])[0]
+        self._memo.remember(codec, blocks, merged)
+        return [merged]
 
-    def _remember_merged(
-        self, key: tuple[str, str], merged: bytes, block_keys: Sequence[str] = ()
-    ) -> bytes:
-        """Keep a merged prefix in the memo, least recently used out first, within memo_bytes.
-        block_keys (the keys of its blocks, in order) register it for its earlier prefixes too."""
-        self._forget_merged(key)
-        if len(merged) <= self.memo_bytes:
-            self._memo[key] = merged
-            self._memo_used += len(merged)
-            aliases = []
-            for i in range(_MEMO_ALIAS_EVERY - 1, len(block_keys) - 1, _MEMO_ALIAS_EVERY):
-                alias = (key[0], block_keys[i])
-                self._memo_alias[alias] = (key, i + 1)
-                aliases.append(alias)
-            self._memo_aliases_of[key] = aliases
-        while self._memo_used > self.memo_bytes:
-            self._forget_merged(next(iter(self._memo)))
-        return merged
-
-    def _forget_merged(self, key: tuple[str, str]) -> None:
-        old = self._memo.pop(key, None)
-        if old is not None:
-            self._memo_used -= len(old)
-        for alias in self._memo_aliases_of.pop(key, ()):
-            if self._memo_alias.get(alias, (None,))[0] == key:
-                del self._memo_alias[alias]
-
-    def _lookup_whole(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
+    def _lookup_whole(
+        self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec
+    ) -> Hit | None:
         index = self._indexes.get(fingerprint)
         candidates: list[int] = []
         if index is not None:
@@ -504,6 +533,76 @@ class PromptCache:
             return Hit(depth, codec.join([value]), tier, fingerprint)
         return None
 
+    def _count_lookup(self, n: int, hit: Hit | None) -> Hit | None:
+        self._stats.lookups += 1
+        self._stats.tokens_looked_up += n
+        if hit is None:
+            self._stats.misses += 1
+            return None
+        self._stats.hits += 1
+        self._stats.tokens_reused += hit.tokens_reused
+        self._stats.hits_by_tier[hit.source] = self._stats.hits_by_tier.get(hit.source, 0) + 1
+        return hit
+
+    # ---------------------------------------------------------------- insert, forget, evict
+
+    def _still_cached(self, index: RadixIndex, tb: bytes) -> bool:
+        """Whether exactly tb is cached with every chunk in the store (touched if so); an entry
+        whose chunks the store lost is forgotten, so it can be inserted again."""
+        existing = index.find(tb)
+        if existing is None or existing.value is None:
+            return False
+        index.touch(existing)
+        if all(self.store.contains(k) for k in existing.value.keys):
+            return True
+        self._forget(index, existing)
+        return False
+
+    def _segments_and_sizes(
+        self,
+        state: bytes,
+        codec: StateCodec,
+        bounds: list[int],
+        chunk_keys: list[str],
+        new: list[int],
+    ) -> tuple[list[bytes], list[int]]:
+        """The state cut at bounds (nothing when no chunk is new) and every chunk's size."""
+        if not new:
+            return [], [self._chunks.size(k) for k in chunk_keys]
+        segments = codec.split(bytes(state), bounds) if codec.splittable else [bytes(state)]
+        return segments, [len(s) for s in segments]
+
+    def _remember_inserted(
+        self, state: bytes, codec: StateCodec, chunk_keys: list[str], n: int
+    ) -> None:
+        """A conversation's next turn extends this n-token state: keep its full blocks as one segment."""
+        n_full = n // self.block_size
+        if self._memo.keeps(n_full):
+            merged = codec.split(bytes(state), [0, n_full * self.block_size])[0]
+            self._memo.remember(codec, chunk_keys[:n_full], merged)
+
+    def _write_new(
+        self,
+        chunk_keys: list[str],
+        new: list[int],
+        segments: list[bytes],
+        sizes: list[int],
+        fingerprint: str,
+    ) -> int:
+        """Put the chunks at positions `new` in the store; returns the bytes written."""
+        written = 0
+        # Tail first, root block last: a shared prefix ends up the most recently used.
+        for i in reversed(new):
+            key = chunk_keys[i]
+            self._chunks.add(key, sizes[i])
+            if self._probe_store and self.store.contains(key):
+                self._stats.chunks_deduplicated += 1
+                continue
+            self.store.put(key, segments[i], fingerprint=fingerprint)
+            written += sizes[i]
+            self._stats.chunks_written += 1
+        return written
+
     def _drop_missing(self, fingerprint: str, key: str) -> None:
         """A chunk vanished from the store (evicted by another process, or corrupt): forget its users."""
         index = self._indexes.get(fingerprint)
@@ -515,26 +614,24 @@ class PromptCache:
     def _forget(self, index: RadixIndex, node: Node) -> None:
         record: _Record = node.value
         index.remove(node)
-        for k in record.keys:
-            left = self._refs.get(k, 0) - 1
-            if left > 0:
-                self._refs[k] = left
-                continue
-            self._refs.pop(k, None)
-            self._bytes -= self._sizes.pop(k, 0)
+        for key in self._chunks.release(record.keys):
             if not self._probe_store:
-                self.store.delete(k)
+                self.store.delete(key)
 
     def _make_room(self, new_bytes: int, keep: Node) -> None:
         """Evict least recently used leaf sequences until new_bytes fit (a shared prefix outlives its branches)."""
-        while self._bytes + new_bytes > self.capacity_bytes:
+        while self._chunks.nbytes + new_bytes > self.capacity_bytes:
             victim = None
             for index in self._indexes.values():
                 leaf = index.lru_leaf(exclude=keep)
-                if leaf is not None and (victim is None or leaf.last_access < victim[1].last_access):
+                if leaf is not None and (
+                    victim is None or leaf.last_access < victim[1].last_access
+                ):
                     victim = (index, leaf)
             if victim is None:
-                raise PromptCacheError("nothing left to evict")  # unreachable: new_bytes <= capacity
+                raise PromptCacheError(
+                    "nothing left to evict"
+                )  # unreachable: new_bytes <= capacity
             self._forget(*victim)
             self._stats.evicted_sequences += 1
 

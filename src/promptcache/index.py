@@ -79,7 +79,11 @@ class RadixIndex:
                 if child.terminal:
                     terminals.append(child)
                 continue
-            return Match((off // 4) + _common_prefix_tokens(tokens_le, off, child.edge), child, tuple(terminals))
+            return Match(
+                (off // 4) + _common_prefix_tokens(tokens_le, off, child.edge),
+                child,
+                tuple(terminals),
+            )
         return Match(off // 4, node, tuple(terminals))
 
     def insert(self, tokens_le: bytes, value: Any = None) -> tuple[Node, bool]:
@@ -149,7 +153,11 @@ class RadixIndex:
     def find(self, tokens_le: bytes) -> Node | None:
         """The node of exactly this cached sequence, or None."""
         m = self.match(tokens_le)
-        if m.length * 4 == len(tokens_le) and m.node.depth * 4 == len(tokens_le) and m.node.terminal:
+        if (
+            m.length * 4 == len(tokens_le)
+            and m.node.depth * 4 == len(tokens_le)
+            and m.node.terminal
+        ):
             return m.node
         return None
 
@@ -192,7 +200,3 @@ class RadixIndex:
             if fallback is None or age < (fallback.last_access, fallback.seq):
                 fallback = node
         return best if best is not None else fallback
-
-    def clear(self) -> None:
-        self.root = Node(b"", None, 0)
-        self._n_sequences = 0

@@ -31,12 +31,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 
 def cache_stats(cache: PromptCache) -> dict[str, Any]:
-    """PromptCache.stats(), retried if a worker inserting at the same moment resizes a dict under it."""
-    for _ in range(3):
-        try:
-            return cache.stats()
-        except RuntimeError:  # "dictionary changed size during iteration"
-            continue
+    """PromptCache.stats(): a consistent snapshot (taken under the cache's lock) while workers insert."""
     return cache.stats()
 
 

@@ -1,0 +1,394 @@
+"""DatasetCache: processed Hugging Face datasets stored as Arrow (save_to_disk), reopened memory-mapped, streamed.
+
+Owns dataset keys, the preprocess semantics and streaming with prefetch; never reads an artefact's files
+itself (datasets does, memory-mapped) and never loads a pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from promptcache.artefacts.identity import artefact_key, function_identity, value_identity
+from promptcache.artefacts.store import ArtefactStore
+from promptcache.artefacts.stream import BatchStream
+from promptcache.files import user_cache_dir
+
+log = logging.getLogger(__name__)
+
+PreprocessFn = Callable[[dict[str, list[Any]]], dict[str, Any]]
+
+# Bump when what an artefact holds for the same inputs changes (the preprocess semantics below).
+_SEMANTICS = "batched-map/1"
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_restore = False
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence datasets' progress bars (they write to stderr) for the calls inside; nests across threads."""
+    global _quiet_depth, _quiet_restore
+    from datasets.utils import logging as ds_logging
+
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_restore = ds_logging.is_progress_bar_enabled()
+            ds_logging.disable_progress_bar()
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_restore:
+                ds_logging.enable_progress_bar()
+
+
+RECORD_BATCH_BYTES = 8 << 20
+"""Bytes per Arrow record batch in a saved artefact (datasets writes 1,000 rows a batch). Opening a
+memory-mapped Arrow stream reads every batch's header, and each read maps the page cache around it
+(the kernel's 64 KiB fault-around): with 1,000-row batches of 100k short tokenized rows, opening
+mapped about 60% of the file into RSS (shared page cache, not copies); with 8 MiB batches, about 1%."""
+
+_config_lock = threading.Lock()
+
+
+def _save(dataset: Any, path: Path) -> None:
+    """dataset.save_to_disk(path), quietly, with record batches of about RECORD_BATCH_BYTES."""
+    from datasets import config
+
+    nbytes = dataset.data.nbytes
+    rows = max(1000, len(dataset) * RECORD_BATCH_BYTES // nbytes) if nbytes else 1000
+    with _quiet(), _config_lock:  # a datasets-wide setting: changed only around this call
+        before = config.DEFAULT_MAX_BATCH_SIZE
+        config.DEFAULT_MAX_BATCH_SIZE = rows
+        try:
+            dataset.save_to_disk(str(path))
+        finally:
+            config.DEFAULT_MAX_BATCH_SIZE = before
+
+
+def _require_dataset(dataset: Any) -> Any:
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"expected a datasets.Dataset, got {type(dataset).__qualname__}; "
+            "build one with Dataset.from_dict / from_list / from_generator"
+        )
+    return dataset
+
+
+class DatasetCache:
+    """Processed datasets, keyed by what produced them, stored as Arrow and reopened memory-mapped.
+
+    `cache_dataset(dataset, preprocess_fn)` maps `preprocess_fn` over `dataset` in batches (as
+    `Dataset.map(batched=True)` does: it takes a dict of column lists and returns a dict of column
+    lists, which are added to the input columns or replace those of the same name; `remove_columns`
+    drops input columns), saves the result with `Dataset.save_to_disk` and returns its key;
+    `get_dataset(key)` reopens it with `load_from_disk`, memory-mapped (not copied into RAM);
+    `stream_dataset(...)` yields batches from the cache, or computes, yields and caches them.
+
+    The key is a blake2b hash over: the source (its datasets fingerprint, a hash of its content for
+    in-memory datasets and of its files and transforms for loaded ones, or `source=` if given); the
+    function's identity (promptcache.artefacts.identity: source, bytecode, closure and globals, or
+    `version=` if given); remove_columns; and the versions of promptcache, datasets, pyarrow,
+    llama-cpp-python, numpy and python. A change to any of them is a miss, never a stale hit. The batch
+    size is not in the key: preprocess_fn must give the same rows however rows are grouped.
+
+    Defaults follow the training cache users know: capacity 512 MiB, policy "fifo", batch_buffer 32
+    (processed batches held before they are appended to the artefact being filled), prefetch 4
+    (batches made ahead by a background thread).
+    Artefacts live in an ArtefactStore (placed atomically; see its docstring for crash safety).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        capacity_bytes: int = 512 << 20,
+        *,
+        policy: str = "fifo",
+        max_age: float | None = None,
+        eviction_threshold: float = 0.9,
+        batch_buffer: int = 32,
+        prefetch: int = 4,
+        fsync: bool = True,
+        **store_options: Any,
+    ) -> None:
+        """Open the cache at `path` (default: the user cache dir / "datasets").
+
+        Raises ValueError for bad sizes or policy, StoreUnavailableError when the directory cannot be used.
+        """
+        if not isinstance(batch_buffer, int) or batch_buffer < 1:
+            raise ValueError(f"batch_buffer must be an int >= 1, got {batch_buffer!r}")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+        self.store = ArtefactStore(
+            path if path is not None else user_cache_dir("datasets"),
+            capacity_bytes,
+            policy=policy,
+            max_age=max_age,
+            eviction_threshold=eviction_threshold,
+            fsync=fsync,
+            **store_options,
+        )
+        self.batch_buffer = batch_buffer
+        self.prefetch = prefetch
+
+    def __repr__(self) -> str:
+        return f"DatasetCache({self.store!r})"
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def dataset_key(
+        self,
+        dataset: Any,
+        preprocess_fn: PreprocessFn | None = None,
+        *,
+        version: str | int | None = None,
+        source: Any = None,
+        remove_columns: Sequence[str] | None = None,
+    ) -> str:
+        """The key cache_dataset and stream_dataset use for these arguments (see the class docstring).
+
+        Raises TypeError when `dataset` is no datasets.Dataset or a value the function uses cannot be identified.
+        """
+        _require_dataset(dataset)
+        transform = None if preprocess_fn is None else function_identity(preprocess_fn, version)
+        params = {
+            "semantics": _SEMANTICS,
+            "remove_columns": sorted(remove_columns) if remove_columns else None,
+        }
+        return artefact_key(
+            "dataset", value_identity(dataset if source is None else source), transform, params
+        )
+
+    # -- caching --------------------------------------------------------------------------------
+
+    def cache_dataset(
+        self,
+        dataset: Any,
+        preprocess_fn: PreprocessFn | None = None,
+        key: str | None = None,
+        *,
+        version: str | int | None = None,
+        source: Any = None,
+        remove_columns: Sequence[str] | None = None,
+        batch_size: int = 1000,
+    ) -> str:
+        """Process `dataset` with `preprocess_fn` (unless already cached) and store it; returns its artefact key.
+
+        key: a name (1 to 200 characters of [0-9a-z_.:-]) that get_dataset will also accept; it is
+        an alias that follows the latest cache_dataset call under it, never part of the artefact key.
+        Raises TypeError (not a Dataset, unidentifiable function input), ValueError (malformed key),
+        CapacityError (the result is larger than the whole cache), StoreUnavailableError, and
+        whatever preprocess_fn raises (nothing is stored then).
+        """
+        artefact = self.dataset_key(
+            dataset, preprocess_fn, version=version, source=source, remove_columns=remove_columns
+        )
+        if key is not None:
+            self.store.check_key(key)
+        if self.store.get(artefact) is None:
+            with self.store.writing(artefact) as tmp:
+                # Beside tmp and named after it (our pid): a dead writer's is removed with its temp dir.
+                map_file = Path(f"{tmp}.map.arrow")
+                try:
+                    with _quiet():
+                        result = self._map(
+                            dataset, preprocess_fn, remove_columns, batch_size, map_file, artefact
+                        )
+                    _save(result, tmp)
+                finally:
+                    map_file.unlink(missing_ok=True)
+        if key is not None:
+            self.store.name(key, artefact)
+        return artefact
+
+    @staticmethod
+    def _map(
+        dataset: Any,
+        fn: PreprocessFn | None,
+        remove_columns: Sequence[str] | None,
+        batch_size: int,
+        cache_file: Path | None,
+        fingerprint: str,
+    ) -> Any:
+        dataset = dataset.with_format(None)
+        if fn is None and not remove_columns:
+            return dataset
+        return dataset.map(
+            fn,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=list(remove_columns) if remove_columns else None,
+            load_from_cache_file=False,
+            keep_in_memory=cache_file is None,
+            cache_file_name=None if cache_file is None else str(cache_file),
+            new_fingerprint=fingerprint.replace("dataset-", "")[:64],
+        )
+
+    def get_dataset(self, key: str) -> Any:
+        """The cached datasets.Dataset under `key` (an artefact key or a name), memory-mapped; None on a miss.
+
+        An artefact that datasets cannot open is a logged miss and is removed. Raises ValueError for a malformed key.
+        """
+        path = self.store.get(key)
+        if path is None:
+            return None
+        from datasets import Dataset
+
+        try:
+            return Dataset.load_from_disk(str(path), keep_in_memory=False)
+        except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many types for damaged files
+            log.warning("cached dataset %s cannot be opened, removing it: %s", key, exc)
+            self.store.remove(key)
+            return None
+
+    def stream_dataset(
+        self,
+        dataset: Any,
+        batch_size: int = 32,
+        preprocess_fn: PreprocessFn | None = None,
+        *,
+        key: str | None = None,
+        version: str | int | None = None,
+        source: Any = None,
+        remove_columns: Sequence[str] | None = None,
+        format: str | None = None,
+        columns: Sequence[str] | None = None,
+        prefetch: int | None = None,
+        batch_buffer: int | None = None,
+    ) -> BatchStream[Any]:
+        """Batches of `batch_size` rows of the processed dataset, from the cache or computed and cached on the way.
+
+        On a hit the batches are read from the memory-mapped artefact; on a miss each batch of the
+        source is processed and yielded, and every batch_buffer processed batches are appended to an
+        Arrow file, which becomes the artefact (the same key as cache_dataset's) once the last batch
+        is made. A stream closed early, or failing, stores nothing.
+        Batches are dicts of column lists (`format`, e.g. "numpy", and `columns` as in Dataset.with_format).
+        prefetch (default: the cache's) batches are made ahead by a background thread; use the
+        stream in a `with` block or close() it when leaving it early.
+        Raises (at once) TypeError and ValueError as cache_dataset; during iteration, whatever
+        preprocess_fn raises, CapacityError and StoreUnavailableError.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        artefact = self.dataset_key(
+            dataset, preprocess_fn, version=version, source=source, remove_columns=remove_columns
+        )
+        if key is not None:
+            self.store.check_key(key)
+        prefetch = self.prefetch if prefetch is None else prefetch
+        buffer = self.batch_buffer if batch_buffer is None else batch_buffer
+        if not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"batch_buffer must be an int >= 1, got {buffer!r}")
+        cached = self.get_dataset(artefact)
+        if cached is not None:
+            if key is not None:
+                self.store.name(key, artefact)
+            source_batches = _read_batches(cached, batch_size, format, columns)
+        else:
+            source_batches = self._fill(
+                dataset,
+                preprocess_fn,
+                remove_columns,
+                artefact,
+                key,
+                batch_size,
+                buffer,
+                format,
+                columns,
+            )
+        stream: BatchStream[Any] = BatchStream(
+            source_batches, prefetch, key=artefact, from_cache=cached is not None
+        )
+        return stream
+
+    def _fill(
+        self,
+        dataset: Any,
+        fn: PreprocessFn | None,
+        remove_columns: Sequence[str] | None,
+        artefact: str,
+        name: str | None,
+        batch_size: int,
+        batch_buffer: int,
+        format: str | None,
+        columns: Sequence[str] | None,
+    ) -> Iterator[Any]:
+        import pyarrow as pa
+        from datasets import Dataset
+        from datasets.arrow_writer import ArrowWriter
+
+        dataset = dataset.with_format(None)
+        with self.store.writing(artefact) as tmp:
+            arrow_file = Path(f"{tmp}.stream.arrow")
+            writer = None
+            pending: list[Any] = []  # processed batches not yet written: at most batch_buffer
+            try:
+                for start in range(0, len(dataset), batch_size):
+                    rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+                    with _quiet():
+                        batch = self._map(rows, fn, remove_columns, batch_size, None, artefact)
+                    if writer is None:
+                        writer = ArrowWriter(features=batch.features, path=str(arrow_file))
+                    pending.append(batch.data.table)
+                    if len(pending) >= batch_buffer:
+                        writer.write_table(pa.concat_tables(pending))
+                        pending = []
+                    yield next(_read_batches(batch, batch_size, format, columns))
+                if pending:
+                    writer.write_table(pa.concat_tables(pending))
+                if writer is None:  # an empty source: its (empty) processed form is an artefact too
+                    with _quiet():
+                        result = self._map(dataset, fn, remove_columns, batch_size, None, artefact)
+                else:
+                    writer.finalize()
+                    writer.close()
+                    writer = None
+                    result = Dataset.from_file(str(arrow_file), in_memory=False)
+                _save(result, tmp)
+            finally:
+                if writer is not None:
+                    writer.close()
+                arrow_file.unlink(missing_ok=True)
+        if name is not None:
+            self.store.name(name, artefact)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def remove(self, key: str) -> bool:
+        """Remove the artefact under `key` (or a name); True if it was cached. Raises ValueError, StoreUnavailableError."""
+        return self.store.remove(key)
+
+    def clear(self) -> int:
+        """Remove every cached dataset; returns how many. Raises StoreUnavailableError."""
+        return self.store.clear()
+
+    def gc(self) -> dict[str, int]:
+        """Expire, evict to capacity and remove dead writers' leftovers (ArtefactStore.gc). Raises StoreUnavailableError."""
+        return self.store.gc()
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes and counters (ArtefactStore.stats). Raises StoreUnavailableError."""
+        return self.store.stats()
+
+    def close(self) -> None:
+        """Close this thread's index connection; idempotent."""
+        self.store.close()
+
+
+def _read_batches(
+    dataset: Any, batch_size: int, format: str | None, columns: Sequence[str] | None
+) -> Iterator[Any]:
+    view = dataset.with_format(format, columns=list(columns) if columns else None)
+    for start in range(0, len(view), batch_size):
+        yield view[start : start + batch_size]
