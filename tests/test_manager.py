@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from promptcache import DEFAULT_BLOCK_SIZE, LLM
 from promptcache.cli import app
-from promptcache.config import CacheConfig
+from promptcache.config import ARTEFACT_CACHES, CacheConfig
 from promptcache.manager import CacheManager
 from promptcache.store.disk import DiskStore
 from promptcache.store.redis import RedisStore
+from promptcache.values import TAG_BYTES
 
 if TYPE_CHECKING:
     from redis_fixture import RedisServer
@@ -68,8 +69,8 @@ def test_raw_entries_in_named_caches(config: CacheConfig) -> None:
 
 def test_raw_entry_arguments_are_checked(config: CacheConfig) -> None:
     with CacheManager(config, cleanup=False) as manager:
-        with pytest.raises(ValueError, match="hash other keys"):
-            manager.put("Not A Key!", b"v")
+        with pytest.raises(TypeError, match="keys are strings"):
+            manager.put(42, b"v")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="never pickle"):
             manager.put("k", {"a": 1})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="cache names"):
@@ -128,7 +129,7 @@ def test_eviction_count_per_tier(tmp_path: Path) -> None:
     )
     with CacheManager(config, cleanup=False) as manager:
         for i in range(5):
-            manager.put(f"k{i}", b"v" * 1000)
+            manager.put(f"k{i}", b"v" * (1000 - TAG_BYTES))  # 1,000 bytes stored
         s = manager.stats()
     assert s["tiers"]["memory"]["eviction_count"] == 2 and s["tiers"]["disk"]["eviction_count"] == 0
     assert s["eviction_count"] == 2
@@ -174,7 +175,7 @@ def test_cleanup_thread_enforces_capacity_others_exceeded(tmp_path: Path, redis_
         _memory, disk, remote = manager.store.tiers
         assert wait_for(lambda: disk.size() <= 5000 and remote.size() <= 5000)
         assert len(disk) == len(remote) == 4
-        assert manager.get("k19") == b"v" * 1000  # the most recent survive
+        assert disk.get("default:k19") == b"v" * 1000  # the most recent survive
         assert manager.stats()["cleanup"]["evicted"] == 32
 
 
@@ -237,7 +238,12 @@ def test_inspect_shows_model_tokens_bytes_age_and_tier(config: CacheConfig) -> N
 def cli_env(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name in ("PROMPTCACHE_CONFIG", "CACHE_MEMORY_SIZE", "CACHE_DISK_SIZE", "CACHE_POLICY"):
         monkeypatch.delenv(name, raising=False)
-    return {"PROMPTCACHE_DISK_PATH": str(tmp_path / "kv"), "PROMPTCACHE_REDIS_URL": redis_url}
+    return {
+        "PROMPTCACHE_DISK_PATH": str(tmp_path / "kv"),
+        "PROMPTCACHE_REDIS_URL": redis_url,
+        # the artefact caches live in tmp_path too, never in the user's cache dir
+        **{f"PROMPTCACHE_{kind.upper()}_PATH": str(tmp_path / kind) for kind in ARTEFACT_CACHES},
+    }
 
 
 def test_cli_stats_gc_inspect_clear(
@@ -271,7 +277,7 @@ def test_cli_stats_gc_inspect_clear(
     result = runner.invoke(app, ["clear"], env=cli_env, input="n\n")
     assert result.exit_code == 1
     result = runner.invoke(app, ["clear", "--yes"], env=cli_env)
-    assert result.exit_code == 0 and "Removed 1 key (every entry)" in result.output
+    assert result.exit_code == 0 and "Removed 1 key and 0 artefacts (every entry)" in result.output
     assert len(RedisStore(redis_url)) == 0
 
 
