@@ -87,7 +87,7 @@ class CacheManager:
     sections describe (ModelCache, DatasetCache, SystemCache), opened on first use.
 
     A daemon thread cleans each KV tier every `config.tier_cleanup_interval(tier)` seconds and the
-    artefact caches every `config.cleanup_interval`: it expires entries older than max_age, evicts
+    artefact caches this manager opened every `config.cleanup_interval`: it expires entries older than max_age, evicts
     down to capacity (other processes may have written under larger capacities) and reconciles
     accounting. start() and stop() work called plainly or awaited; get_metrics() and cleanup() are
     coroutines. close(), or leaving a `with` / `async with` block, stops it and closes everything.
@@ -470,19 +470,23 @@ class CacheManager:
         return intervals
 
     def run_cleanup(self, parts: list[str] | None = None) -> dict[str, Any]:
-        """Enforce max_age and capacity now in every tier and artefact cache (or in `parts`: tier
-        names and "artefacts"); returns the counts by tier and artefact cache name (see DiskStore.gc,
-        ArtefactStore.gc), {"error": ...} for one that failed."""
+        """Enforce max_age and capacity now in every tier and every artefact cache that exists (or in
+        `parts`: tier names, and "artefacts" for the artefact caches this manager opened); returns
+        the counts by tier and artefact cache name (see DiskStore.gc, ArtefactStore.gc),
+        {"error": ...} for one that failed."""
         t0 = time.perf_counter()
         counts: dict[str, Any] = {}
         jobs: list[tuple[str, Any]] = [
             (t.name, t) for t in self.store.tiers if parts is None or t.name in parts
         ]
-        if parts is None or "artefacts" in parts:
+        if parts is None:
             try:
                 jobs += list(self.artefact_stores().items())
             except PromptCacheError as exc:
                 counts["artefacts"] = {"error": str(exc)}
+        elif "artefacts" in parts:  # the background cleanup: only the caches this manager opened
+            with self._lock:
+                jobs += [(kind, cache.store) for kind, cache in self._artefacts.items()]
         for name, target in jobs:
             try:
                 counts[name] = dict(target.gc())
