@@ -217,8 +217,8 @@ def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         CacheConfig.from_file(bad)
     unknown = tmp_path / "unknown.toml"
-    unknown.write_text("[cache]\neviction_threshold = 0.9\n")
-    with pytest.raises(ConfigError, match="unknown cache setting 'eviction_threshold'"):
+    unknown.write_text("[cache]\neviction_treshold = 0.9\n")
+    with pytest.raises(ConfigError, match="unknown cache setting 'eviction_treshold'"):
         CacheConfig.from_file(unknown)
     listed = tmp_path / "list.yaml"
     listed.write_text("- 1\n- 2\n")

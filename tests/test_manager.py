@@ -3,7 +3,9 @@ capacity, against a real Redis), inspect, and the stats/gc/inspect/clear command
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -11,14 +13,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 from conftest import synthetic_state
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from promptcache import DEFAULT_BLOCK_SIZE, LLM
 from promptcache.cli import app
-from promptcache.config import CacheConfig
+from promptcache.config import ARTEFACT_CACHES, CacheConfig
 from promptcache.manager import CacheManager
 from promptcache.store.disk import DiskStore
 from promptcache.store.redis import RedisStore
+from promptcache.values import TAG_BYTES
 
 if TYPE_CHECKING:
     from redis_fixture import RedisServer
@@ -35,6 +40,13 @@ def wait_for(condition, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+@pytest.fixture(autouse=True)
+def artefacts_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The artefact caches live in tmp_path, never in the user's cache dir."""
+    for kind in ARTEFACT_CACHES:
+        monkeypatch.setenv(f"PROMPTCACHE_{kind.upper()}_PATH", str(tmp_path / kind))
 
 
 @pytest.fixture
@@ -68,8 +80,8 @@ def test_raw_entries_in_named_caches(config: CacheConfig) -> None:
 
 def test_raw_entry_arguments_are_checked(config: CacheConfig) -> None:
     with CacheManager(config, cleanup=False) as manager:
-        with pytest.raises(ValueError, match="hash other keys"):
-            manager.put("Not A Key!", b"v")
+        with pytest.raises(TypeError, match="keys are strings"):
+            manager.put(42, b"v")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="never pickle"):
             manager.put("k", {"a": 1})  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="cache names"):
@@ -128,7 +140,7 @@ def test_eviction_count_per_tier(tmp_path: Path) -> None:
     )
     with CacheManager(config, cleanup=False) as manager:
         for i in range(5):
-            manager.put(f"k{i}", b"v" * 1000)
+            manager.put(f"k{i}", b"v" * (1000 - TAG_BYTES))  # 1,000 bytes stored
         s = manager.stats()
     assert s["tiers"]["memory"]["eviction_count"] == 2 and s["tiers"]["disk"]["eviction_count"] == 0
     assert s["eviction_count"] == 2
@@ -174,7 +186,7 @@ def test_cleanup_thread_enforces_capacity_others_exceeded(tmp_path: Path, redis_
         _memory, disk, remote = manager.store.tiers
         assert wait_for(lambda: disk.size() <= 5000 and remote.size() <= 5000)
         assert len(disk) == len(remote) == 4
-        assert manager.get("k19") == b"v" * 1000  # the most recent survive
+        assert disk.get("default:k19") == b"v" * 1000  # the most recent survive
         assert manager.stats()["cleanup"]["evicted"] == 32
 
 
@@ -237,7 +249,12 @@ def test_inspect_shows_model_tokens_bytes_age_and_tier(config: CacheConfig) -> N
 def cli_env(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name in ("PROMPTCACHE_CONFIG", "CACHE_MEMORY_SIZE", "CACHE_DISK_SIZE", "CACHE_POLICY"):
         monkeypatch.delenv(name, raising=False)
-    return {"PROMPTCACHE_DISK_PATH": str(tmp_path / "kv"), "PROMPTCACHE_REDIS_URL": redis_url}
+    return {
+        "PROMPTCACHE_DISK_PATH": str(tmp_path / "kv"),
+        "PROMPTCACHE_REDIS_URL": redis_url,
+        # the artefact caches live in tmp_path too, never in the user's cache dir
+        **{f"PROMPTCACHE_{kind.upper()}_PATH": str(tmp_path / kind) for kind in ARTEFACT_CACHES},
+    }
 
 
 def test_cli_stats_gc_inspect_clear(
@@ -271,10 +288,191 @@ def test_cli_stats_gc_inspect_clear(
     result = runner.invoke(app, ["clear"], env=cli_env, input="n\n")
     assert result.exit_code == 1
     result = runner.invoke(app, ["clear", "--yes"], env=cli_env)
-    assert result.exit_code == 0 and "Removed 1 key (every entry)" in result.output
+    assert result.exit_code == 0 and "Removed 1 key and 0 artefacts (every entry)" in result.output
     assert len(RedisStore(redis_url)) == 0
 
 
 def test_cli_reports_config_errors(cli_env: dict[str, str]) -> None:
     result = CliRunner().invoke(app, ["stats"], env={**cli_env, "CACHE_POLICY": "lfu"})
     assert result.exit_code == 2 and "lru, fifo, ttl, size" in result.output
+
+
+# -- LlamaHome's manager: any key, numpy and Arrow values, awaited start/stop/get_metrics, artefacts ----
+
+
+def test_any_string_key_is_hashed_for_storage(config: CacheConfig) -> None:
+    from promptcache.manager import storage_key
+
+    keys = ["Not A Key!", "datasets/wiki:train", "ünïcode ключ", "x" * 500, "hash-abc", "plain_key"]
+    with CacheManager(config, cleanup=False) as manager:
+        for i, key in enumerate(keys):
+            manager.put(key, f"value {i}".encode())
+        for i, key in enumerate(keys):
+            assert manager.get(key) == f"value {i}".encode() and manager.contains(key)
+        stored = sorted(manager.store.tier("disk").keys())
+        assert "default:plain_key" in stored  # plain keys stay readable
+        hashed = [k for k in stored if k.startswith("default:hash-")]
+        assert len(hashed) == 5 and storage_key("hash-abc") != "hash-abc"
+        assert manager.remove("Not A Key!") and manager.get("Not A Key!") is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=8))
+def test_distinct_keys_never_share_an_entry(keys: list[str]) -> None:
+    """Against a dict as the oracle: the last value put under each distinct key comes back."""
+    store = CacheConfig(memory_size="1MB", disk_size=0).build_store()
+    manager = CacheManager(CacheConfig(memory_size="1MB", disk_size=0), store=store, cleanup=False)
+    oracle: dict[str, bytes] = {}
+    for i, key in enumerate(keys):
+        manager.put(key, str(i).encode())
+        oracle[key] = str(i).encode()
+    assert {key: manager.get(key) for key in oracle} == oracle
+    manager.close()
+
+
+def test_numpy_and_arrow_values_round_trip_without_pickle(config: CacheConfig) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    arrays = {
+        "f32": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int64).reshape(2, 3)),
+        "scalar": np.array(3.5),
+        "strings": np.array(["a", "bc"]),
+        "empty": np.zeros((0, 5), dtype=np.uint8),
+    }
+    table = pa.table({"tokens": [[1, 2, 3], [4]], "text": ["hi", "there"]})
+    with CacheManager(config, cleanup=False) as manager:
+        for name, array in arrays.items():
+            manager.put(name, array)
+        manager.put("table", table)
+        for name, array in arrays.items():
+            got = manager.get(name)
+            assert isinstance(got, np.ndarray) and got.dtype == array.dtype
+            np.testing.assert_array_equal(got, array)
+        assert manager.get("table").equals(table)
+        # A fresh manager reads them from disk and Redis, where they are plain bytes.
+        with CacheManager(config, cleanup=False) as other:
+            np.testing.assert_array_equal(other.get("f32"), arrays["f32"])
+            assert other.get("table").equals(table)
+        with pytest.raises(TypeError, match="need pickle"):
+            manager.put("objects", np.array([{"a": 1}], dtype=object))
+
+
+def test_a_pickled_array_in_the_store_is_a_miss_never_loaded(
+    config: CacheConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    buf.write(b"pcvn")
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with CacheManager(config, cleanup=False) as manager:
+        manager.store.put("default:crafted", buf.getvalue())
+        with caplog.at_level(logging.WARNING, logger="promptcache.manager"):
+            assert manager.get("crafted") is None
+    assert "unusable" in caplog.text
+
+
+def test_start_stop_and_get_metrics_are_awaitable(config: CacheConfig, tmp_path: Path) -> None:
+    config = CacheConfig(
+        **{**config.model_dump(), "system_cache_path": tmp_path / "temp", "cleanup_interval": 0.05}
+    )
+
+    async def llamahome() -> dict:
+        manager = CacheManager(config, cleanup=False)
+        await manager.start()
+        assert manager.running
+        manager.put("k", b"v" * 100)
+        manager.get("k")
+        manager.get("missing")
+        manager.system_cache.put("scratch", b"data")
+        manager.system_cache.get("scratch")
+        metrics = await manager.get_metrics()
+        counts = await manager.cleanup()
+        assert "system_cache" in counts and "disk" in counts
+        await manager.stop()
+        assert not manager.running
+        async with manager:
+            pass
+        return metrics
+
+    metrics = asyncio.run(llamahome())
+    assert metrics["memory_usage"] > 100 and metrics["eviction_count"] == 0
+    assert set(metrics["by_type"]) == {"prompt", "system_cache"}
+    prompt, system = metrics["by_type"]["prompt"], metrics["by_type"]["system_cache"]
+    assert prompt["hit_rate"] == 0.5 and system["hit_rate"] == 1.0
+    hits = prompt["hits"] + system["hits"]
+    assert (prompt["hits"], prompt["misses"], system["misses"]) == (1, 1, 0) and hits >= 2
+    assert metrics["hit_rate"] == hits / (hits + 1)  # every cache type's lookups together
+    assert system["bytes"] == 4 and system["capacity_bytes"] == 256 << 20
+    # The sync API is unchanged: start() and stop() work when not awaited.
+    with CacheManager(config, cleanup=False) as manager:
+        manager.start()
+        assert manager.running
+        manager.stop()
+        assert not manager.running
+
+
+def test_artefact_caches_in_stats_inspect_gc_and_clear(tmp_path: Path) -> None:
+    config = CacheConfig(
+        memory_size="1MB",
+        disk_size="1MB",
+        disk_path=tmp_path / "kv",
+        model_cache_path=tmp_path / "models",
+        training_cache_path=tmp_path / "datasets",
+        system_cache_path=tmp_path / "temp",
+        system_cache_size="64KB",
+        cleanup_interval=3600,
+    )
+    with CacheManager(config, cleanup=False) as manager:
+        assert manager.artefact_stores() == {}  # nothing created until used
+        manager.system_cache.put("a", b"x" * 1000)
+        manager.system_cache.put("b", b"y" * 2000)
+        manager.put("k", b"v")
+        s = manager.stats()["artefacts"]
+        assert set(s) == {"system_cache"}
+        assert s["system_cache"]["entries"] == 2 and s["system_cache"]["bytes"] == 3000
+        assert s["system_cache"]["capacity_bytes"] == 64 << 10
+        listed = manager.inspect(tier="system_cache")
+        assert sorted((e.key, e.bytes) for e in listed) == [("a", 1000), ("b", 2000)]
+        assert manager.run_cleanup()["system_cache"]["expired"] == 0
+        with pytest.raises(ValueError, match="artefact cache"):
+            manager.cache("system_cache")
+        manager.clear("system_cache")
+        assert manager.system_cache.get("a") is None and manager.get("k") == b"v"
+        manager.system_cache.put("c", b"z")
+        manager.clear()
+        assert manager.system_cache.get("c") is None and manager.get("k") is None
+    # Another process (a new manager) sees the artefact cache on disk.
+    with CacheManager(config, cleanup=False) as other:
+        assert set(other.artefact_stores()) == {"system_cache"}
+
+
+def test_cli_shows_the_artefact_caches(cli_env: dict[str, str], tmp_path: Path) -> None:
+    config = CacheConfig(
+        disk_path=tmp_path / "kv",
+        redis_url=cli_env["PROMPTCACHE_REDIS_URL"],
+        system_cache_path=tmp_path / "system_cache",
+    )
+    with CacheManager(config, cleanup=False) as manager:
+        manager.system_cache.put("scratch-file", b"x" * 3000)
+        manager.put("k1", b"v")
+    runner = CliRunner()
+    result = runner.invoke(app, ["stats"], env=cli_env)
+    assert result.exit_code == 0, result.output
+    assert "system_cache" in result.output and "Not created yet: model_cache, training_cache" in (
+        result.output
+    )
+    report = json.loads(runner.invoke(app, ["stats", "--json"], env=cli_env).output)
+    assert report["artefacts"]["system_cache"]["entries"] == 1
+    result = runner.invoke(app, ["inspect", "--tier", "system_cache"], env=cli_env)
+    assert result.exit_code == 0 and "scratch-file" in result.output
+    result = runner.invoke(app, ["gc"], env=cli_env)
+    assert result.exit_code == 0 and "system_cache" in result.output
+    result = runner.invoke(app, ["clear", "--cache", "system_cache", "--yes"], env=cli_env)
+    assert result.exit_code == 0 and "Removed 1 artefact (cache 'system_cache')" in result.output
+    result = runner.invoke(app, ["clear", "--yes"], env=cli_env)
+    assert "Removed 1 key and 0 artefacts (every entry)" in result.output

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from promptcache.config import ARTEFACT_CACHES
 from promptcache.server.settings import (
     ServerSettings,
     command_line_options,
@@ -24,7 +25,10 @@ from promptcache.server.settings import (
 if TYPE_CHECKING:
     from promptcache.manager import CacheManager
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Never prefill the same tokens twice.")
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Never prefill the same tokens twice."
+)
 console = Console()
 
 
@@ -43,13 +47,17 @@ def _short(question: str, width: int = 16) -> str:
 @app.command()
 def demo(
     max_tokens: int = typer.Option(24, help="Tokens to generate per answer."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Disk cache directory (default: a new temporary one)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Disk cache directory (default: a new temporary one)."
+    ),
 ) -> None:
     """Ask three questions over one long system prompt, then hit the disk cache from a fresh process."""
     from promptcache.demo import run_demo
 
     with console.status("Loading SmolLM2-135M and asking questions..."):
-        rows, totals = run_demo(max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None)
+        rows, totals = run_demo(
+            max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None
+        )
     cold = rows[0].ttft_ms
     table = Table(title="promptcache demo: time to first token, cold vs cached", expand=False)
     for col in ("run", "question", "tokens", "reused", "from", "TTFT", "faster"):
@@ -57,8 +65,13 @@ def demo(
         table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
     for r in rows:
         table.add_row(
-            r.run, _short(r.question), str(r.prompt_tokens), str(r.tokens_reused), r.source,
-            f"{r.ttft_ms:,.0f} ms", f"{cold / r.ttft_ms:,.1f}x" if r.ttft_ms else "-",
+            r.run,
+            _short(r.question),
+            str(r.prompt_tokens),
+            str(r.tokens_reused),
+            r.source,
+            f"{r.ttft_ms:,.0f} ms",
+            f"{cold / r.ttft_ms:,.1f}x" if r.ttft_ms else "-",
         )
     console.print(table)
     console.print(f"[bold]Answer:[/bold] {rows[0].answer}")
@@ -69,7 +82,9 @@ def demo(
 
 @app.command()
 def chat(
-    model: Optional[Path] = typer.Option(None, help="A GGUF file (default: SmolLM2-135M-Instruct)."),
+    model: Optional[Path] = typer.Option(
+        None, help="A GGUF file (default: SmolLM2-135M-Instruct)."
+    ),
     system: str = typer.Option("You are a helpful assistant.", help="System prompt."),
     max_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.7),
@@ -89,12 +104,16 @@ def chat(
             break
         messages.append({"role": "user", "content": user})
         reply = []
-        for piece in llm.chat(messages, max_tokens=max_tokens, temperature=temperature, stream=True):
+        for piece in llm.chat(
+            messages, max_tokens=max_tokens, temperature=temperature, stream=True
+        ):
             console.print(piece, end="", markup=False, highlight=False)
             reply.append(piece)
         s = llm.last_stats
-        console.print(f"\n[dim]{s.tokens_reused}/{s.prompt_tokens} prompt tokens reused ({s.source}), "
-                      f"first token in {s.ttft_ms:.0f} ms[/dim]")
+        console.print(
+            f"\n[dim]{s.tokens_reused}/{s.prompt_tokens} prompt tokens reused ({s.source}), "
+            f"first token in {s.ttft_ms:.0f} ms[/dim]"
+        )
         messages.append({"role": "assistant", "content": "".join(reply)})
     llm.close()
 
@@ -161,8 +180,13 @@ def _serve_settings(options: dict[str, Any]) -> ServerSettings:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
 
 
 # -- cache tiers: stats, gc, inspect, clear (settings: promptcache.config.CacheConfig) ----------------
@@ -199,7 +223,7 @@ def stats(
     config: _ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ) -> None:
-    """Show each cache tier: entries, bytes, capacity, evictions (the RAM tier is per process)."""
+    """Show each cache tier and artefact cache: entries, bytes, capacity, evictions (the RAM tier is per process)."""
     import json
 
     with _cache_manager(config) as manager:
@@ -230,22 +254,42 @@ def stats(
         if name == "memory":
             table.caption = "RAM is per process: a new process starts empty"
         console.print(table)
+    for name, row in report["artefacts"].items():
+        table = Table(title=name, show_header=False, title_justify="left")
+        table.add_column("setting")
+        table.add_column("value", justify="right")
+        if row.get("error"):
+            table.add_row("error", str(row["error"]))
+        else:
+            table.add_row("entries", str(row["entries"]))
+            table.add_row("bytes", _fmt_bytes(int(row["bytes"])))
+            table.add_row("capacity", _fmt_bytes(int(row["capacity_bytes"])))
+            table.add_row("usage", f"{row['usage']:.1%}")
+            table.add_row("policy", str(row.get("policy", "-")))
+            table.add_row("evictions (this process)", str(row["eviction_count"]))
+        table.add_row("path", str(row.get("path", "-")))
+        console.print(table)
+    missing = [name for name in ARTEFACT_CACHES if name not in report["artefacts"]]
+    if missing:
+        console.print(f"[dim]Not created yet: {', '.join(missing)}.[/dim]")
 
 
 @app.command()
 def gc(config: _ConfigOption = None) -> None:
-    """Enforce max_age and capacity in every tier now, and reconcile files and Redis keys with their indexes."""
+    """Enforce max_age and capacity in every tier and artefact cache now, and reconcile files and Redis keys with their indexes."""
     with _cache_manager(config) as manager:
         with console.status("Collecting garbage..."):
             counts = manager.run_cleanup()
     table = Table(title="promptcache gc")
-    table.add_column("tier")
+    table.add_column("tier or cache")
     table.add_column("removed or fixed", justify="left")
     for tier, tier_counts in counts.items():
         if "error" in tier_counts:
             table.add_row(tier, f"[red]{tier_counts['error']}[/red]")
         else:
-            table.add_row(tier, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tier_counts.items()))
+            table.add_row(
+                tier, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tier_counts.items())
+            )
     console.print(table)
 
 
@@ -253,9 +297,14 @@ def gc(config: _ConfigOption = None) -> None:
 def inspect(
     config: _ConfigOption = None,
     limit: Annotated[int, typer.Option(help="Entries per tier, most recently used first.")] = 20,
-    tier: Annotated[str | None, typer.Option(help="Only this tier: memory, disk or redis.")] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(
+            help="Only this tier (memory, disk, redis) or artefact cache (model_cache, training_cache, system_cache)."
+        ),
+    ] = None,
 ) -> None:
-    """List cached entries: model fingerprint, tokens, bytes, age, tier (reading an entry refreshes it)."""
+    """List cached entries and artefacts: model fingerprint, tokens, bytes, age, tier (reading an entry refreshes it)."""
     with _cache_manager(config) as manager:
         entries = manager.inspect(limit, tier=tier)
     table = Table(title="promptcache entries")
@@ -264,8 +313,12 @@ def inspect(
         table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
     for e in entries:
         table.add_row(
-            e.tier, e.cache or "-", e.fingerprint[:12] or "-",
-            str(e.tokens) if e.tokens is not None else "-", _fmt_bytes(e.bytes), _fmt_age(e.age_s),
+            e.tier,
+            e.cache or "-",
+            e.fingerprint[:12] or "-",
+            str(e.tokens) if e.tokens is not None else "-",
+            _fmt_bytes(e.bytes),
+            _fmt_age(e.age_s),
             e.key if len(e.key) <= 28 else e.key[:25] + "...",
         )
     console.print(table)
@@ -277,25 +330,45 @@ def inspect(
 def clear(
     config: _ConfigOption = None,
     cache: Annotated[
-        str | None, typer.Option(help="Only this named cache (default: every entry of every tier).")
+        str | None,
+        typer.Option(
+            help="Only this named cache, or an artefact cache: model_cache, training_cache, "
+            "system_cache (default: every entry of every tier and artefact cache)."
+        ),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Remove cached entries from every tier (the disk and Redis tiers for every process sharing them)."""
+    """Remove cached entries from every tier and artefact cache (for every process sharing them)."""
     with _cache_manager(config) as manager:
-        where = ", ".join(t.name for t in manager.store.tiers if t.name != "memory")
+        if cache in ARTEFACT_CACHES:
+            places = [cache]
+        else:
+            places = [t.name for t in manager.store.tiers if t.name != "memory"]
+            if cache is None:
+                places += list(manager.artefact_stores())
+        where = ", ".join(places) or "nothing"
         what = f"cache {cache!r}" if cache else "every entry"
         if not yes and not typer.confirm(f"Remove {what} from {where}?"):
             raise typer.Exit(1)
-        before = len(manager.store)
+
+        def count() -> tuple[int, int]:
+            keys = 0 if cache in ARTEFACT_CACHES else len(manager.store)
+            stores = manager.artefact_stores()
+            return keys, sum(len(s.entries()) for k, s in stores.items() if cache in (None, k))
+
+        keys_before, artefacts_before = count()
         try:
             manager.clear(cache)
         except ValueError as exc:
             console.print(f"[red]{exc}[/red]", soft_wrap=True)
             raise typer.Exit(2) from None
-        after = len(manager.store)
-    removed = before - after
-    console.print(f"Removed {removed} key{'' if removed == 1 else 's'} ({what}) from {where}.")
+        keys_after, artefacts_after = count()
+    removed, gone = keys_before - keys_after, artefacts_before - artefacts_after
+    parts = [] if cache in ARTEFACT_CACHES else [f"{removed} key{'' if removed == 1 else 's'}"]
+    if cache is None or cache in ARTEFACT_CACHES:
+        parts.append(f"{gone} artefact{'' if gone == 1 else 's'}")
+    console.print(f"Removed {' and '.join(parts)} ({what}) from {where}.")
+
 
 if __name__ == "__main__":
     app()

@@ -1,26 +1,66 @@
-"""CacheManager: one CacheConfig's tiers, named caches over them, raw entries, stats and background cleanup.
+"""CacheManager: one CacheConfig's tiers and artefact caches, named caches, entries, stats and background cleanup.
 
-Owns the lifecycle (cleanup thread, close) and the reporting; stores keep bytes, PromptCache keeps prefixes.
+Owns the lifecycle (cleanup thread, start/stop sync or awaited, close) and the reporting; stores keep
+bytes, PromptCache keeps prefixes, values.py turns entry values into bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import re
 import threading
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from promptcache.cache import DEFAULT_BLOCK_SIZE, PromptCache
-from promptcache.config import CacheConfig
-from promptcache.errors import CodecError, PromptCacheError
+from promptcache.config import ARTEFACT_CACHES, CacheConfig
+from promptcache.errors import CodecError, CorruptEntryError, PromptCacheError
 from promptcache.store.tiered import NamespacedStore, TieredStore
+from promptcache.values import decode_value, encode_value
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+    from promptcache.artefacts import ArtefactStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "default"
-_KEY = re.compile(r"[0-9a-z_:-]{1,160}")
+# Keys of this alphabet are stored as written (readable in `inspect`); any other string, and any
+# key starting with the hash prefix, is stored as the prefix + a blake2b-128 hex digest of its UTF-8.
+_PLAIN_KEY = re.compile(r"[0-9a-z_:-]{1,160}")
+HASHED_KEY_PREFIX = "hash-"
+
+
+def storage_key(key: str) -> str:
+    """The key an entry is stored under: `key` itself when it is 1 to 160 characters of [0-9a-z_:-]
+    (and does not start with "hash-"), else "hash-" + blake2b-128 of its UTF-8. Raises TypeError for a non-str."""
+    if not isinstance(key, str):
+        raise TypeError(f"entry keys are strings, got {type(key).__name__}")
+    if _PLAIN_KEY.fullmatch(key) and not key.startswith(HASHED_KEY_PREFIX):
+        return key
+    return HASHED_KEY_PREFIX + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+class Done:
+    """What start(), stop() and close() return: their work is done when they return, and awaiting the
+    result (LlamaHome's `await manager.start()`) completes at once with None."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return "Done()"
+
+
+_DONE = Done()
 
 
 @dataclass(frozen=True)
@@ -37,16 +77,20 @@ class EntryInfo:
 
 
 class CacheManager:
-    """The tiers of one CacheConfig (RAM -> disk -> Redis), shared by named caches.
+    """The tiers of one CacheConfig (RAM -> disk -> Redis), shared by named caches, and its artefact caches.
 
     `cache(name)` is the PromptCache an engine uses (`LLM(cache=manager.cache())`); every name is a
     key prefix, so names share the tiers' capacity but not entries. get/put/remove/contains/clear
-    work on raw byte entries of a named cache (LlamaHome's CacheManager API, bytes only).
+    work on entries of a named cache (LlamaHome's CacheManager API): any string key, values that
+    are bytes, numpy arrays or pyarrow Tables (stored without pickle, see promptcache.values).
+    `model_cache`, `training_cache` and `system_cache` are the artefact caches the config's
+    sections describe (ModelCache, DatasetCache, SystemCache), opened on first use.
 
-    A daemon thread runs `run_cleanup()` every `config.cleanup_interval` seconds: it expires entries
-    older than max_age in every tier, evicts the disk and Redis tiers down to their capacity (other
-    processes may have written them under larger capacities) and reconciles their accounting.
-    close(), or leaving a `with` block, stops it and closes the tiers.
+    A daemon thread cleans each KV tier every `config.tier_cleanup_interval(tier)` seconds and the
+    artefact caches this manager opened every `config.cleanup_interval`: it expires entries older than max_age, evicts
+    down to capacity (other processes may have written under larger capacities) and reconciles
+    accounting. start() and stop() work called plainly or awaited; get_metrics() and cleanup() are
+    coroutines. close(), or leaving a `with` / `async with` block, stops it and closes everything.
     """
 
     def __init__(
@@ -66,7 +110,9 @@ class CacheManager:
         self.store = store if store is not None else self.config.build_store()
         self._caches: dict[str, PromptCache] = {}
         self._views: dict[str, NamespacedStore] = {}
+        self._artefacts: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._next_cleanup: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cleanup_runs = self.cleanup_errors = 0
@@ -81,6 +127,11 @@ class CacheManager:
     # -- named caches ---------------------------------------------------------------------------
 
     def _view(self, name: str) -> NamespacedStore:
+        if name in ARTEFACT_CACHES:
+            raise ValueError(
+                f"{name!r} is the name of an artefact cache; use manager.{name} for it, "
+                "or another name for a prompt cache"
+            )
         with self._lock:
             view = self._views.get(name)
             if view is None:
@@ -109,60 +160,103 @@ class CacheManager:
         """Names of the caches this manager has handed out or touched."""
         return sorted(self._views)
 
-    # -- raw entries ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_key(key: str) -> None:
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise ValueError(
-                f"entry keys are 1 to 160 characters of [0-9a-z_:-], got {key!r}; "
-                "hash other keys first, e.g. hashlib.blake2b(key.encode(), digest_size=16).hexdigest()"
-            )
+    # -- entries --------------------------------------------------------------------------------
 
     def get(
         self, key: str, *, cache: str = DEFAULT_CACHE, fingerprint: str | None = None
-    ) -> bytes | None:
-        """The bytes stored under key in cache `cache` (from the fastest tier, promoted), or None.
+    ) -> bytes | np.ndarray | pa.Table | None:
+        """The value stored under key in cache `cache` (from the fastest tier, promoted), or None.
 
-        With `fingerprint`, an entry stored under another fingerprint is a miss. Raises ValueError for a bad key or name.
+        The value comes back as it was put: bytes, a numpy array or a pyarrow Table. With
+        `fingerprint`, an entry stored under another fingerprint is a miss; so is (logged) a stored
+        value that does not parse. Raises TypeError for a non-str key, ValueError for a bad cache name.
         """
-        self._check_key(key)
-        return self._view(cache).get(key, fingerprint=fingerprint)
+        blob = self._view(cache).get(storage_key(key), fingerprint=fingerprint)
+        if blob is None:
+            return None
+        try:
+            return decode_value(blob)
+        except CorruptEntryError as exc:
+            log.warning(
+                "entry %r of cache %r is unusable, treating it as a miss: %s", key, cache, exc
+            )
+            return None
 
     def put(
-        self, key: str, value: bytes, *, cache: str = DEFAULT_CACHE, fingerprint: str = ""
+        self,
+        key: str,
+        value: bytes | np.ndarray | pa.Table,
+        *,
+        cache: str = DEFAULT_CACHE,
+        fingerprint: str = "",
     ) -> None:
-        """Store bytes under key in every tier (write-through).
+        """Store value under key in every tier (write-through); never pickles.
 
-        Raises ValueError for a bad key or name, TypeError for a value that is not bytes, and
-        CapacityError when no tier can hold it.
+        value: bytes (bytearray, memoryview), a numpy array (np.save, allow_pickle=False) or a
+        pyarrow Table (Arrow IPC stream). Raises TypeError for another value or a non-str key,
+        ValueError for a bad cache name, and CapacityError when no tier can hold it.
         """
-        self._check_key(key)
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError(
-                f"entries are bytes, got {type(value).__name__}; serialize values first (never pickle)"
-            )
-        self._view(cache).put(key, bytes(value), fingerprint=fingerprint)
+        stored = storage_key(key)
+        self._view(cache).put(stored, encode_value(value), fingerprint=fingerprint)
 
     def remove(self, key: str, *, cache: str = DEFAULT_CACHE) -> bool:
-        """Remove key from every tier; True if any tier held it. Raises ValueError for a bad key or name."""
-        self._check_key(key)
-        return self._view(cache).delete(key)
+        """Remove key from every tier; True if any tier held it. Raises TypeError, ValueError for a bad name."""
+        return self._view(cache).delete(storage_key(key))
 
     def contains(self, key: str, *, cache: str = DEFAULT_CACHE) -> bool:
-        """Whether any tier holds key (no checksum check). Raises ValueError for a bad key or name."""
-        self._check_key(key)
-        return self._view(cache).contains(key)
+        """Whether any tier holds key (no checksum check). Raises TypeError, ValueError for a bad name."""
+        return self._view(cache).contains(storage_key(key))
+
+    # -- artefact caches ------------------------------------------------------------------------
+
+    def _artefact(self, kind: str) -> Any:
+        with self._lock:
+            built = self._artefacts.get(kind)
+            if built is None:
+                built = self._artefacts[kind] = getattr(self.config, kind)()
+            return built
+
+    @property
+    def model_cache(self) -> Any:
+        """The ModelCache of config's model_cache section (opened, and its directory made, on first use)."""
+        return self._artefact("model_cache")
+
+    @property
+    def training_cache(self) -> Any:
+        """The DatasetCache of config's training_cache section (opened on first use)."""
+        return self._artefact("training_cache")
+
+    @property
+    def system_cache(self) -> Any:
+        """The SystemCache of config's system_cache section (opened on first use)."""
+        return self._artefact("system_cache")
+
+    def artefact_stores(self) -> dict[str, ArtefactStore]:
+        """The ArtefactStore of each artefact cache this manager opened or whose directory exists
+        (another process made it); caches never used anywhere are left uncreated."""
+        out = {}
+        for kind in ARTEFACT_CACHES:
+            opened = kind in self._artefacts
+            if opened or (getattr(self.config, f"{kind}_path") / "index.sqlite").exists():
+                out[kind] = self._artefact(kind).store
+        return out
 
     def clear(self, cache: str | None = None) -> None:
-        """Remove every entry of cache `cache`, or of every cache in every tier when None.
+        """Remove every entry of cache `cache` (a prompt cache's name or an artefact cache's:
+        model_cache, training_cache, system_cache), or of every cache when None: every tier and
+        every artefact cache that exists.
 
-        The disk and Redis tiers are cleared for every process that shares them.
+        The disk and Redis tiers and the artefact caches are cleared for every process that shares them.
         """
         with self._lock:
             caches = list(self._caches.items())
+        if cache in ARTEFACT_CACHES:
+            self._artefact(cache).store.clear()
+            return
         if cache is None:
             self.store.clear()
+            for store in self.artefact_stores().values():
+                store.clear()
             for _name, prompt_cache in caches:
                 prompt_cache.clear()  # forgets its index; its (now empty) view has nothing left to delete
             return
@@ -179,7 +273,9 @@ class CacheManager:
         eviction_count (all tiers), and per tier under "tiers": entries, bytes, capacity_bytes,
         usage (bytes / capacity), hits, misses, hit_rate, eviction_count, expirations (and for
         Redis: unavailable, outages). "caches" holds each named PromptCache's lookups and reuse,
-        "cleanup" the background cleanup's runs and totals.
+        "artefacts" each artefact cache that exists (model_cache, training_cache, system_cache:
+        entries, bytes, capacity_bytes, usage, policy, hits, misses, hit_rate, eviction_count,
+        expirations, path), "cleanup" the background cleanup's runs and totals.
         """
         store = self.store.stats()
         tiers: dict[str, dict[str, Any]] = {}
@@ -192,6 +288,7 @@ class CacheManager:
             row["eviction_count"] = int(row.pop("evictions", 0))
             tiers[name] = row
         caches = self._cache_stats()
+        artefacts = self._artefact_stats()
 
         def usage(tier: str) -> int | None:
             nbytes = int(tiers[tier]["bytes"]) if tier in tiers else -1
@@ -208,8 +305,12 @@ class CacheManager:
             "eviction_count": sum(t["eviction_count"] for t in tiers.values()),
             "tiers": tiers,
             "caches": caches,
+            "artefacts": artefacts,
             "cleanup": {
                 "interval_s": self.config.cleanup_interval,
+                "tier_interval_s": {
+                    t.name: self.config.tier_cleanup_interval(t.name) for t in self.store.tiers
+                },
                 "running": self.running,
                 "runs": self.cleanup_runs,
                 "errors": self.cleanup_errors,
@@ -229,6 +330,72 @@ class CacheManager:
         "bytes_written",
     )
 
+    def _artefact_stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for kind, store in self.artefact_stores().items():
+            try:
+                row = dict(store.stats())
+            except PromptCacheError as exc:
+                out[kind] = {"error": str(exc), "path": str(store.path)}
+                continue
+            hits, misses = int(row.get("hits", 0)), int(row.get("misses", 0))
+            row["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+            capacity = int(row.get("capacity_bytes", 0))
+            row["usage"] = int(row.get("bytes", 0)) / capacity if capacity else 0.0
+            row["eviction_count"] = int(row.pop("evictions", 0))
+            row["path"] = str(store.path)
+            out[kind] = row
+        return out
+
+    async def get_metrics(self) -> dict[str, Any]:
+        """LlamaHome's metrics: hit_rate, memory_usage (bytes in the RAM tier; artefacts live on disk,
+        memory-mapped) and eviction_count over every cache type, and the same per type under
+        "by_type": "prompt" (the KV tiers) and each artefact cache that exists, with their bytes,
+        capacity_bytes and usage. Reads the stores in a worker thread (the event loop is not blocked).
+        """
+        return await asyncio.to_thread(self.metrics)
+
+    def metrics(self) -> dict[str, Any]:
+        """What get_metrics() returns, for synchronous callers."""
+        report = self.stats()
+        tiers = report["tiers"]
+        by_type: dict[str, dict[str, Any]] = {
+            "prompt": {
+                "hit_rate": report["hit_rate"],
+                "hits": report["hits"],
+                "misses": report["misses"],
+                "memory_usage": report["memory_usage"],
+                "bytes": sum(max(int(t.get("bytes", 0)), 0) for t in tiers.values()),
+                "capacity_bytes": sum(int(t.get("capacity_bytes", 0)) for t in tiers.values()),
+                "eviction_count": report["eviction_count"],
+            }
+        }
+        for kind, row in report["artefacts"].items():
+            if "error" in row:
+                by_type[kind] = dict(row)
+                continue
+            by_type[kind] = {
+                "hit_rate": row["hit_rate"],
+                "hits": row["hits"],
+                "misses": row["misses"],
+                "memory_usage": 0,
+                "bytes": row["bytes"],
+                "capacity_bytes": row["capacity_bytes"],
+                "eviction_count": row["eviction_count"],
+            }
+        for row in by_type.values():
+            if "capacity_bytes" in row:
+                cap = row["capacity_bytes"]
+                row["usage"] = row["bytes"] / cap if cap else 0.0
+        rows = [r for r in by_type.values() if "error" not in r]
+        hits, lookups = sum(r["hits"] for r in rows), sum(r["hits"] + r["misses"] for r in rows)
+        return {
+            "hit_rate": hits / lookups if lookups else 0.0,
+            "memory_usage": report["memory_usage"],
+            "eviction_count": sum(r["eviction_count"] for r in rows),
+            "by_type": by_type,
+        }
+
     def _cache_stats(self) -> dict[str, dict[str, Any]]:
         """Each named PromptCache's lookups and reuse (a subset of its stats())."""
         with self._lock:
@@ -240,10 +407,12 @@ class CacheManager:
         return out
 
     def inspect(self, limit: int | None = None, *, tier: str | None = None) -> list[EntryInfo]:
-        """The entries of every tier (or of `tier`), most recently used first, at most `limit` per tier.
+        """The entries of every tier and artefact cache (or of `tier`: memory, disk, redis,
+        model_cache, training_cache, system_cache), most recently used first, at most `limit` each.
 
-        Each listed entry is read to count its tokens (a KV segment says how many it covers), so it
-        counts as a hit and refreshes its recency. Tiers that cannot be listed are skipped.
+        Each listed KV entry is read to count its tokens (a KV segment says how many it covers), so
+        it counts as a hit and refreshes its recency; artefacts are listed from their index only
+        (tokens None, fingerprint ""). Tiers that cannot be listed are skipped.
         """
         from promptcache.codec.llama_state import LlamaStateCodec
 
@@ -280,59 +449,120 @@ class CacheManager:
                         age_s=now - float(ctime) if ctime is not None else None,
                     )
                 )
+        for kind, artefacts in self.artefact_stores().items():
+            if tier is not None and kind != tier:
+                continue
+            try:
+                listed = sorted(artefacts.entries(), key=lambda a: a.atime, reverse=True)
+            except PromptCacheError as exc:
+                log.warning("cannot list the %s: %s", kind, exc)
+                continue
+            for info in listed[:limit] if limit is not None else listed:
+                out.append(EntryInfo(kind, kind, info.key, "", info.size, None, now - info.ctime))
         return out
 
     # -- cleanup --------------------------------------------------------------------------------
 
-    def run_cleanup(self) -> dict[str, Any]:
-        """Enforce max_age and capacity in every tier now; returns each tier's counts (see TieredStore.gc)."""
+    def _cleanup_intervals(self) -> dict[str, float]:
+        """Seconds between cleanups of each KV tier (by name) and of the artefact caches ("artefacts")."""
+        intervals = {t.name: self.config.tier_cleanup_interval(t.name) for t in self.store.tiers}
+        intervals["artefacts"] = self.config.cleanup_interval
+        return intervals
+
+    def run_cleanup(self, parts: list[str] | None = None) -> dict[str, Any]:
+        """Enforce max_age and capacity now in every tier and every artefact cache that exists (or in
+        `parts`: tier names, and "artefacts" for the artefact caches this manager opened); returns
+        the counts by tier and artefact cache name (see DiskStore.gc, ArtefactStore.gc),
+        {"error": ...} for one that failed."""
         t0 = time.perf_counter()
-        try:
-            counts: dict[str, Any] = self.store.gc()
-        except Exception as exc:  # noqa: BLE001 - the cleanup thread must outlive any one failure
-            self.cleanup_errors += 1
-            log.warning("cache cleanup failed: %s", exc)
-            return {"error": str(exc)}
-        for tier_counts in counts.values():
-            if "error" in tier_counts:
+        counts: dict[str, Any] = {}
+        jobs: list[tuple[str, Any]] = [
+            (t.name, t) for t in self.store.tiers if parts is None or t.name in parts
+        ]
+        if parts is None:
+            try:
+                jobs += list(self.artefact_stores().items())
+            except PromptCacheError as exc:
+                counts["artefacts"] = {"error": str(exc)}
+        elif "artefacts" in parts:  # the background cleanup: only the caches this manager opened
+            with self._lock:
+                jobs += [(kind, cache.store) for kind, cache in self._artefacts.items()]
+        for name, target in jobs:
+            try:
+                counts[name] = dict(target.gc())
+            except Exception as exc:  # noqa: BLE001 - the cleanup thread must outlive any one failure
+                log.warning("cache cleanup of %s failed: %s", name, exc)
+                counts[name] = {"error": str(exc)}
+        for part_counts in counts.values():
+            if "error" in part_counts:
                 self.cleanup_errors += 1
-            self._cleanup_totals["expired"] += int(tier_counts.get("expired", 0))
-            self._cleanup_totals["evicted"] += int(tier_counts.get("evicted", 0))
+            self._cleanup_totals["expired"] += int(part_counts.get("expired", 0))
+            self._cleanup_totals["evicted"] += int(part_counts.get("evicted", 0))
         self.cleanup_runs += 1
         self.last_cleanup = {**counts, "at": time.time(), "ms": (time.perf_counter() - t0) * 1000}
         return counts
 
-    def _cleanup_loop(self) -> None:
-        while not self._stop.wait(self.config.cleanup_interval):
-            self.run_cleanup()
+    async def cleanup(self) -> dict[str, Any]:
+        """run_cleanup() in a worker thread, for event loops (LlamaHome schedules `cleanup`)."""
+        return await asyncio.to_thread(self.run_cleanup)
 
-    def start(self) -> None:
-        """Start the background cleanup (no-op when it runs already)."""
+    def _cleanup_loop(self) -> None:
+        intervals = self._cleanup_intervals()
+        now = time.monotonic()
+        due = {part: now + seconds for part, seconds in intervals.items()}
+        while not self._stop.wait(max(0.0, min(due.values()) - time.monotonic())):
+            now = time.monotonic()
+            parts = [part for part, at in due.items() if at <= now]
+            if not parts:
+                continue
+            self.run_cleanup(parts)
+            for part in parts:
+                due[part] = time.monotonic() + intervals[part]
+
+    def start(self) -> Done:
+        """Start the background cleanup (no-op when it runs already). Call it or await it."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
-                return
+                return _DONE
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._cleanup_loop, name="promptcache-cleanup", daemon=True
             )
             self._thread.start()
+        return _DONE
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the background cleanup, waiting for a run in progress to finish."""
+    def stop(self, timeout: float | None = 30.0) -> Done:
+        """Stop the background cleanup, waiting for a run in progress to finish. Call it or await it."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         self._thread = None
+        return _DONE
 
-    def close(self) -> None:
-        """Stop the cleanup and close the tiers' connections. Never raises; the manager may not be used after."""
+    def close(self) -> Done:
+        """Stop the cleanup and close the tiers' and artefact caches' connections. Never raises; the
+        manager may not be used after. Call it or await it."""
         self.stop()
         self.store.close()
+        with self._lock:
+            artefacts = list(self._artefacts.values())
+        for artefact in artefacts:
+            try:
+                artefact.close()
+            except Exception as exc:  # noqa: BLE001 - close never raises
+                log.debug("closing an artefact cache: %s", exc)
+        return _DONE
+
+    async def __aenter__(self) -> CacheManager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> CacheManager:
         return self
@@ -341,4 +571,4 @@ class CacheManager:
         self.close()
 
 
-__all__ = ["CacheManager", "EntryInfo", "DEFAULT_CACHE"]
+__all__ = ["CacheManager", "Done", "EntryInfo", "DEFAULT_CACHE", "HASHED_KEY_PREFIX", "storage_key"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import re
 import sqlite3
@@ -118,6 +119,14 @@ class DiskStore(BaseStore):
       (BEGIN IMMEDIATE), so under that lock a file without a row is a crashed writer's leftover.
     - Local filesystems only: sqlite's WAL mode needs shared memory, which network filesystems lack.
 
+    eviction_threshold (0 < t <= 1): when a put would take the total past capacity_bytes, entries are
+    evicted until the total with the new one is at most t x capacity_bytes (1.0, the default, evicts
+    only what the put needs), so that the next puts need no eviction.
+
+    use_mmap: read entry files through a read-only memory map instead of read(): the checksum is
+    computed over the mapped page cache and only the payload is copied out (one copy of the value
+    instead of two). Safe because entry files are never changed in place, only replaced or unlinked.
+
     Counters in stats() (hits, misses, puts, ...) are this instance's; entries and bytes are the index's.
     """
 
@@ -135,6 +144,8 @@ class DiskStore(BaseStore):
         fsync: bool = False,
         clock: Callable[[], float] = time.time,
         compression: str | Compressor | None = None,
+        eviction_threshold: float = 1.0,
+        use_mmap: bool = False,
     ) -> None:
         """Open (creating if needed) the cache at `path` and remove stale temp files.
 
@@ -143,8 +154,12 @@ class DiskStore(BaseStore):
         """
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be a positive int")
+        if not 0 < eviction_threshold <= 1:
+            raise ValueError(f"eviction_threshold must be in (0, 1], got {eviction_threshold!r}")
         self.policy = get_policy(policy, max_age)
         self.path = Path(path) if path is not None else default_path()
+        self.eviction_threshold = eviction_threshold
+        self.use_mmap = use_mmap
         self.capacity_bytes = capacity_bytes
         self.max_age = max_age
         self.fsync = fsync
@@ -260,6 +275,8 @@ class DiskStore(BaseStore):
             (keep,),
         ).fetchone()
         excess = total - old + size - self.capacity_bytes
+        if excess > 0:  # over capacity: evict down to the threshold, not only to capacity
+            excess = total - old + size - int(self.eviction_threshold * self.capacity_bytes)
         victims: list[str] = []
         if excess > 0:
             cur = conn.execute(
@@ -395,7 +412,11 @@ class DiskStore(BaseStore):
         try:
             with open(path, "rb") as f:
                 seen = os.fstat(f.fileno())
-                blob = f.read()
+                blob: bytes | mmap.mmap = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    if self.use_mmap and seen.st_size
+                    else f.read()
+                )
         except FileNotFoundError:
             log.info("disk cache file %s is gone; dropping its index row", path)
             self._discard(key, None, "file missing")
@@ -403,6 +424,7 @@ class DiskStore(BaseStore):
         except OSError as exc:
             log.warning("cannot read disk cache file %s, treating it as a miss: %s", path, exc)
             return None
+        blob_size = len(blob)
         try:
             payload, flags, _fp = envelope.unpack(blob, key=key, fingerprint=fingerprint)
             value = decompress(payload, flags)
@@ -411,14 +433,20 @@ class DiskStore(BaseStore):
             self._bump("corrupt")
             self._discard(key, seen, str(exc))
             return None
-        if len(blob) != size and self._discard(key, seen, "size mismatch", size_mismatch=True):
+        finally:
+            if isinstance(blob, mmap.mmap):
+                try:
+                    blob.close()
+                except BufferError:  # a view still holds it; it is unmapped when that is freed
+                    pass
+        if blob_size != size and self._discard(key, seen, "size mismatch", size_mismatch=True):
             # A writer died between placing the file and committing its row: the file verifies but
             # the index counts other bytes. Dropped so that the index total stays true. (Otherwise
             # a writer replaced the entry while we read it, and the new value is served.)
             log.warning(
                 "disk cache file %s held %d bytes, its index row said %d; removed it",
                 path,
-                len(blob),
+                blob_size,
                 size,
             )
             self._bump("corrupt")
@@ -565,6 +593,7 @@ class DiskStore(BaseStore):
             "corrupt": self.corrupt,
             "path": str(self.path),
             "compression": self.compressor.name,
+            "use_mmap": int(self.use_mmap),
         }
 
     def entries(self) -> list[dict[str, str | int | float]]:

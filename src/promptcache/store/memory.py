@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from promptcache.errors import CapacityError
 from promptcache.store.base import BaseStore
+from promptcache.store.compression import Compressor, decompress
 from promptcache.store.counters import base_stats
 from promptcache.store.policies import Entry, get_policy
 
@@ -24,6 +25,12 @@ class MemoryStore(BaseStore):
 
     policy: "lru" (default), "fifo", "ttl" or "size"; max_age (seconds) expires entries under any policy
     and is required by "ttl". `on_evict(key)` is called for each entry evicted or expired.
+
+    max_items caps the number of entries (None: no cap). eviction_threshold (0 < t <= 1): when a put
+    would exceed capacity_bytes, entries are evicted until the total with the new one is at most
+    t x capacity_bytes (1.0, the default, evicts only what the put needs). compression (a
+    Compressor, default none) compresses values on put; capacity counts the compressed bytes and
+    a read then returns a decompressed copy.
 
     An entry put under one fingerprint and read under another is a logged miss and is removed, as
     in the persisted tiers; an entry put without one ("", e.g. promoted by an unchecked read)
@@ -41,9 +48,19 @@ class MemoryStore(BaseStore):
         max_age: float | None = None,
         on_evict: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_items: int | None = None,
+        eviction_threshold: float = 1.0,
+        compression: Compressor | None = None,
     ) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError("capacity_bytes must be a positive int")
+        if max_items is not None and (not isinstance(max_items, int) or max_items <= 0):
+            raise ValueError(f"max_items must be a positive int or None, got {max_items!r}")
+        if not 0 < eviction_threshold <= 1:
+            raise ValueError(f"eviction_threshold must be in (0, 1], got {eviction_threshold!r}")
+        self.max_items = max_items
+        self.eviction_threshold = eviction_threshold
+        self.compressor = compression if compression is not None else Compressor()
         self.policy = get_policy(policy, max_age)
         self.capacity_bytes = capacity_bytes
         self.max_age = max_age
@@ -89,9 +106,12 @@ class MemoryStore(BaseStore):
             if self.policy.refresh_on_read:
                 self._entries.move_to_end(key)
             self.hits += 1
-            return entry.value
+            return decompress(entry.value, entry.flags) if entry.flags else entry.value
 
     def put(self, key: str, value: bytes, *, fingerprint: str = "") -> None:
+        flags = 0
+        if self.compressor.name != "none":
+            value, flags = self.compressor.compress(value)
         size = len(value)
         if size > self.capacity_bytes:
             raise CapacityError(
@@ -101,11 +121,18 @@ class MemoryStore(BaseStore):
         with self._lock:
             if key in self._entries:
                 self._bytes -= self._entries.pop(key).size
-            while self._entries and self._bytes + size > self.capacity_bytes:
+            if self._bytes + size > self.capacity_bytes:
+                target = min(
+                    self.capacity_bytes, int(self.eviction_threshold * self.capacity_bytes)
+                )
+                while self._entries and self._bytes + size > target:
+                    self._drop(self.policy.victim(self._entries))
+                    self.evictions += 1
+            while self.max_items is not None and len(self._entries) >= self.max_items:
                 self._drop(self.policy.victim(self._entries))
                 self.evictions += 1
             now = self._clock()
-            self._entries[key] = Entry(value, size, now, now, fingerprint)
+            self._entries[key] = Entry(value, size, now, now, fingerprint, flags)
             self._bytes += size
             self.puts += 1
 
@@ -161,4 +188,9 @@ class MemoryStore(BaseStore):
         ]
 
     def stats(self) -> dict[str, int | float | str]:
-        return {**base_stats(self, len(self._entries), self._bytes), "corrupt": self.corrupt}
+        return {
+            **base_stats(self, len(self._entries), self._bytes),
+            "corrupt": self.corrupt,
+            "max_items": self.max_items if self.max_items is not None else "none",
+            "compression": self.compressor.name,
+        }

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 @dataclass
 class Entry:
-    """A RAM entry. fingerprint "" means unknown (promoted without one): it matches any."""
+    """A RAM entry. fingerprint "" means unknown (promoted without one): it matches any.
+    flags: the compression flags of value (0: stored as given)."""
 
     value: bytes
     size: int
     created: float
     accessed: float
     fingerprint: str = ""
+    flags: int = 0
 
 
 @dataclass(frozen=True)
