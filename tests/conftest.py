@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from hashlib import blake2b
 
 import pytest
@@ -9,6 +11,14 @@ import pytest
 from promptcache.codec import FixedWidthCodec
 
 WIDTH = 8
+
+# Artefact caches default to the user's cache directory: tests that build a CacheManager without
+# explicit paths must never open (or clean) a real user's model, training or system cache.
+_ARTEFACT_ROOT = tempfile.mkdtemp(prefix="promptcache-test-artefacts-")
+for _name in ("MODEL", "TRAINING", "SYSTEM"):
+    os.environ.setdefault(
+        f"PROMPTCACHE_{_name}_CACHE_PATH", os.path.join(_ARTEFACT_ROOT, _name.lower())
+    )
 
 
 def synthetic_state(tokens: list[int], width: int = WIDTH) -> bytes:
