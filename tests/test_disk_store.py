@@ -533,12 +533,14 @@ def _foreign(path: Path) -> None:
     ],
     ids=["truncated", "bit-flipped", "bad-magic", "foreign-key", "other-fingerprint"],
 )
+# 1,000 bytes: read whole; 200,000: payload read apart from the header, hashed where it lies.
+@pytest.mark.parametrize("value_size", [1000, 200_000], ids=["small", "large"])
 def test_damaged_or_foreign_entries_are_logged_removed_misses(
-    tmp_path, caplog, damage, fingerprint
+    tmp_path, caplog, damage, fingerprint, value_size
 ):  # noqa: E501
     store = DiskStore(tmp_path, 1 << 20)
-    store.put("victim", b"v" * 1000, fingerprint="model-a")
-    store.put("other", b"o" * 1000, fingerprint="model-a")
+    store.put("victim", b"v" * value_size, fingerprint="model-a")
+    store.put("other", b"o" * value_size, fingerprint="model-a")
     if damage is not None:
         damage(entry_file(store, "victim"))
     with caplog.at_level(logging.WARNING, logger="promptcache.store.disk"):
@@ -546,7 +548,7 @@ def test_damaged_or_foreign_entries_are_logged_removed_misses(
     assert any(r.levelno == logging.WARNING and "victim" in r.getMessage() for r in caplog.records)
     assert not entry_file(store, "victim").exists() and "victim" not in set(store.keys())
     assert store.stats()["corrupt"] == 1
-    assert store.get("other") == b"o" * 1000
+    assert store.get("other") == b"o" * value_size
     store.put("victim", b"again", fingerprint="model-a")
     assert store.get("victim", fingerprint="model-a") == b"again"
 

@@ -9,10 +9,12 @@ the hash chain over (fingerprint, the full blocks before it): full blocks are sh
 sequence with the same prefix (stored once), and any process can compute their keys from a
 prompt alone, which is how a fresh process finds what others wrote to a shared store.
 
-PromptCache coordinates three parts: a RadixIndex per fingerprint (which sequences are cached),
-a _ChunkLedger (which chunks they use, their sizes, the bytes held) and a PrefixMemo (merged
-prefixes). A lookup plans the chunks to read (index, then a shared store's probe), then reads
-them (memo first, store for the rest), then merges a prefix seen twice.
+PromptCache coordinates four parts: a RadixIndex per fingerprint (which sequences are cached),
+a _ChunkLedger (which chunks they use, their sizes, the bytes held), a PrefixMemo (merged
+prefixes in RAM) and, over a shared store, PersistedMerges (merged prefixes in the store, for a
+fresh process). A lookup plans the chunks to read (index, then a persisted merge, then a shared
+store's probe), then reads them (memo first, store for the rest), then merges a prefix seen twice.
+A request hashes its prompt's block keys once: insert and adopt reuse the keys lookup computed.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from promptcache import keys as K
 from promptcache.codec import FixedWidthCodec, OpaqueCodec, StateCodec
 from promptcache.errors import CapacityError, CodecError, PromptCacheError
 from promptcache.index import Node, RadixIndex
-from promptcache.memo import PrefixMemo
+from promptcache.memo import MemoHit, PersistedMerges, PrefixMemo, memo_key
 from promptcache.store import MemoryStore, Store
 
 log = logging.getLogger(__name__)
@@ -46,10 +50,12 @@ class Hit:
 
 @dataclass
 class _Record:
-    """What one cached sequence holds: its chunk keys (in token order) and their sizes."""
+    """What one cached sequence holds: its chunk keys (in token order) and their sizes, and the
+    persisted merge its insert wrote (key, key of the merge's last block), if any."""
 
     keys: list[str]
     sizes: list[int]
+    merged: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class _ChunkPlan:
     blocks: list[str]
     partial_key: str | None = None
     partial_len: int = 0
+    merged: MemoHit | None = None  # a persisted merge of the first blocks, read while planning
+    merged_tier: str = ""
 
     def tokens(self, block_size: int) -> int:
         return len(self.blocks) * block_size + self.partial_len
@@ -69,7 +77,10 @@ class _ChunkPlan:
 
     def cut_to(self, n_chunks: int) -> _ChunkPlan:
         """The plan's first n_chunks whole blocks (the chunks after them are not readable)."""
-        return _ChunkPlan(self.blocks[:n_chunks])
+        return _ChunkPlan(self.blocks[:n_chunks], merged=self.merged, merged_tier=self.merged_tier)
+
+    def without_merge(self) -> _ChunkPlan:
+        return _ChunkPlan(self.blocks, self.partial_key, self.partial_len)
 
 
 class _ChunkLedger:
@@ -134,6 +145,8 @@ class CacheStats:
     evicted_sequences: int = 0
     missing_chunks: int = 0
     memo_hits: int = 0
+    merges_read: int = 0
+    merges_written: int = 0
     hits_by_tier: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -156,6 +169,9 @@ class PromptCache:
     store is probed for the prompt's blocks on lookup, and eviction leaves its chunks to the store.
     memo_bytes: RAM for merged prefixes (a conversation's state as one segment, so its next turn joins
     two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
+    persist_merges: over a shared store, also write merged prefixes of long inserted sequences to the
+    store (memo.PersistedMerges: bounded there, inside the store's capacity), so that a fresh
+    process's first hit reads one segment and a few blocks; default True (ignored unless shared).
     """
 
     def __init__(
@@ -167,6 +183,7 @@ class PromptCache:
         block_size: int = DEFAULT_BLOCK_SIZE,
         shared: bool | None = None,
         memo_bytes: int | None = None,
+        persist_merges: bool = True,
     ) -> None:
         if not isinstance(block_size, int) or block_size <= 0:
             raise ValueError("block_size must be a positive int")
@@ -187,6 +204,11 @@ class PromptCache:
         if memo_bytes is None:
             memo_bytes = min(256 << 20, self.capacity_bytes // 4)
         self._memo = PrefixMemo(memo_bytes, block_size)
+        self._merges = (
+            PersistedMerges(store, block_size) if self._probe_store and persist_merges else None
+        )
+        # (fingerprint, token bytes, block keys) of the last prompt hashed: one hash per request.
+        self._last_keys: tuple[str, bytes, list[bytes]] = ("", b"", [])
         self._lock = threading.RLock()
         self._stats = CacheStats()
 
@@ -227,7 +249,7 @@ class PromptCache:
             hit = None
             try:
                 if codec.splittable and limit:
-                    plan = self._plan(tb, limit, fingerprint)
+                    plan = self._plan(tb, limit, fingerprint, codec)
                     if 0 < plan.tokens(self.block_size) <= min_tokens:
                         return None  # the caller already holds as much (its live context): fetch nothing
                     hit = self._read(plan, fingerprint, codec)
@@ -279,7 +301,7 @@ class PromptCache:
             written = self._write_new(chunk_keys, new, segments, sizes, fingerprint)
             self._stats.chunks_deduplicated += len(chunk_keys) - len(new)
             if codec.splittable and new:
-                self._remember_inserted(state, codec, chunk_keys, n)
+                self._remember_inserted(state, codec, chunk_keys, n, fingerprint, node.value)
             self._stats.inserts += 1
             self._stats.bytes_written += written
             return written
@@ -364,6 +386,8 @@ class PromptCache:
                 "evicted_sequences": s.evicted_sequences,
                 "missing_chunks": s.missing_chunks,
                 "memo_hits": s.memo_hits,
+                "merges_read": s.merges_read,
+                "merges_written": s.merges_written,
                 "memo_bytes": self._memo.nbytes,
                 "hits_by_tier": dict(s.hits_by_tier),
             }
@@ -376,8 +400,28 @@ class PromptCache:
         b = self.block_size
         return list(range(0, n, b)) + [n]
 
+    def _block_keys(self, fingerprint: str, tb: bytes, n_blocks: int) -> list[bytes]:
+        """K.block_keys, reusing the keys of the last prompt hashed for the full blocks it shares
+        with tb: a request's lookup, insert and adopt hash its prompt once between them."""
+        last_fp, last_tb, last = self._last_keys
+        have = 0
+        if last_fp == fingerprint and last:
+            step = 4 * self.block_size
+            have = min(n_blocks, len(last) - 1, len(tb) // step, len(last_tb) // step)
+            if last_tb[: have * step] != tb[: have * step]:
+                a = np.frombuffer(last_tb, np.uint8, have * step)
+                b = np.frombuffer(tb, np.uint8, have * step)
+                have = int(np.argmax(a != b)) // step
+        keys = last[: have + 1] if have else [K.root_key(fingerprint)]
+        view, step = memoryview(tb), 4 * self.block_size
+        for i in range(len(keys) - 1, n_blocks):
+            keys.append(K.chain(keys[-1], view[i * step : (i + 1) * step]))
+        if len(keys) >= len(last) or last_fp != fingerprint:
+            self._last_keys = (fingerprint, tb, keys)
+        return keys
+
     def _chunk_keys(self, tb: bytes, fingerprint: str, bounds: list[int]) -> list[str]:
-        prefix = K.block_keys(fingerprint, tb, self.block_size, (len(bounds) - 1))
+        prefix = self._block_keys(fingerprint, tb, len(bounds) - 1)
         view = memoryview(tb)
         out = []
         for j, (a, e) in enumerate(zip(bounds, bounds[1:])):
@@ -400,17 +444,41 @@ class PromptCache:
 
     # ---------------------------------------------------------------- lookup: plan, read, merge
 
-    def _plan(self, tb: bytes, limit: int, fingerprint: str) -> _ChunkPlan:
-        """The chunks that hold the longest known prefix of tb[:limit] (index, then shared store)."""
+    def _plan(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> _ChunkPlan:
+        """The chunks that hold the longest known prefix of tb[:limit] (index, then a persisted
+        merge, then the shared store's blocks)."""
         n = len(tb) // 4
         # Every block key of the whole prompt, hashed once: probing a shared store needs all of them.
-        prefix = K.block_keys(
-            fingerprint, tb, self.block_size, (n if self._probe_store else limit) // self.block_size
+        prefix = self._block_keys(
+            fingerprint, tb, (n if self._probe_store else limit) // self.block_size
         )
         plan = self._plan_from_index(self._indexes.get(fingerprint), tb, limit, prefix)
         if self._probe_store and plan.tokens(self.block_size) < limit:
+            plan = self._plan_from_merge(plan, limit, prefix, fingerprint, codec)
             plan = self._plan_from_store(plan, tb, limit, prefix)
         return plan
+
+    def _plan_from_merge(
+        self, plan: _ChunkPlan, limit: int, prefix: list[bytes], fingerprint: str, codec: StateCodec
+    ) -> _ChunkPlan:
+        """A fresh process knows nothing of what others wrote: a persisted merge deeper than the
+        plan (and than the RAM memo) covers its first blocks with one read."""
+        if self._merges is None or not codec.splittable:
+            return plan
+        depth = self._merges.depth(limit // self.block_size)
+        if depth <= len(plan.blocks):
+            return plan
+        full = [_hex(prefix[j + 1]) for j in range(depth)]
+        in_ram = self._memo.find(codec, full)
+        if in_ram is not None and in_ram.n_blocks >= depth:
+            return plan
+        found = self._merges.find(codec, full, fingerprint)
+        if found is None:
+            return plan
+        merged, tier = found
+        self._stats.merges_read += 1
+        self._memo.remember(codec, full[: merged.n_blocks], merged.segment)
+        return _ChunkPlan(full[: merged.n_blocks], merged=merged, merged_tier=tier)
 
     def _plan_from_index(
         self, index: RadixIndex | None, tb: bytes, limit: int, prefix: list[bytes]
@@ -440,14 +508,17 @@ class PromptCache:
         """Other processes may have written what this index does not know: probe the prompt's own
         blocks (over the whole prompt: a block or tail that runs past `limit` is cut to it)."""
         B, n = self.block_size, len(tb) // 4
-        j = len(plan.blocks)
+        j = len(
+            plan.blocks
+        )  # a persisted merge's blocks are there (content-addressed): start after
         while (j + 1) * B <= n and self.store.contains(_hex(prefix[j + 1])):
             j += 1
         if j * B > plan.tokens(B):
             whole = min(j, limit // B)
             partial_len = limit - whole * B if j * B >= limit else 0
             partial_key = _hex(prefix[whole + 1]) if partial_len else None
-            plan = _ChunkPlan([_hex(prefix[i + 1]) for i in range(whole)], partial_key, partial_len)
+            blocks = [_hex(prefix[i + 1]) for i in range(whole)]
+            plan = _ChunkPlan(blocks, partial_key, partial_len, plan.merged, plan.merged_tier)
         start = len(plan.blocks) * B
         if plan.partial_key is not None or start >= limit:
             return plan
@@ -455,7 +526,9 @@ class PromptCache:
         for r in range(min(B - 1, n - start), 0, -1):
             key = _hex(K.chain(prefix[len(plan.blocks)], view[4 * start : 4 * (start + r)]))
             if self.store.contains(key):
-                return _ChunkPlan(plan.blocks, key, min(r, limit - start))
+                return _ChunkPlan(
+                    plan.blocks, key, min(r, limit - start), plan.merged, plan.merged_tier
+                )
         return plan
 
     def _read(self, plan: _ChunkPlan, fingerprint: str, codec: StateCodec) -> Hit | None:
@@ -464,11 +537,34 @@ class PromptCache:
         A missing chunk cuts the hit short before it. Raises CodecError if the parts do not join."""
         if not plan.tokens(self.block_size):
             return None
+        if plan.merged is not None:
+            try:
+                return self._read_parts(plan, plan.merged, {plan.merged_tier}, fingerprint, codec)
+            except CodecError as exc:  # checksummed, yet it does not join: never a wrong answer
+                key = self._memo_drop(codec, plan.merged, plan.blocks)
+                self._merges.drop(key, f"it does not join ({exc})")  # type: ignore[union-attr]
+                plan = plan.without_merge()
         memo_hit = self._memo.find(codec, plan.blocks)
-        start = memo_hit.n_blocks if memo_hit is not None else 0
         tiers = {"memory"} if memo_hit is not None else set()
         if memo_hit is not None:
             self._stats.memo_hits += 1
+        return self._read_parts(plan, memo_hit, tiers, fingerprint, codec)
+
+    def _memo_drop(self, codec: StateCodec, merged: MemoHit, blocks: list[str]) -> str:
+        """Forget a merge in RAM too; returns its key."""
+        key = memo_key(codec.name, blocks[merged.n_blocks - 1])
+        self._memo._drop(key)
+        return key
+
+    def _read_parts(
+        self,
+        plan: _ChunkPlan,
+        memo_hit: MemoHit | None,
+        tiers: set[str],
+        fingerprint: str,
+        codec: StateCodec,
+    ) -> Hit | None:
+        start = memo_hit.n_blocks if memo_hit is not None else 0
         keys = plan.keys()
         values = self._fetch_all(keys[start:], fingerprint, tiers)
         missing = next((start + i for i, v in enumerate(values) if v is None), None)
@@ -573,13 +669,35 @@ class PromptCache:
         return segments, [len(s) for s in segments]
 
     def _remember_inserted(
-        self, state: bytes, codec: StateCodec, chunk_keys: list[str], n: int
+        self,
+        state: bytes,
+        codec: StateCodec,
+        chunk_keys: list[str],
+        n: int,
+        fingerprint: str,
+        record: _Record,
     ) -> None:
-        """A conversation's next turn extends this n-token state: keep its full blocks as one segment."""
+        """A conversation's next turn extends this n-token state: keep its full blocks as one
+        segment in RAM, and (over a shared store) a persisted merge for other processes."""
         n_full = n // self.block_size
+        merged = None
         if self._memo.keeps(n_full):
             merged = codec.split(bytes(state), [0, n_full * self.block_size])[0]
             self._memo.remember(codec, chunk_keys[:n_full], merged)
+        if self._merges is None:
+            return
+
+        def cut(n_tokens: int) -> bytes:
+            if merged is not None and n_tokens == n_full * self.block_size:
+                return merged
+            return codec.split(bytes(state), [0, n_tokens])[0]
+
+        persisted = self._merges.persist(codec, chunk_keys[:n_full], cut, fingerprint)
+        if persisted is not None:
+            key, written = persisted
+            record.merged = (key, chunk_keys[self._merges.depth(n_full) - 1])
+            self._stats.merges_written += written > 0
+            self._stats.bytes_written += written
 
     def _write_new(
         self,
@@ -617,6 +735,10 @@ class PromptCache:
         for key in self._chunks.release(record.keys):
             if not self._probe_store:
                 self.store.delete(key)
+        if record.merged is not None and self._merges is not None:
+            merge_key, last_block = record.merged
+            if last_block not in self._chunks:  # no sequence of this process reads it any more
+                self._merges.drop(merge_key, "its sequences were evicted")
 
     def _make_room(self, new_bytes: int, keep: Node) -> None:
         """Evict least recently used leaf sequences until new_bytes fit (a shared prefix outlives its branches)."""

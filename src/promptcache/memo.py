@@ -1,7 +1,7 @@
-"""PrefixMemo: merged prefixes kept as single segments, so a long prefix joins from one part, not hundreds.
+"""Merged prefixes kept as single segments, so a long prefix joins from one part, not hundreds.
 
-Owns which merged prefixes are kept, their byte bound, recency and the prefixes seen once;
-never reads or writes a store and never decides which chunks a prompt has (PromptCache does).
+Owns which merged prefixes are kept (PrefixMemo in RAM, PersistedMerges in a shared store), their
+bounds, recency and the prefixes seen once; never decides which chunks a prompt has (PromptCache does).
 
 A merged prefix is named by the key of its last block: the block keys are a hash chain, so that
 one key names every block before it too (keys.py). It also answers for its earlier prefixes at
@@ -12,15 +12,25 @@ only: that is the seam where a store could later back them (issue 15), keyed by 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from promptcache.codec import StateCodec
+from promptcache.errors import CodecError, PromptCacheError
+from promptcache.store import Store
+
+log = logging.getLogger(__name__)
 
 MEMO_MIN_BLOCKS = 4  # below this a prefix joins fast enough on its own
 MEMO_ALIAS_EVERY = 16  # a merged prefix answers for its earlier prefixes at every 16th block
 MEMO_SEEN_LIMIT = 64  # prefixes remembered as seen once, oldest forgotten first
+
+PERSIST_MIN_BLOCKS = 32  # a fresh process joins fewer blocks than this fast enough (256 tokens)
+PERSIST_EVERY = (
+    16  # persisted merges end at multiples of 16 blocks: sequences that share them share one
+)
 
 # A merged segment's name: codec name and its last block's key. A str, so a store could hold it.
 MemoKey = str
@@ -168,4 +178,109 @@ class PrefixMemo:
                 del self._alias[alias]
 
 
-__all__ = ["PrefixMemo", "MemoHit", "MemoKey", "memo_key", "MEMO_MIN_BLOCKS", "MEMO_ALIAS_EVERY"]
+class PersistedMerges:
+    """Merged prefixes in a shared store (disk, Redis), so that a fresh process reads one segment
+    and a few blocks instead of every block of a long prefix (issue 15).
+
+    Content-addressed like the blocks: a merge is named by memo_key(codec, key of its last block),
+    written with the fingerprint and checked on read (envelope checksum, then its token count);
+    a damaged or foreign one is a logged miss, deleted, and the blocks answer instead.
+
+    Bytes. A merge duplicates blocks the store holds already, so it is bounded three ways: only
+    inserted sequences of at least `min_blocks` blocks get one; it ends at the last multiple of
+    `every` blocks, so the sequences of one long system prompt (which diverge after it) share one
+    merge instead of one each; and it counts toward the store's capacity like any entry, so the
+    store's eviction holds the total (a merge no later prompt reads ages out first under LRU, and
+    PromptCache deletes a merge when it forgets the last sequence using its last block).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        block_size: int,
+        *,
+        min_blocks: int = PERSIST_MIN_BLOCKS,
+        every: int = PERSIST_EVERY,
+    ) -> None:
+        if block_size <= 0 or min_blocks <= 0 or every <= 0:
+            raise ValueError("block_size, min_blocks and every must be > 0")
+        self.store = store
+        self.block_size = block_size
+        self.min_blocks = min_blocks
+        self.every = every
+
+    def depth(self, n_blocks: int) -> int:
+        """Blocks of the merge kept for a prefix of n_blocks full blocks (0: none)."""
+        d = n_blocks // self.every * self.every
+        return d if d >= self.min_blocks else 0
+
+    def find(
+        self, codec: StateCodec, block_keys: Sequence[str], fingerprint: str
+    ) -> tuple[MemoHit, str] | None:
+        """The deepest persisted merge of a prefix of `block_keys` and the tier that held it, or None.
+
+        A merge whose bytes do not hold exactly its tokens is deleted and skipped (never raises)."""
+        for d in range(self.depth(len(block_keys)), self.min_blocks - 1, -self.every):
+            key = memo_key(codec.name, block_keys[d - 1])
+            try:
+                segment, tier = self.store.get_with_tier(key, fingerprint=fingerprint)
+            except PromptCacheError as exc:
+                log.warning("cannot read merged prefix %s (%s); reading its blocks", key, exc)
+                return None
+            if segment is None:
+                continue
+            try:
+                covers = codec.n_tokens(segment)
+            except CodecError:
+                covers = -1
+            if covers != d * self.block_size:
+                self.drop(key, f"it holds {covers} tokens, not {d * self.block_size}")
+                continue
+            return MemoHit(d, segment), tier
+        return None
+
+    def persist(
+        self,
+        codec: StateCodec,
+        block_keys: Sequence[str],
+        cut: Callable[[int], bytes],
+        fingerprint: str,
+    ) -> tuple[str, int] | None:
+        """Write the merge of the first depth(len(block_keys)) blocks unless the store holds it;
+        `cut(n_tokens)` makes its segment. Returns (its key, bytes written: 0 if it was there)
+        when the store holds it now, else None. A store that refuses it (full, too small, down)
+        is logged, not raised: a merge only saves time."""
+        d = self.depth(len(block_keys))
+        if not d:
+            return None
+        key = memo_key(codec.name, block_keys[d - 1])
+        try:
+            if self.store.contains(key):
+                return key, 0
+            segment = cut(d * self.block_size)
+            self.store.put(key, segment, fingerprint=fingerprint)
+        except PromptCacheError as exc:
+            log.info("merged prefix %s not persisted: %s", key, exc)
+            return None
+        return key, len(segment)
+
+    def drop(self, key: str, why: str) -> None:
+        """Delete a merge (damaged, or no sequence of this process uses it any more)."""
+        log.info("dropping merged prefix %s: %s", key, why)
+        try:
+            self.store.delete(key)
+        except PromptCacheError as exc:
+            log.warning("cannot delete merged prefix %s: %s", key, exc)
+
+
+__all__ = [
+    "PrefixMemo",
+    "PersistedMerges",
+    "MemoHit",
+    "MemoKey",
+    "memo_key",
+    "MEMO_MIN_BLOCKS",
+    "MEMO_ALIAS_EVERY",
+    "PERSIST_MIN_BLOCKS",
+    "PERSIST_EVERY",
+]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import re
 import sqlite3
@@ -39,6 +38,12 @@ _KEY = re.compile(r"[0-9a-z_:-]{1,200}")
 
 TMP_GRACE = 300.0
 """Seconds a temp file may sit unmodified before open/gc takes it for a dead writer's and removes it."""
+
+_SMALL_ENTRY = 64 << 10
+"""Entries up to this size are read whole in one call; larger ones payload apart (no copy of it)."""
+
+_FRONT_GUESS = 1024
+"""Bytes read for an entry's header, fingerprint and key; read again in full if they are longer."""
 
 BUSY_TIMEOUT = 30.0
 """Seconds a process waits for another one's index transaction before giving up."""
@@ -123,9 +128,10 @@ class DiskStore(BaseStore):
     evicted until the total with the new one is at most t x capacity_bytes (1.0, the default, evicts
     only what the put needs), so that the next puts need no eviction.
 
-    use_mmap: read entry files through a read-only memory map instead of read(): the checksum is
-    computed over the mapped page cache and only the payload is copied out (one copy of the value
-    instead of two). Safe because entry files are never changed in place, only replaced or unlinked.
+    use_mmap: accepted for LlamaHome configs and reported in stats(). It changes nothing in how an
+    entry is read: every read already takes the payload with one pread straight into the value
+    returned and checks the checksum where it lies (one copy, what a mapping would also need to
+    hand bytes to llama.cpp), so both settings read the same way.
 
     Counters in stats() (hits, misses, puts, ...) are this instance's; entries and bytes are the index's.
     """
@@ -166,6 +172,7 @@ class DiskStore(BaseStore):
         self.compressor = get_compressor(compression)
         self._clock = clock
         self._entries_dir = self.path / "entries"
+        self._entries_str = str(self._entries_dir)
         self._tmp_dir = self.path / "tmp"
         self._index_path = self.path / "index.sqlite"
         self._local = threading.local()
@@ -408,15 +415,10 @@ class DiskStore(BaseStore):
     def _read_file(self, key: str, size: int, fingerprint: str | None) -> bytes | None:
         """The verified value in key's file, which the index says holds `size` bytes; None (and
         the entry removed, unless a writer replaced it meanwhile) when it is missing or unusable."""
-        path = self._file(key)
+        # Not self._file (pathlib): this runs once per block read, and pathlib costs 30 us a call.
+        path = os.path.join(self._entries_str, key[:2], key)
         try:
-            with open(path, "rb") as f:
-                seen = os.fstat(f.fileno())
-                blob: bytes | mmap.mmap = (
-                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                    if self.use_mmap and seen.st_size
-                    else f.read()
-                )
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             log.info("disk cache file %s is gone; dropping its index row", path)
             self._discard(key, None, "file missing")
@@ -424,34 +426,59 @@ class DiskStore(BaseStore):
         except OSError as exc:
             log.warning("cannot read disk cache file %s, treating it as a miss: %s", path, exc)
             return None
-        blob_size = len(blob)
         try:
-            payload, flags, _fp = envelope.unpack(blob, key=key, fingerprint=fingerprint)
+            seen = os.fstat(fd)
+            payload, flags = self._read_entry(fd, seen.st_size, key, fingerprint)
             value = decompress(payload, flags)
         except (CorruptEntryError, ModelMismatchError) as exc:
             log.warning("disk cache entry %s is unusable, removing it: %s", path, exc)
             self._bump("corrupt")
             self._discard(key, seen, str(exc))
             return None
+        except OSError as exc:
+            log.warning("cannot read disk cache file %s, treating it as a miss: %s", path, exc)
+            return None
         finally:
-            if isinstance(blob, mmap.mmap):
-                try:
-                    blob.close()
-                except BufferError:  # a view still holds it; it is unmapped when that is freed
-                    pass
-        if blob_size != size and self._discard(key, seen, "size mismatch", size_mismatch=True):
+            os.close(fd)
+        if seen.st_size != size and self._discard(key, seen, "size mismatch", size_mismatch=True):
             # A writer died between placing the file and committing its row: the file verifies but
             # the index counts other bytes. Dropped so that the index total stays true. (Otherwise
             # a writer replaced the entry while we read it, and the new value is served.)
             log.warning(
                 "disk cache file %s held %d bytes, its index row said %d; removed it",
                 path,
-                blob_size,
+                seen.st_size,
                 size,
             )
             self._bump("corrupt")
             return None
         return value
+
+    @staticmethod
+    def _read_entry(
+        fd: int, file_size: int, key: str, fingerprint: str | None
+    ) -> tuple[bytes, int]:
+        """(payload, flags) of the entry in an open file, checked as envelope.unpack checks it.
+
+        A large payload is read on its own, straight into the bytes returned, and hashed where it
+        lies: no copy of it is made to check or to cut it out of the entry (issue 15: a fresh
+        process's hit read 164 entries with a copy each). Raises CorruptEntryError, ModelMismatchError.
+        """
+        if file_size <= _SMALL_ENTRY:
+            blob = os.pread(fd, file_size, 0)
+            payload, flags, _fp = envelope.unpack(blob, key=key, fingerprint=fingerprint)
+            return payload, flags
+        front = os.pread(fd, _FRONT_GUESS, 0)
+        head = envelope.head(front)
+        if head.total != file_size:
+            raise CorruptEntryError(f"entry is {file_size} bytes, its header says {head.total}")
+        if len(front) < head.payload_at:
+            front = os.pread(fd, head.payload_at, 0)
+        front = front[: head.payload_at]
+        payload = os.pread(fd, head.n_payload, head.payload_at)
+        digest = os.pread(fd, envelope.SUM_BYTES, head.payload_at + head.n_payload)
+        envelope.verify(front, payload, digest, key, fingerprint)
+        return payload, head.flags
 
     def _expire_one(self, key: str, ctime: float) -> None:
         try:
@@ -549,7 +576,7 @@ class DiskStore(BaseStore):
         return (
             row is not None
             and not self._expired(row[0], self._clock())
-            and self._file(key).exists()
+            and os.path.exists(os.path.join(self._entries_str, key[:2], key))
         )
 
     def size(self) -> int:
