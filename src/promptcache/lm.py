@@ -191,12 +191,20 @@ class CachedCausalLM:
     - log-probabilities are cached by exact token sequence in an LRU bounded by `cache_size` entries and
       `cache_bytes` bytes, so cloned particles asking the same question run the model once;
     - queries that particles await concurrently are evaluated together: one SequenceEngine batch holds
-      a new token for every particle, each particle's sequence forked from its parent's (no copy), the
-      shared prompt's KV held once and fed from the prefix cache (RAM, disk, Redis) when not live.
+      the new tokens of every particle, each particle's sequence forked from its parent's, and a prompt
+      not live is fed from the prefix cache (RAM, disk, Redis) instead of prefilled.
 
-    exact=True (the default) pads a batch of fewer than the model's exact batch size with a scratch
-    row, so every log-probability equals an uncached single-sequence prefill bit for bit, batched or
-    not; exact=False skips that (a lone step drifts, about 0.5 in the logits; see tests/test_lm.py).
+    model: an LLM, a SequenceEngine, or None for the default model. n_seq: sequences live at once (one
+    per particle, plus the cached prompt: more particles than that run in several batches per step);
+    n_ctx: tokens one sequence may hold (exact mode keeps n_seq x n_ctx KV cells, 23 KB each here).
+
+    exact=True (the default): every log-probability equals an uncached single-sequence llama.cpp
+    prefill bit for bit, batched or not, cached or not; a particle's step re-reads its previous token
+    and a fork copies its parent's KV stream (see promptcache.engines.sequences). exact=False: forks
+    share the prompt's KV cells and a step reads one row, at a drift of about 1.0 in the logits
+    (measured in tests/test_lm.py and bench/smc_bench.py). Exact is the default because promptcache's
+    promise is that caching never changes a result, and an SMC run is then reproducible from its seed
+    whatever the batching.
     """
 
     backend = "llama_cpp"
@@ -208,8 +216,8 @@ class CachedCausalLM:
         cache_size: int = 1024,
         cache_bytes: int = 256 << 20,
         batch_size: int = 64,
-        n_seq: int = 33,
-        n_ctx: int = 4096,
+        n_seq: int = 32,
+        n_ctx: int = 512,
         exact: bool | None = None,
     ) -> None:
         if not isinstance(cache_size, int) or cache_size < 0:
@@ -246,8 +254,8 @@ class CachedCausalLM:
         cache_size: int = 1024,
         cache_bytes: int = 256 << 20,
         batch_size: int = 64,
-        n_seq: int = 33,
-        n_ctx: int = 4096,
+        n_seq: int = 32,
+        n_ctx: int = 512,
         exact: bool = True,
         **llm_kwargs: Any,
     ) -> CachedCausalLM:
