@@ -9,12 +9,12 @@ process cached on disk or in Redis is restored, not prefilled.
 
 Exactness, measured on this machine by bench/multiseq_exactness.py (SmolLM2 Q4_1, flash attention off;
 max |logit difference| against an uncached single-sequence prefill, 4 particles x 8 steps with a
-clone and a stop):
+clone and a stop, 60-token prompt; a 300-token prompt gave 0.75 and 0.93 for one row):
 
 | layout | one new row per sequence | its previous token re-read with it (2 rows) |
 | --- | --- | --- |
-| unified KV (cells shared between sequences) | 0.75 to 1.02 | 1.01 |
-| one KV stream per sequence | 0.93 to 1.02 | 0 |
+| unified KV (cells shared between sequences) | 0.78 | 0.80 |
+| one KV stream per sequence | 1.09 | 0 |
 
 In a unified KV the cells of a sequence interleave with other sequences' cells, so the attention sums
 run over another cell order than a single-sequence prefill's (DESIGN.md measured one step, where the
