@@ -1,20 +1,42 @@
-"""CachedCausalLM: next-token log-probabilities for probabilistic programs, as LLaMPPL offers them.
+"""CachedCausalLM: the language model LLaMPPL programs (LMContext, Model, smc_standard, smc_steer) run on.
 
-Owns the result cache (log-probabilities by exact token sequence); KV reuse across particles that
-extend one prompt is the LLM's prefix cache, so this module stores no engine state itself.
+Owns the log-probability cache, the batching of the queries particles await together, and a Hugging
+Face-shaped view of the GGUF's own tokenizer; never holds KV itself (SequenceEngine and PromptCache do).
+
+Tokenizer: an adapter over llama.cpp's tokenizer of the GGUF, not transformers' GGUF loading. The logits
+come from llama.cpp, so its tokenizer is the one whose ids they index: the adapter cannot disagree with
+the model (transformers rebuilds a tokenizer from the GGUF's metadata, and needs transformers, torch and
+gguf installed), loads in milliseconds, and covers what LLaMPPL and genlm-backend call (encode, decode,
+convert_ids_to_tokens, eos/bos ids, all_special_ids).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import logging
 import os
+import string
 import threading
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from promptcache.engines.llama_cpp import LLM
+from promptcache.engines.sequences import SequenceEngine
+
+if TYPE_CHECKING:
+    from promptcache.engines.llama_cpp import LLM
+
+log = logging.getLogger(__name__)
+
+# Loop turns a batch waits for more queries: a particle that awaits a sub-coroutine before asking reaches
+# the queue a turn or two after the others; every turn without a new query adds ~10 us, not a timer's 20 ms.
+SETTLE_TURNS = 2
+BACKENDS = (None, "llama_cpp", "llama.cpp", "promptcache")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -25,74 +47,431 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-class CachedCausalLM:
-    """Next-token log-probabilities with two caches (LLaMPPL's `CachedCausalLM` API):
+class GGUFTokenizer:
+    """The GGUF's tokenizer (through llama.cpp) with the Hugging Face tokenizer methods LLaMPPL uses.
 
-    - results: the log-probabilities after an exact token sequence, kept in an LRU of `cache_size`
-      entries, so cloned particles asking the same question run the model once;
-    - KV: every query goes through the LLM's prefix cache, so particles extending a shared prompt
-      (see `cache_kv`) evaluate only their own tokens, with logits equal to an uncached run.
+    model: a loaded llama_cpp._internals.LlamaModel (SequenceEngine.model)."""
+
+    is_fast = False
+    padding_side = "right"
+
+    def __init__(self, model: Any, name_or_path: str = "") -> None:
+        self._model = model
+        self._vocab = model.vocab
+        self.name_or_path = name_or_path
+        self.vocab_size = model.n_vocab()
+        self.bos_token_id = _or_none(model.token_bos())
+        self.eos_token_id = _or_none(model.token_eos())
+        self.pad_token_id: int | None = None
+        self.bos_token = self._texts[self.bos_token_id] if self.bos_token_id is not None else None
+        self.eos_token = self._texts[self.eos_token_id] if self.eos_token_id is not None else None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @cached_property
+    def _texts(self) -> list[str]:
+        return [self._model.token_get_text(i) for i in range(self.vocab_size)]
+
+    def _piece(self, token: int) -> bytes:
+        import llama_cpp
+
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, True)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    @cached_property
+    def _pieces(self) -> list[bytes]:
+        """Each token's bytes as decoding writes them (special tokens as their text, as HF decodes)."""
+        return [self._piece(i) for i in range(self.vocab_size)]
+
+    @cached_property
+    def all_special_ids(self) -> list[int]:
+        """Control tokens (llama.cpp's LLAMA_TOKEN_ATTR_CONTROL), and BOS/EOS."""
+        from llama_cpp import llama_vocab_is_control
+
+        ids = {i for i in range(self.vocab_size) if llama_vocab_is_control(self._vocab, i)}
+        ids |= {i for i in (self.bos_token_id, self.eos_token_id) if i is not None}
+        return sorted(ids)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [self._texts[i] for i in self.all_special_ids]
+
+    def encode(self, text: str, add_special_tokens: bool = True, **_: Any) -> list[int]:
+        """Token ids of `text`; special-token text is parsed as special tokens (HF's default)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, not {type(text).__name__}")
+        return list(self._model.tokenize(text.encode("utf-8"), add_special_tokens, True))
+
+    def __call__(
+        self, text: str | list[str], add_special_tokens: bool = True, **_: Any
+    ) -> dict[str, Any]:
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in text]}
+
+    def decode(
+        self, token_ids: Iterable[int] | int, skip_special_tokens: bool = False, **_: Any
+    ) -> str:
+        ids = (
+            [int(token_ids)]
+            if isinstance(token_ids, (int, np.integer))
+            else [int(t) for t in token_ids]
+        )
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            ids = [i for i in ids if i not in special]
+        return b"".join(self._pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], **kwargs: Any) -> list[str]:
+        return [self.decode(s, **kwargs) for s in sequences]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
+        """The vocabulary's own token text (byte-level BPE: 'Ġthe' for ' the'), as HF returns it."""
+        if isinstance(ids, (int, np.integer)):
+            return self._texts[int(ids)]
+        return [self._texts[int(i)] for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
+        lookup = self.get_vocab()
+        if isinstance(tokens, str):
+            return lookup[tokens]
+        return [lookup[t] for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self._texts)}
+
+
+def _or_none(token: int) -> int | None:
+    return token if token >= 0 else None
+
+
+class TokenMasks:
+    """Token-id sets LLaMPPL's distributions use (same names and meaning as llamppl.llms.Masks)."""
+
+    def __init__(self, lm: CachedCausalLM) -> None:
+        vocab = lm.str_vocab
+        self.ALL_TOKENS = set(range(len(vocab)))
+        self.STARTS_NEW_WORD = {
+            i
+            for i, v in enumerate(vocab)
+            if v[:1] == " "
+            and len(v) > 1
+            and v[1] not in string.whitespace
+            and v[1] not in string.punctuation
+        }
+        self.CONTINUES_CURRENT_WORD = {
+            i for i, v in enumerate(vocab) if all(c in "'" or c.isalpha() for c in v)
+        }
+        self.MID_PUNCTUATION = {i for i, v in enumerate(vocab) if v in (",", ":", ";", "-", '"')}
+        self.END_PUNCTUATION = {i for i, v in enumerate(vocab) if v in (".", "!", "?")}
+        self.PUNCTUATION = self.MID_PUNCTUATION | self.END_PUNCTUATION
+        self.CONTAINS_WHITESPACE = {
+            i for i, v in enumerate(vocab) if any(c in string.whitespace for c in v)
+        }
+        self.EOS = {lm.tokenizer.eos_token_id}
+        self._token_lengths = {i: len(v) for i, v in enumerate(vocab)}
+        for i in lm.tokenizer.all_special_ids:
+            self._token_lengths[i] = 0
+
+    def token_length_mask(self, min: int | None = None, max: int | None = None) -> set[int]:  # noqa: A002 - llamppl's names
+        lo = 0 if min is None else min
+        hi = float("inf") if max is None else max
+        return {i for i, n in self._token_lengths.items() if lo <= n <= hi}
+
+
+class CachedCausalLM:
+    """Next-token log-probabilities for LLaMPPL programs, on llama.cpp with promptcache underneath.
+
+    - log-probabilities are cached by exact token sequence in an LRU bounded by `cache_size` entries and
+      `cache_bytes` bytes, so cloned particles asking the same question run the model once;
+    - queries that particles await concurrently are evaluated together: one SequenceEngine batch holds
+      the new tokens of every particle, each particle's sequence forked from its parent's, and a prompt
+      not live is fed from the prefix cache (RAM, disk, Redis) instead of prefilled.
+
+    model: an LLM, a SequenceEngine, or None for the default model. n_seq: sequences live at once (one
+    per particle, plus the cached prompt: more particles than that run in several batches per step);
+    n_ctx: tokens one sequence may hold (exact mode keeps n_seq x n_ctx KV cells, 23 KB each here).
+
+    exact=True (the default): every log-probability equals an uncached single-sequence llama.cpp
+    prefill bit for bit, batched or not, cached or not; a particle's step re-reads its previous token
+    and a fork copies its parent's KV stream (see promptcache.engines.sequences). exact=False: forks
+    share the prompt's KV cells and a step reads one row, at a drift of about 1.0 in the logits
+    (measured in tests/test_lm.py and bench/smc_bench.py). Exact is the default because promptcache's
+    promise is that caching never changes a result, and an SMC run is then reproducible from its seed
+    whatever the batching.
     """
 
-    def __init__(self, llm: LLM | None = None, *, cache_size: int = 1024) -> None:
+    backend = "llama_cpp"
+
+    def __init__(
+        self,
+        model: LLM | SequenceEngine | None = None,
+        *,
+        cache_size: int = 1024,
+        cache_bytes: int = 256 << 20,
+        batch_size: int = 64,
+        n_seq: int = 32,
+        n_ctx: int = 512,
+        exact: bool | None = None,
+    ) -> None:
         if not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError("cache_size must be an int >= 0 (0 turns the result cache off)")
-        self.llm = llm if llm is not None else LLM()
+            raise ValueError(
+                "cache_size must be an int >= 0 (0 turns the log-probability cache off)"
+            )
+        if not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError("cache_bytes must be an int >= 0")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError("batch_size must be an int >= 1")
+        self.engine = (
+            model
+            if isinstance(model, SequenceEngine)
+            else SequenceEngine(model, n_seq=n_seq, n_ctx=n_ctx, exact=exact)
+        )
+        self.llm = self.engine.llm
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.batch_size = batch_size
+        self.tokenizer = GGUFTokenizer(self.engine.model, self.llm.model_path)
         self._results: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._results_bytes = 0
+        self._lock = threading.RLock()
+        self._queue: OrderedDict[tuple[int, ...], asyncio.Future[np.ndarray]] = OrderedDict()
+        self._flush_handle: asyncio.Handle | None = None
         self.hits = self.misses = 0
 
     @classmethod
     def from_pretrained(
-        cls, model_path: str | os.PathLike[str] | None = None, *, cache_size: int = 1024, **llm_kwargs: Any
+        cls,
+        model_path: str | os.PathLike[str] | None = None,
+        backend: str | None = None,
+        *,
+        cache_size: int = 1024,
+        cache_bytes: int = 256 << 20,
+        batch_size: int = 64,
+        n_seq: int = 32,
+        n_ctx: int = 512,
+        exact: bool = True,
+        **llm_kwargs: Any,
     ) -> CachedCausalLM:
-        """Load a GGUF (default: the embedded SmolLM2) with an LLM(**llm_kwargs)."""
-        return cls(LLM(model_path, **llm_kwargs), cache_size=cache_size)
+        """Load a GGUF (None: the default SmolLM2) with LLM(model_path, exact=exact, **llm_kwargs), e.g.
+        cache="disk". backend: None or "llama_cpp" (llamppl's own CachedCausalLM serves "hf" and "vllm")."""
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"backend {backend!r}: promptcache runs llama.cpp ('llama_cpp'); for 'hf', 'vllm' or 'mlx' "
+                "use llamppl.CachedCausalLM"
+            )
+        from promptcache.engines.llama_cpp import LLM
+
+        llm = LLM(model_path, exact=exact, **llm_kwargs)
+        return cls(
+            SequenceEngine(llm, n_seq=n_seq, n_ctx=n_ctx, exact=exact),
+            cache_size=cache_size,
+            cache_bytes=cache_bytes,
+            batch_size=batch_size,
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CachedCausalLM:
+        return self  # particles are deep-copied; the model they share is not
+
+    # ------------------------------------------------------------ vocabulary
 
     @property
     def vocab_size(self) -> int:
         return self.llm.n_vocab
 
+    @cached_property
+    def byte_vocab(self) -> list[bytes]:
+        """Each token id's bytes (special tokens as their text)."""
+        return list(self.tokenizer._pieces)
+
+    @cached_property
+    def str_vocab(self) -> list[str]:
+        """Each token id's text; bytes that are not UTF-8 on their own fall back to the token's
+        vocabulary text, as genlm-backend's decode_vocab does by default."""
+        out = []
+        for i, piece in enumerate(self.byte_vocab):
+            try:
+                out.append(piece.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(self.tokenizer.convert_ids_to_tokens(i))
+        return out
+
+    @property
+    def vocab(self) -> list[str]:
+        """Legacy name of str_vocab (llamppl deprecates it too)."""
+        warnings.warn(
+            "CachedCausalLM.vocab is deprecated: use str_vocab or byte_vocab",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.str_vocab
+
+    @cached_property
+    def masks(self) -> TokenMasks:
+        return TokenMasks(self)
+
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text)
+        return self.tokenizer.encode(text)
 
-    def next_token_logprobs(self, token_ids: Sequence[int]) -> np.ndarray:
-        """log p(next token | token_ids) for every token (read-only float32 array of vocab_size).
+    # ------------------------------------------------------------ log-probabilities
 
-        Raises ValueError/TypeError for an empty or malformed token sequence.
-        """
+    def _key(self, token_ids: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(token_ids, (str, bytes)):
+            raise TypeError("token_ids must be a sequence of int token ids")
         key = tuple(int(t) for t in token_ids)
+        if not key:
+            raise ValueError("token_ids must not be empty")
+        return key
+
+    def _cached(self, key: tuple[int, ...]) -> np.ndarray | None:
         with self._lock:
-            cached = self._results.get(key)
-            if cached is not None:
+            found = self._results.get(key)
+            if found is not None:
                 self._results.move_to_end(key)
                 self.hits += 1
-                return cached
-        logprobs = log_softmax(self.llm.logits(list(key)))
+            return found
+
+    def _remember(self, key: tuple[int, ...], logits: np.ndarray) -> np.ndarray:
+        logprobs = log_softmax(logits)
         logprobs.setflags(write=False)
+        size = logprobs.nbytes + 8 * len(key)
         with self._lock:
             self.misses += 1
-            if self.cache_size:
+            if self.cache_size and size <= self.cache_bytes and key not in self._results:
                 self._results[key] = logprobs
-                while len(self._results) > self.cache_size:
-                    self._results.popitem(last=False)
+                self._results_bytes += size
+                while (
+                    len(self._results) > self.cache_size or self._results_bytes > self.cache_bytes
+                ):
+                    old_key, old = self._results.popitem(last=False)
+                    self._results_bytes -= old.nbytes + 8 * len(old_key)
         return logprobs
 
-    next_token_logprobs_unbatched = next_token_logprobs
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes the log-probability cache holds (arrays and keys)."""
+        return self._results_bytes
+
+    def _evaluate(self, keys: list[tuple[int, ...]]) -> list[np.ndarray]:
+        with self._lock:
+            logits = self.engine.evaluate([list(k) for k in keys])
+            return [self._remember(k, x) for k, x in zip(keys, logits, strict=True)]
+
+    def next_token_logprobs_unbatched(self, token_ids: Sequence[int]) -> np.ndarray:
+        """log p(next token | token_ids) for every token: a read-only float32 array of vocab_size,
+        computed now (no batching). Raises ValueError/TypeError for empty or malformed ids."""
+        key = self._key(token_ids)
+        found = self._cached(key)
+        return found if found is not None else self._evaluate([key])[0]
+
+    async def next_token_logprobs(self, token_ids: Sequence[int]) -> np.ndarray:
+        """As next_token_logprobs_unbatched, batched with the queries other coroutines await meanwhile
+        (at most batch_size per batch); the same bits either way in exact mode."""
+        key = self._key(token_ids)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        loop = asyncio.get_running_loop()
+        future = self._queue.get(key)
+        if future is None:
+            future = loop.create_future()
+            self._queue[key] = future
+            if len(self._queue) >= self.batch_size:
+                self._flush()
+            elif self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._settle, len(self._queue), SETTLE_TURNS)
+        return await future
+
+    def _settle(self, seen: int, turns: int) -> None:
+        """Run the batch once the queue stopped growing for `turns` loop turns."""
+        loop = asyncio.get_running_loop()
+        if len(self._queue) != seen:
+            self._flush_handle = loop.call_soon(self._settle, len(self._queue), SETTLE_TURNS)
+        elif turns > 1:
+            self._flush_handle = loop.call_soon(self._settle, seen, turns - 1)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        queue, self._queue = self._queue, OrderedDict()
+        live = [(k, f) for k, f in queue.items() if not f.done()]
+        if not live:
+            return
+        try:
+            results = self._evaluate([k for k, _ in live])
+        except Exception as exc:  # noqa: BLE001 - handed to every awaiting particle
+            for _, future in live:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), logprobs in zip(live, results, strict=True):
+            if not future.done():
+                future.set_result(logprobs)
+
+    async def batch_next_token_logprobs(
+        self, token_ids_list: Sequence[Sequence[int]]
+    ) -> np.ndarray:
+        """log-probabilities after each token list, as one (len, vocab_size) float32 array."""
+        rows = await asyncio.gather(*(self.next_token_logprobs(t) for t in token_ids_list))
+        return np.stack(rows) if rows else np.zeros((0, self.vocab_size), dtype=np.float32)
+
+    def batch_next_token_logprobs_sync(self, token_ids_list: Sequence[Sequence[int]]) -> np.ndarray:
+        """As batch_next_token_logprobs, without an event loop: the missing ones in one engine call."""
+        keys = [self._key(t) for t in token_ids_list]
+        found = {k: v for k in keys if (v := self._cached(k)) is not None}
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        if missing:
+            found.update(zip(missing, self._evaluate(missing), strict=True))
+        return (
+            np.stack([found[k] for k in keys])
+            if keys
+            else np.zeros((0, self.vocab_size), dtype=np.float32)
+        )
+
+    def reset_async_queries(self) -> None:
+        """Drop queued queries (after an exception stopped an inference run); their awaiters are cancelled."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        queue, self._queue = self._queue, OrderedDict()
+        for future in queue.values():
+            if not future.done():
+                future.cancel()
+
+    # ------------------------------------------------------------ KV
 
     def cache_kv(self, prompt_tokens: Sequence[int]) -> None:
-        """Evaluate a prompt every particle will extend, and keep its KV in the prefix cache."""
-        self.llm.logits(list(prompt_tokens))
-
-    def clear_cache(self) -> None:
-        """Forget cached log-probabilities and the KV cache (as LLaMPPL's clear_cache does)."""
+        """Evaluate a prompt every particle will extend: its sequence stays live (pinned) for them to
+        fork from, and its state goes to the prefix cache for other processes and later runs."""
+        key = self._key(prompt_tokens)
         with self._lock:
-            self._results.clear()
-        self.clear_kv_cache()
+            logits = self.engine.prefill(list(key), pin=True)
+            if self._cached(key) is None:
+                self._remember(key, logits)
 
     def clear_kv_cache(self) -> None:
-        """Forget cached KV (live context and prefix cache), keeping cached log-probabilities."""
-        self.llm.kv_cache_clear()
-        if self.llm.cache is not None:
-            self.llm.cache.clear()
+        """Forget this LM's KV: its live sequences, and the prefix-cache entries it inserted (on a store
+        other processes share, chunks stay for them; see SequenceEngine.forget_cached). Cached
+        log-probabilities stay."""
+        with self._lock:
+            self.engine.clear()
+            self.engine.forget_cached()
+
+    def clear_cache(self) -> None:
+        """Forget cached log-probabilities and this LM's KV (as llamppl's hf backend does)."""
+        with self._lock:
+            self._results.clear()
+            self._results_bytes = 0
+            self.clear_kv_cache()
+
+
+__all__ = ["CachedCausalLM", "GGUFTokenizer", "TokenMasks", "log_softmax"]
