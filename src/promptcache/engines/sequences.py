@@ -133,7 +133,8 @@ class SequenceEngine:
         exact: bool | None = None,
         cache: PromptCache | str | None | bool = True,
     ) -> None:
-        from promptcache.engines.llama_cpp import LLM, _llama
+        from promptcache.engines.llama_cpp import LLM
+        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         if not isinstance(n_seq, int) or not 1 <= n_seq <= _MAX_SEQ:
             raise ValueError(f"n_seq must be an int in [1, {_MAX_SEQ}]")
@@ -186,7 +187,7 @@ class SequenceEngine:
     def _ensure_context(self) -> None:
         if self._ctx is not None:
             return
-        from promptcache.engines.llama_cpp import _llama
+        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         llama_cpp = _llama()
         from llama_cpp._internals import LlamaBatch, LlamaContext
@@ -510,7 +511,7 @@ class SequenceEngine:
     def _decode(
         self, chunk: list[tuple[int, int, int, int]], busy: set[int]
     ) -> dict[int, np.ndarray]:
-        from promptcache.engines.llama_cpp import _llama
+        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         llama_cpp = _llama()
         n = len(chunk)
@@ -594,7 +595,7 @@ class SequenceEngine:
     def _state(self, seq_id: int) -> bytes:
         """The sequence's state in the single-stream layout an LLM's context writes (so the prefix cache
         and its codec see one format whatever the context)."""
-        from promptcache.engines.llama_cpp import _llama
+        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         llama_cpp = _llama()
         size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, seq_id)
@@ -604,7 +605,7 @@ class SequenceEngine:
         return single_stream(state) if self.exact else state
 
     def _load(self, state: bytes, seq_id: int) -> bool:
-        from promptcache.engines.llama_cpp import _llama
+        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         if self.exact:
             state = stream_state(state, self.n_seq)
