@@ -92,7 +92,8 @@ def _run_lm_eval(server: _Server, tasks: Path, out: Path) -> list[list[float]]:
     (samples,) = out.rglob("samples_promptcache_farm_*.jsonl")
     docs = [json.loads(line) for line in samples.read_text().splitlines()]
     docs.sort(key=lambda d: d["doc_id"])
-    return [[resp[0][0] for resp in d["resps"]] for d in docs]
+    # lm-eval logs each float as its repr, which round-trips exactly.
+    return [[float(resp[0][0]) for resp in d["resps"]] for d in docs]
 
 
 def test_lm_eval_scores_equal_uncached_while_the_cache_serves_most_tokens(
