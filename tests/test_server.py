@@ -343,7 +343,22 @@ def _error(r: httpx.Response, status: int) -> dict:
         ("/v1/completions", {"prompt": 42}, 400, "prompt", "invalid_value"),
         ("/v1/completions", {"max_tokens": 4}, 400, "prompt", "invalid_value"),
         ("/v1/completions", {"prompt": [10**7]}, 400, "prompt", "invalid_value"),
-        ("/v1/completions", {"prompt": "hi", "n": 3}, 400, "n", "unsupported_parameter"),
+        ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n", "invalid_value"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "suffix": "x"},
+            400,
+            "suffix",
+            "unsupported_parameter",
+        ),
+        ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            400,
+            "tools",
+            "unsupported_parameter",
+        ),
         ("/v1/completions", {"prompt": "hi", "model": "gpt-4o"}, 404, "model", "model_not_found"),
         (
             "/v1/completions",
@@ -429,7 +444,7 @@ def test_oversized_unknown_and_wrong_method_then_still_serving(
     assert exc.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model="default", messages=[{"role": "user", "content": "hi"}], n=2
+            model="default", messages=[{"role": "user", "content": "hi"}], n=17
         )
     # Nothing above killed a worker: both still answer, and the health check says so.
     health = httpx.get(f"{server.url}/health", timeout=30).json()

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from promptcache.cache import PromptCache
-from promptcache.engines.llama_cpp import LLM, GenerationConfig
+from promptcache.engines.llama_cpp import LLM, GenerationConfig, RunStats
 from promptcache.server.metrics import Metrics, cache_stats, tier_stats
 from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
 from promptcache.server.prompts import (
@@ -32,17 +32,23 @@ from promptcache.server.prompts import (
     chat_messages,
     completion_prompt,
     context_error,
+    logit_bias,
     prompt_tokens,
+    response_grammar,
 )
 from promptcache.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     Envelope,
+    chat_logprobs,
+    completion_logprobs,
     error_body,
+    merge_logprobs,
     parse_json,
     parse_request,
     sse,
+    usage,
 )
 from promptcache.server.sessions import SessionDirectory, restore_job, save_job, session_prompt
 from promptcache.server.settings import ServerSettings
@@ -69,6 +75,7 @@ class _Server:
     max_tokens: int
     n_vocab: int
     fingerprint: str
+    tokenizer: LLM  # tokenizing reads only the vocabulary: any worker's model, on any thread
 
     @property
     def system_fingerprint(self) -> str:
@@ -157,6 +164,7 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
         max_tokens=min(settings.max_tokens or n_ctx, n_ctx),
         n_vocab=first.n_vocab,
         fingerprint=first.fingerprint,
+        tokenizer=first,
     )
     log.info(
         "serving %s (context %d) with %d worker(s) x %d thread(s), cache %s",
@@ -342,71 +350,136 @@ async def _job_result(
 # ------------------------------------------------------------------------------------ generation
 
 
-def _generation_job(
-    server: _Server,
-    endpoint: str,
-    prompt: Prompt,
-    max_tokens: int | None,
-    sampling: dict[str, Any],
-) -> Callable[[LLM, Job], None]:
+@dataclass(frozen=True)
+class _Ask:
+    """What one generation request asks of a worker."""
+
+    kind: str  # "chat" or "completion"
+    prompt: Prompt
+    max_tokens: int | None
+    n: int = 1
+    sampling: dict[str, Any] = field(default_factory=dict)  # more GenerationConfig fields
+    echo: bool = False
+    logprobs: int | None = None  # alternatives reported per token; None: no logprobs
+
+
+def _choice_config(ask: _Ask, index: int, n_new: int, stops: list[str]) -> GenerationConfig:
+    sampling = dict(ask.sampling)
+    if index and sampling.get("seed") is not None:
+        sampling["seed"] += index  # a seeded request's choices differ, and each is reproducible
+    return GenerationConfig(max_tokens=n_new, stop=stops or None, logprobs=ask.logprobs, **sampling)
+
+
+def _generation_job(server: _Server, endpoint: str, ask: _Ask) -> Callable[[LLM, Job], None]:
+    """The worker's part: prompt tokens, the echo (prompt logprobs), then each of the n choices in
+    turn. The prompt is evaluated once, by the first choice (or the echo); the others restore it
+    from the live context, evaluating only the last exact_batch tokens again. Emits ("start", n),
+    ("piece", index, text, logprobs), ("done", index, finish_reason) and ("usage", usage)."""
+
     def run(llm: LLM, job: Job) -> None:
-        tokens, stops = prompt_tokens(llm, prompt)
+        tokens, stops = prompt_tokens(llm, ask.prompt)
         room = server.n_ctx - len(tokens)
-        if max_tokens is not None:
-            n_new = max_tokens
+        if ask.max_tokens is not None:
+            n_new = ask.max_tokens
         else:
-            default = room if prompt.messages is not None else COMPLETION_DEFAULT_MAX_TOKENS
+            default = room if ask.prompt.messages is not None else COMPLETION_DEFAULT_MAX_TOKENS
             n_new = min(default, room, server.max_tokens)
-        if n_new < 1 or n_new > room:
-            raise context_error(server.n_ctx, len(tokens), max(n_new, 1), prompt.param)
-        config = GenerationConfig(max_tokens=n_new, stop=stops or None, **sampling)
+        if n_new > room or (n_new < 1 and not (ask.echo and ask.max_tokens == 0)):
+            raise context_error(server.n_ctx, len(tokens), max(n_new, 1), ask.prompt.param)
         job.emit("start", len(tokens))
-        finish = "length"
-        # A chat's reply comes back in its next turn: keep the reply's KV reusable.
-        keep = list(prompt.messages) if prompt.messages is not None else False
-        events = llm.stream_events(tokens, config, keep_reply=keep)
-        try:
-            for piece, reason in events:
-                if job.cancelled:
-                    break
-                if reason is not None:
-                    finish = reason
-                elif piece:
-                    job.emit("piece", piece)
-        finally:
-            events.close()  # runs the engine's clean-up: the prompt's state goes into the shared cache
-        stats = llm.last_stats
-        server.metrics.generation(endpoint, stats, job.queue_seconds)
+        piece = llm.token_to_piece
+        first: RunStats | None = None
+        echo_text, echo_logprobs = "", None
+        if ask.echo:
+            entries = llm.prompt_logprobs(tokens, ask.logprobs or 0)
+            first = llm.last_stats
+            server.metrics.generation(endpoint, first, job.queue_seconds)
+            text = ask.prompt.text
+            echo_text = text if text is not None else llm.detokenize(tokens)
+            if ask.logprobs is not None:
+                echo_logprobs = completion_logprobs(entries, tokens, piece, 0)
+        completion_tokens = 0
+        # A chat's reply comes back in its next turn: keep the reply's KV reusable (one reply only).
+        keep = (
+            list(ask.prompt.messages) if ask.prompt.messages is not None and ask.n == 1 else False
+        )
+        for index in range(ask.n):
+            offset = len(echo_text)
+            if ask.echo:
+                job.emit("piece", index, echo_text, echo_logprobs)
+            finish = "length"
+            if n_new > 0 and not job.cancelled:
+                config = _choice_config(ask, index, n_new, stops)
+                steps = llm.stream_steps(tokens, config, keep_reply=keep)
+                try:
+                    for step in steps:
+                        if job.cancelled:
+                            break
+                        if step.finish_reason is not None:
+                            finish = step.finish_reason
+                        elif step.text:
+                            logprobs = None
+                            if ask.logprobs is not None and ask.kind == "chat":
+                                logprobs = chat_logprobs(step.logprobs, piece)
+                            elif ask.logprobs is not None:
+                                ids = [e.token for e in step.logprobs]
+                                logprobs = completion_logprobs(step.logprobs, ids, piece, offset)
+                            offset += len(step.text)
+                            job.emit("piece", index, step.text, logprobs)
+                finally:
+                    steps.close()  # the engine's clean-up: the prompt's state goes into the shared cache
+                stats = llm.last_stats
+                first = first or stats
+                completion_tokens += stats.tokens_generated
+                server.metrics.generation(endpoint, stats, job.queue_seconds)
+            job.emit("done", index, finish)
         server.metrics.request(endpoint, "cancelled" if job.cancelled else "ok")
-        job.emit("done", finish, stats)
+        cached = first.tokens_reused if first is not None else 0
+        job.emit("usage", usage(len(tokens), completion_tokens, cached))
 
     return run
 
 
-def _sampling(req: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
-    names = ("temperature", "top_p", "top_k", "min_p", "seed")
-    return {name: getattr(req, name) for name in names if getattr(req, name) is not None}
+def _sampling(req: CompletionRequest | ChatCompletionRequest, n_vocab: int) -> dict[str, Any]:
+    """The request's sampling fields as GenerationConfig's (400 for a bad logit_bias or response_format)."""
+    names = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+    )
+    out = {name: getattr(req, name) for name in names if getattr(req, name) is not None}
+    bias = logit_bias(req, n_vocab)
+    if bias:
+        out["logit_bias"] = bias
+    grammar = response_grammar(req.response_format)
+    if grammar is not None:
+        out["grammar"] = grammar
+    return out
 
 
-async def _generate(
-    request: Request,
-    server: _Server,
-    kind: str,
-    prompt: Prompt,
-    req: CompletionRequest | ChatCompletionRequest,
-    max_tokens: int | None,
-) -> Response:
+async def _generate(request: Request, server: _Server, ask: _Ask, req: Any) -> Response:
     """Queue the generation, wait for it to start (so errors before the first token are plain 4xx
     answers), then answer as one JSON body or as server-sent events."""
-    if max_tokens is not None and max_tokens > server.max_tokens:
+    if ask.max_tokens is not None and ask.max_tokens > server.max_tokens:
         raise ApiError(
             400,
-            f"max_tokens is too large: {max_tokens}; this server allows at most {server.max_tokens}",
+            f"max_tokens is too large: {ask.max_tokens}; this server allows at most {server.max_tokens}",
+            param="max_tokens",
+            code="invalid_value",
+        )
+    if ask.max_tokens == 0 and not ask.echo:
+        raise ApiError(
+            400,
+            "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
             param="max_tokens",
             code="invalid_value",
         )
     endpoint = request.scope["route"].path
-    job = _submit(server, _generation_job(server, endpoint, prompt, max_tokens, _sampling(req)))
+    job = _submit(server, _generation_job(server, endpoint, ask))
     events = _job_events(request, job)
     first = await anext(events, None)
     if first is None or first[0] != "start":
@@ -415,49 +488,59 @@ async def _generate(
             raise _as_api_error(first[1])
         return Response(status_code=_DISCONNECTED)
     envelope = Envelope(
-        "chat" if kind == "chat" else "completion", server.model_id, server.system_fingerprint
+        "chat" if ask.kind == "chat" else "completion", server.model_id, server.system_fingerprint
     )
     if not req.stream:
-        return await _whole_response(events, envelope)
+        return await _whole_response(events, envelope, ask.n)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(
-        _event_stream(events, envelope, chat=kind == "chat", include_usage=include_usage),
+        _event_stream(events, envelope, n=ask.n, include_usage=include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _whole_response(events: AsyncIterator[tuple[Any, ...]], envelope: Envelope) -> Response:
+async def _whole_response(
+    events: AsyncIterator[tuple[Any, ...]], envelope: Envelope, n: int
+) -> Response:
     """The generation's pieces joined into one OpenAI response (499 if the client left)."""
-    pieces: list[str] = []
+    choices: list[dict[str, Any]] = [
+        {"text": "", "finish_reason": None, "logprobs": None} for _ in range(n)
+    ]
     done = None
     async with aclosing(events):
         async for event in events:
             if event[0] == "piece":
-                pieces.append(event[1])
+                choice = choices[event[1]]
+                choice["text"] += event[2]
+                choice["logprobs"] = merge_logprobs(choice["logprobs"], event[3])
             elif event[0] == "done":
-                done = event
+                choices[event[1]]["finish_reason"] = event[2]
+            elif event[0] == "usage":
+                done = event[1]
             elif event[0] == "error":
                 raise _as_api_error(event[1])
     if done is None:
         return Response(status_code=_DISCONNECTED)
-    return JSONResponse(envelope.response("".join(pieces), done[1], done[2]))
+    return JSONResponse(envelope.response(choices, done))
 
 
 async def _event_stream(
-    events: AsyncIterator[tuple[Any, ...]], envelope: Envelope, *, chat: bool, include_usage: bool
+    events: AsyncIterator[tuple[Any, ...]], envelope: Envelope, *, n: int, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """The generation as OpenAI's server-sent events, ending with [DONE]."""
+    chat = envelope.kind == "chat"
     async with aclosing(events):
         if chat:
-            yield sse(envelope.chunk("", role=True))
+            for index in range(n):
+                yield sse(envelope.chunk("", role=True, index=index))
         async for event in events:
             if event[0] == "piece":
-                yield sse(envelope.chunk(event[1]))
+                yield sse(envelope.chunk(event[2], index=event[1], logprobs=event[3]))
             elif event[0] == "done":
-                yield sse(envelope.chunk(None if chat else "", event[1]))
-                if include_usage:
-                    yield sse(envelope.usage_chunk(event[2]))
+                yield sse(envelope.chunk(None if chat else "", event[2], index=event[1]))
+            elif event[0] == "usage" and include_usage:
+                yield sse(envelope.usage_chunk(event[1]))
             elif event[0] == "error":
                 yield sse(_as_api_error(event[1]).body())
         yield sse("[DONE]")
@@ -479,7 +562,51 @@ def _unsupported(condition: object, param: str, what: str) -> None:
 def _install_routes(app: FastAPI, server: _Server) -> None:
     _install_status_routes(app, server)
     _install_generation_routes(app, server)
+    _install_tokenizer_routes(app, server)
     _install_session_routes(app, server)
+
+
+def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info: what lm-evaluation-harness's remote
+    tokenizer (local-completions, tokenizer_backend=remote) needs to score token-exact requests."""
+    limit = server.settings.max_body_bytes
+    llm = server.tokenizer
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        special = llm._model  # LlamaModel: the vocabulary's special tokens
+
+        def text(token: int) -> str | None:
+            return special.token_get_text(token) if token >= 0 else None
+
+        return {
+            "tokenizer_class": "llama.cpp",
+            "eos_token": text(special.token_eos()),
+            "bos_token": text(special.token_bos()),
+            "pad_token": None,
+            "model_max_length": server.n_ctx,
+            "chat_template": special.metadata().get("tokenizer.chat_template"),
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await _read_json(request, limit)
+        prompt, add_special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str) or not isinstance(add_special, bool):
+            raise ApiError(400, "send {'prompt': str, 'add_special_tokens': bool}", param="prompt")
+        tokens = await asyncio.to_thread(llm.tokenize, prompt, add_bos=add_special)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.n_ctx}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        tokens = (await _read_json(request, limit)).get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and 0 <= t < server.n_vocab for t in tokens
+        ):
+            raise ApiError(
+                400, f"send {{'tokens': [ids in [0, {server.n_vocab})]}}", param="tokens"
+            )
+        return {"prompt": await asyncio.to_thread(llm.detokenize, tokens, special=True)}
 
 
 def _install_status_routes(app: FastAPI, server: _Server) -> None:
@@ -541,32 +668,43 @@ def _install_generation_routes(app: FastAPI, server: _Server) -> None:
     async def completions(request: Request) -> Response:
         req = parse_request(CompletionRequest, await _read_json(request, limit))
         server.check_model(req.model)
-        _unsupported(req.n != 1, "n", "n other than 1")
-        _unsupported(req.best_of not in (None, 1), "best_of", "best_of")
-        _unsupported(req.echo, "echo", "echo")
+        _unsupported(req.best_of not in (None, 1, req.n), "best_of", "best_of other than n")
         _unsupported(req.suffix, "suffix", "suffix")
-        _unsupported(req.logprobs is not None, "logprobs", "logprobs")
-        prompt = completion_prompt(req, server.n_vocab)
-        return await _generate(request, server, "completion", prompt, req, req.max_tokens)
+        ask = _Ask(
+            "completion",
+            completion_prompt(req, server.n_vocab),
+            req.max_tokens,
+            n=req.n,
+            sampling=_sampling(req, server.n_vocab),
+            echo=req.echo,
+            logprobs=req.logprobs,
+        )
+        return await _generate(request, server, ask, req)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = parse_request(ChatCompletionRequest, await _read_json(request, limit))
         server.check_model(req.model)
-        _unsupported(req.n != 1, "n", "n other than 1")
-        _unsupported(req.logprobs, "logprobs", "logprobs")
-        _unsupported(req.top_logprobs, "top_logprobs", "top_logprobs")
         _unsupported(req.tools, "tools", "tool calling")
-        _unsupported(
-            req.response_format and req.response_format.get("type") != "text",
-            "response_format",
-            "a response_format other than text",
-        )
-        prompt = Prompt(messages=chat_messages(req), stops=req.stops(), param="messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(
+                400,
+                "top_logprobs needs logprobs: true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
-        return await _generate(request, server, "chat", prompt, req, max_tokens)
+        ask = _Ask(
+            "chat",
+            Prompt(messages=chat_messages(req), stops=req.stops(), param="messages"),
+            max_tokens,
+            n=req.n,
+            sampling=_sampling(req, server.n_vocab),
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        )
+        return await _generate(request, server, ask, req)
 
 
 def _install_session_routes(app: FastAPI, server: _Server) -> None:

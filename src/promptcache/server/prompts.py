@@ -6,6 +6,7 @@ past tokenizing and never touches HTTP.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,3 +96,70 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         {"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
         for i, m in enumerate(req.messages)
     ]
+
+
+def logit_bias(req: CompletionRequest | ChatCompletionRequest, n_vocab: int) -> dict[int, float]:
+    """The request's logit_bias as {token id: bias}; a key that is no token id, or a bias outside
+    [-100, 100], is a 400 naming it."""
+    out: dict[int, float] = {}
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.strip().isdigit() or not 0 <= int(key) < n_vocab:
+            raise ApiError(
+                400,
+                f"logit_bias keys are token ids in [0, {n_vocab}), not {key!r}",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        if not -100 <= bias <= 100:
+            raise ApiError(
+                400,
+                "logit_bias values must be in [-100, 100]",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        out[int(key)] = bias
+    return out
+
+
+def response_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The llama.cpp grammar (GBNF) for a response_format, as llama-cpp-python's server builds it:
+    any JSON object for json_object (or its "schema" when given), the schema's grammar for
+    json_schema; None for text. Anything else is a 400 naming response_format."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    schema: Any = None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        if schema is None:
+            return JSON_GBNF
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400,
+                "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                param="response_format",
+                code="invalid_value",
+            )
+    else:
+        raise ApiError(
+            400,
+            f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions on schemas it cannot express
+        raise ApiError(
+            400,
+            f"this JSON schema cannot be turned into a grammar: {exc}",
+            param="response_format",
+            code="invalid_value",
+        ) from None

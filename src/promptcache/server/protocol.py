@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptcache.engines.llama_cpp import RunStats
+from promptcache.engines.llama_cpp.generation import TOP_LOGPROBS_MAX, TokenLogprob
+
+MAX_CHOICES = 16  # n: each choice is sampled in turn after one prefill
 
 
 class ApiError(Exception):
@@ -55,7 +58,7 @@ def error_body(
 
 class _Strict(BaseModel):
     # Strict: "0.5" is not a temperature and true is not a max_tokens, as with OpenAI's API.
-    # Unknown fields are ignored: clients send many (user, logit_bias, ...) that change nothing here.
+    # Unknown fields are ignored: clients send many (user, metadata, ...) that change nothing here.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -74,9 +77,11 @@ class _GenerationRequest(_Strict):
     stop: str | list[str] | None = Field(None)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     def stops(self) -> list[str]:
@@ -86,10 +91,11 @@ class _GenerationRequest(_Strict):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
 
 
 class ContentPart(_Strict):
@@ -107,9 +113,8 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -192,14 +197,72 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(stats: RunStats) -> dict[str, Any]:
-    """OpenAI's usage block; cached_tokens counts every prompt token reused (live context or cache)."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage block; cached_tokens counts the prompt tokens reused (live context or cache)
+    by the prompt's first evaluation (the n choices of a request share it)."""
     return {
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.tokens_generated,
-        "total_tokens": stats.prompt_tokens + stats.tokens_generated,
-        "prompt_tokens_details": {"cached_tokens": stats.tokens_reused},
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+Piece = Callable[[int], bytes]  # a token's bytes
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob | None], tokens: Sequence[int], piece: Piece, offset: int
+) -> dict[str, Any]:
+    """Completions' logprobs for `tokens` (entries[i] is tokens[i]'s, None for an echoed first
+    token): {tokens, token_logprobs, top_logprobs, text_offset}, offsets counted from `offset`."""
+    out: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for token, entry in zip(tokens, entries, strict=True):
+        text = _text(piece(token))
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+        else:
+            out["token_logprobs"].append(entry.logprob)
+            top: dict[str, float] = {}
+            for t, lp in entry.top:
+                top.setdefault(_text(piece(t)), lp)
+            out["top_logprobs"].append(top)
+    return out
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict[str, Any]:
+    """Chat's logprobs: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = piece(token)
+        return {"token": _text(raw), "logprob": logprob, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+    }
+
+
+def merge_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two logprobs blocks of one choice as one (lists concatenated)."""
+    if a is None or b is None:
+        return a or b
+    return {key: a[key] + b[key] for key in a}
 
 
 class Envelope:
@@ -223,19 +286,31 @@ class Envelope:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    def response(self, text: str, finish_reason: str, stats: RunStats) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
-            body = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": text}
-            body = self._head("text_completion")
-        choice.update(logprobs=None, finish_reason=finish_reason)
-        body.update(choices=[choice], usage=usage(stats))
+    def response(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        """The whole response; each choice is {text, finish_reason, logprobs}, in index order."""
+        out = []
+        for index, c in enumerate(choices):
+            if self.kind == "chat":
+                choice: dict[str, Any] = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": c["text"]},
+                }
+            else:
+                choice = {"index": index, "text": c["text"]}
+            choice.update(logprobs=c.get("logprobs"), finish_reason=c["finish_reason"])
+            out.append(choice)
+        body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        body.update(choices=out, usage=usage)
         return body
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, *, role: bool = False
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        role: bool = False,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One streamed choice delta (chat) or text piece (completion)."""
         if self.kind == "chat":
@@ -244,19 +319,19 @@ class Envelope:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            choice: dict[str, Any] = {"index": index, "delta": delta}
             body = self._head("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text or ""}
+            choice = {"index": index, "text": text or ""}
             body = self._head("text_completion")
-        choice.update(logprobs=None, finish_reason=finish_reason)
+        choice.update(logprobs=logprobs, finish_reason=finish_reason)
         body.update(choices=[choice], usage=None)
         return body
 
-    def usage_chunk(self, stats: RunStats) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk when stream_options.include_usage is set: no choices, the usage."""
         body = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
-        body.update(choices=[], usage=usage(stats))
+        body.update(choices=[], usage=usage)
         return body
 
 

@@ -69,10 +69,16 @@ class Context:
         """Tokens the context holds (llama.cpp pads the requested size up)."""
         return self._ctx.n_ctx()
 
-    def decode(self, tokens: Sequence[int], pos: int) -> None:
-        """Evaluate `tokens` at positions pos, pos + 1, ... as one batch (logits for the last only)."""
-        self._batch.set_batch(tokens, n_past=pos, logits_all=False)
+    def decode(self, tokens: Sequence[int], pos: int, *, all_logits: bool = False) -> None:
+        """Evaluate `tokens` at positions pos, pos + 1, ... as one batch (logits for the last only,
+        or with all_logits for every row: see batch_logits)."""
+        self._batch.set_batch(tokens, n_past=pos, logits_all=all_logits)
         self._ctx.decode(self._batch)
+
+    def batch_logits(self, n: int) -> np.ndarray:
+        """A copy of the logits of the last batch's n rows (float32, n x n_vocab), decoded with all_logits."""
+        ptr = bindings().llama_get_logits(self._ctx.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()
 
     def evaluate(self, tokens: Sequence[int], batches: Iterable[tuple[int, int]]) -> None:
         """Decode tokens[start:stop] at `start` for each (start, stop), in order."""

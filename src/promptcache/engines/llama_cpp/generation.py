@@ -1,19 +1,25 @@
-"""Generation types, sampling and stop strings: GenerationConfig, RunStats, Completion, TextStream.
+"""Generation types, sampling and stop strings: GenerationConfig, RunStats, Completion, TextStream;
+log-probabilities (TokenLogprob), penalties, logit bias and llama.cpp grammars (Sampler, Grammar).
 
-Owns how logits become a token and how tokens become streamed text; never touches a context or a
+Owns how logits become a token, a log-probability and streamed text; never touches a context or a
 cache (llm.py decodes, plan.py decides reuse).
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+import ctypes
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 KeepReply = bool | Sequence[dict[str, Any]]  # True, or a chat's messages (see LLM.complete)
+
+# The most alternatives reported per position (OpenAI's limit for chat's top_logprobs); prompt
+# log-probabilities are computed and remembered with this many, and sliced per request.
+TOP_LOGPROBS_MAX = 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,12 @@ class GenerationConfig:
     min_p: float = 0.05
     seed: int | None = None
     stop: str | list[str] | None = None
+    # OpenAI's penalties over the tokens generated so far: logit -= presence * (count > 0) + frequency * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
+    grammar: str | None = None  # GBNF text (llama.cpp grammar); see Grammar
+    logprobs: int | None = None  # report each generated token's logprob and this many alternatives
 
     def __post_init__(self) -> None:
         if (
@@ -48,6 +60,17 @@ class GenerationConfig:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError("stop must be a non-empty string or a list of them")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) > 2:
+                raise ValueError(f"{name} must be a number in [-2, 2]")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= TOP_LOGPROBS_MAX
+        ):
+            raise ValueError(f"logprobs must be None or an int in [0, {TOP_LOGPROBS_MAX}]")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or not isinstance(bias, (int, float)) or abs(bias) > 100:
+                raise ValueError("logit_bias maps int token ids to numbers in [-100, 100]")
 
     @property
     def stops(self) -> list[str]:
@@ -102,6 +125,133 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
     return int(order[rng.choice(keep, p=probs)])
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits, before penalties,
+    bias, grammar and temperature) and the `top` alternatives, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def head(self, k: int) -> TokenLogprob:
+        """The same entry with only the first k alternatives."""
+        return self if len(self.top) <= k else TokenLogprob(self.token, self.logprob, self.top[:k])
+
+
+class Step(NamedTuple):
+    """One piece of a generation: new text, the finish reason (on the last step only) and the
+    log-probabilities of the tokens whose text this piece completes (with GenerationConfig.logprobs)."""
+
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+
+
+def token_logprob(logits: np.ndarray, token: int, top_k: int) -> TokenLogprob:
+    """`token`'s log-probability under `logits` and the top_k most likely tokens (ties by token id).
+
+    Computed in float64 from the float32 logits the same way on every path (cached or not), so
+    equal logits give equal numbers."""
+    x = logits.astype(np.float64)
+    peak = x.max()
+    lse = peak + np.log(np.exp(x - peak).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if top_k > 0:
+        k = min(top_k, len(x))
+        candidates = np.argpartition(-x, k - 1)[:k]
+        order = candidates[np.lexsort((candidates, -x[candidates]))]
+        top = tuple((int(t), float(x[t] - lse)) for t in order)
+    return TokenLogprob(int(token), float(x[token] - lse), top)
+
+
+class Grammar:
+    """A llama.cpp grammar (GBNF) constraining generation: `mask` sets the logits of tokens it
+    forbids to -inf, `accept` advances it past a chosen token. Raises ValueError for a grammar
+    llama.cpp cannot parse."""
+
+    def __init__(self, vocab: Any, gbnf: str, root: str = "root") -> None:
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self._sampler = llama_cpp.llama_sampler_init_grammar(
+            vocab, gbnf.encode("utf-8"), root.encode("utf-8")
+        )
+        if not self._sampler:
+            raise ValueError("llama.cpp could not parse the grammar")
+        self._cells: np.ndarray | None = None
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        llama_cpp = self._llama
+        n = len(logits)
+        if self._cells is None or len(self._cells) != n:
+            dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._cells = np.zeros(n, dtype=dtype)
+        cells = self._cells
+        cells["id"] = np.arange(n, dtype=np.int32)
+        cells["logit"] = logits
+        cells["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=cells.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=n,
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(array))
+        out = np.empty(n, dtype=np.float32)
+        out[cells["id"][: array.size]] = cells["logit"][: array.size]
+        return out
+
+    def accept(self, token: int) -> None:
+        self._llama.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        if self._sampler:
+            self._llama.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter exit: the bindings may be gone already
+            pass
+
+
+class Sampler:
+    """The tokens of one generation: penalties and logit bias, then the grammar, then `sample`.
+    Call it with the model's logits for each position; it remembers what it chose."""
+
+    def __init__(
+        self, config: GenerationConfig, rng: np.random.Generator, grammar: Grammar | None = None
+    ) -> None:
+        self.config = config
+        self.rng = rng
+        self.grammar = grammar
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, logits: np.ndarray) -> int:
+        cfg = self.config
+        x = logits
+        if self.counts and (cfg.presence_penalty or cfg.frequency_penalty):
+            x = x.copy()
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            x[ids] -= np.float32(cfg.presence_penalty) + np.float32(cfg.frequency_penalty) * counts
+        if cfg.logit_bias:
+            x = x.copy() if x is logits else x
+            for token, bias in cfg.logit_bias.items():
+                x[token] += np.float32(bias)
+        if self.grammar is not None:
+            x = self.grammar.mask(x)
+        token = sample(x, cfg, self.rng)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        # llama.cpp aborts the process on a token its grammar forbids; one is drawn only where the
+        # grammar forbids every token, and then the generation ends anyway (length or end of text).
+        if self.grammar is not None and np.isfinite(x[token]):
+            self.grammar.accept(token)
+        return token
+
+
 def stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest tail of `text` that may be the start of a stop string: only that much
     is held back from streaming (holding a stop's full length delays every first token)."""
@@ -151,7 +301,13 @@ class TextStream:
 
 __all__ = [
     "GenerationConfig",
+    "Grammar",
     "RunStats",
+    "Sampler",
+    "Step",
+    "TOP_LOGPROBS_MAX",
+    "TokenLogprob",
+    "token_logprob",
     "Completion",
     "KeepReply",
     "TextStream",

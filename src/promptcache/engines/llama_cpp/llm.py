@@ -32,21 +32,28 @@ from promptcache.codec import OpaqueCodec, StateCodec
 from promptcache.engines.llama_cpp import probe, session
 from promptcache.engines.llama_cpp.context import Context, bindings
 from promptcache.engines.llama_cpp.generation import (
+    TOP_LOGPROBS_MAX,
     Completion,
     GenerationConfig,
+    Grammar,
     KeepReply,
     RunStats,
+    Sampler,
+    Step,
     TextStream,
-    sample,
+    TokenLogprob,
+    token_logprob,
 )
 from promptcache.engines.llama_cpp.plan import LiveSequence, ReuseRules, common_prefix
+from promptcache.engines.llama_cpp.prompt_logprobs import PromptLogprobs, position_keys
 from promptcache.errors import CodecError, ContextOverflowError, CorruptEntryError, PromptCacheError
 from promptcache.files import atomic_write
 from promptcache.model import default_model_path, file_identity
 
 log = logging.getLogger(__name__)
 
-Event = tuple[int, str, str | None]  # (token or -1, new text, finish_reason or None)
+# (token or -1, new text, finish_reason or None, logprobs of the tokens this text completes)
+Event = tuple[int, str, str | None, list[TokenLogprob]]
 
 
 def _resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
@@ -133,6 +140,9 @@ class LLM:
         self._chat_formatter: Any = None
         self.contexts_created = 0
         self.last_stats = RunStats()
+        # Prompt log-probabilities for echo, next to the KV cache (prompt_logprobs.py says why);
+        # a server's workers share one. Unused without a cache: then echo evaluates every prompt.
+        self.prompt_logprob_memo = PromptLogprobs()
 
     # ------------------------------------------------------------ identity and rules
 
@@ -345,10 +355,14 @@ class LLM:
             return None
         return hit if hit is not None and hit.tokens_reused > have else None
 
-    def _restore(self, context: Context, prompt: list[int], rules: ReuseRules) -> tuple[int, str]:
-        """Bring the context to the longest reusable prefix of `prompt` (live or cached): (tokens, source)."""
-        reused = rules.live_reuse(self._live, prompt)
-        limit = rules.limit(len(prompt))
+    def _restore(
+        self, context: Context, prompt: list[int], rules: ReuseRules, cap: int | None = None
+    ) -> tuple[int, str]:
+        """Bring the context to the longest reusable prefix of `prompt` (live or cached), at most
+        `cap` tokens: (tokens, source)."""
+        cap = len(prompt) if cap is None else cap
+        reused = min(rules.live_reuse(self._live, prompt), cap)
+        limit = min(rules.limit(len(prompt)), cap)
         hit = (
             self._lookup(prompt, limit, reused)
             if self.cache is not None and limit > reused
@@ -367,25 +381,44 @@ class LLM:
         self._live.set(prompt[:reused])
         return reused, "live" if reused else "none"
 
-    def _prefill(self, prompt: list[int], max_new: int, stats: RunStats) -> np.ndarray:
-        """Bring the context to exactly `prompt`, reusing what it can; returns the last token's logits."""
+    def _prefill(
+        self,
+        prompt: list[int],
+        max_new: int,
+        stats: RunStats,
+        *,
+        cap: int | None = None,
+        rows: list[np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Bring the context to exactly `prompt`, reusing at most `cap` tokens; returns the last
+        token's logits. With `rows`, every evaluated position's logits are appended to it (one
+        array per batch), from the first token not reused on, in the same batches as without."""
         n = len(prompt)
         self._ensure_context(n + max_new)
         self._probe()  # the first probe runs on (and may regrow) the live context
         context = self._ensure_context(n + max_new)
         rules = self.rules
         t0 = time.perf_counter()
-        reused, source = self._restore(context, prompt, rules)
+        reused, source = self._restore(context, prompt, rules, cap)
         stats.restore_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         plan = rules.prefill(n, reused, caching=self.cache is not None)
         self._checkpoint = None
+
+        def evaluate(batches: Any) -> None:
+            if rows is None:
+                context.evaluate(prompt, batches)
+                return
+            for start, stop in batches:
+                context.decode(prompt[start:stop], start, all_logits=True)
+                rows.append(context.batch_logits(stop - start))
+
         if plan.checkpoint is not None:
-            context.evaluate(prompt, (r for r in plan.batches if r[1] <= plan.checkpoint))
+            evaluate(r for r in plan.batches if r[1] <= plan.checkpoint)
             self._checkpoint = (prompt[: plan.checkpoint], context.state_bytes())
-            context.evaluate(prompt, (r for r in plan.batches if r[1] > plan.checkpoint))
+            evaluate(r for r in plan.batches if r[1] > plan.checkpoint)
         else:
-            context.evaluate(prompt, plan.batches)
+            evaluate(plan.batches)
         stats.prefill_ms = (time.perf_counter() - t1) * 1000
         self._live.set(prompt, plan.n_reusable)
         stats.prompt_tokens, stats.tokens_reused, stats.source = n, reused, source
@@ -476,23 +509,28 @@ class LLM:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens and the model's context holds {self.n_ctx_train}"
             )
+        grammar = Grammar(self._vocab, config.grammar) if config.grammar else None
         logits = self._prefill(prompt, max_new, stats)
-        rng = np.random.default_rng(config.seed)
+        sampler = Sampler(config, np.random.default_rng(config.seed), grammar)
         text = TextStream(config.stops)
         generated: list[int] = []
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
         finish = "length"
         try:
             while len(generated) < max_new:
-                token = sample(logits, config, rng)
+                token = sampler(logits)
                 if not generated:
                     stats.ttft_ms = (time.perf_counter() - t_start) * 1000
                 if self._is_eog(token):
                     finish = "stop"
                     break
                 generated.append(token)
+                if config.logprobs is not None:
+                    pending.append(token_logprob(logits, token, config.logprobs))
                 piece = text.push(self.token_to_piece(token))
                 if piece:
-                    yield token, piece, None
+                    yield token, piece, None, pending
+                    pending = []
                 if text.stopped:
                     finish = "stop"
                     break
@@ -500,10 +538,12 @@ class LLM:
                     logits = self._decode_generated(token)
             rest = text.flush(final=finish == "length")
             if rest:
-                yield (generated[-1] if generated else -1), rest, None
+                yield (generated[-1] if generated else -1), rest, None, pending
             stats.tokens_generated = len(generated)
-            yield -1, "", finish
+            yield -1, "", finish, []
         finally:
+            if grammar is not None:
+                grammar.close()
             stats.tokens_generated = len(generated)
             self._remember(prompt, stats, keep_reply, text.text)
             stats.total_ms = (time.perf_counter() - t_start) * 1000
@@ -549,7 +589,7 @@ class LLM:
         with self._lock:
             prompt_tokens = self._prompt_tokens(prompt)
             pieces, tokens, finish = [], [], "length"
-            for token, piece, reason in self._run(prompt_tokens, cfg, keep_reply):
+            for token, piece, reason, _logprobs in self._run(prompt_tokens, cfg, keep_reply):
                 if reason is not None:
                     finish = reason
                     continue
@@ -595,11 +635,57 @@ class LLM:
         **overrides: Any,
     ) -> Iterator[tuple[str, str | None]]:
         """(text piece, finish_reason) pairs; the last one has the finish reason and no text."""
+        for step in self.stream_steps(prompt, config, keep_reply=keep_reply, **overrides):
+            yield step.text, step.finish_reason
+
+    def stream_steps(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        keep_reply: KeepReply = False,
+        **overrides: Any,
+    ) -> Iterator[Step]:
+        """Steps (text piece, finish_reason, logprobs of the tokens the piece completes, given
+        config.logprobs); the last one has the finish reason and no text."""
         cfg = self._config(config, overrides)
         with self._lock:
             prompt_tokens = self._prompt_tokens(prompt)
-            for _token, piece, reason in self._run(prompt_tokens, cfg, keep_reply):
-                yield piece, reason
+            for _token, piece, reason, logprobs in self._run(prompt_tokens, cfg, keep_reply):
+                yield Step(piece, reason, logprobs)
+
+    def prompt_logprobs(
+        self, prompt: str | Sequence[int], top_k: int = 0
+    ) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it, with its top_k
+        alternatives (at most TOP_LOGPROBS_MAX); the first token has none (None), as in OpenAI's echo.
+
+        Every evaluated position's logits are read, in the same batches as a plain prefill. With a
+        cache, a prefix is restored only as far as `prompt_logprob_memo` holds its positions' entries
+        (prompt_logprobs.py says why), and the new entries are remembered; without one, the whole
+        prompt is evaluated. Sets last_stats; raises as complete() does."""
+        if not isinstance(top_k, int) or not 0 <= top_k <= TOP_LOGPROBS_MAX:
+            raise ValueError(f"top_k must be an int in [0, {TOP_LOGPROBS_MAX}]")
+        with self._lock:
+            tokens = self._prompt_tokens(prompt)
+            stats = RunStats()
+            self.last_stats = stats
+            t0 = time.perf_counter()
+            memo = self.prompt_logprob_memo if self.cache is not None else None
+            keys = position_keys(self.fingerprint, tokens) if memo is not None else []
+            known = memo.covered(keys) if memo is not None else []
+            rows: list[np.ndarray] = []
+            self._prefill(tokens, 1, stats, cap=len(known), rows=rows)
+            reused = stats.tokens_reused
+            entries = known[:reused]  # tokens 1 .. reused
+            logits = np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+            for i in range(reused + 1, len(tokens)):  # token i needs the logits at i - 1
+                entries.append(token_logprob(logits[i - 1 - reused], tokens[i], TOP_LOGPROBS_MAX))
+            if memo is not None:
+                memo.put(keys[reused:], entries[reused:])  # entries of tokens reused + 1, ...
+            self._remember(tokens, stats)
+            stats.ttft_ms = stats.total_ms = (time.perf_counter() - t0) * 1000
+            return [None, *(e.head(top_k) for e in entries)]
 
     # ------------------------------------------------------------ chat
 
