@@ -122,7 +122,7 @@ def recorded(key: str, measure: Callable[[], ProbeResult], model: str = "") -> P
     return _memo[key]
 
 
-def _cold_prefill_s(context: Context, tokens: list[int], chunk: int, repeats: int = 2) -> float:
+def cold_prefill_s(context: Context, tokens: list[int], chunk: int, repeats: int = 2) -> float:
     """Best wall time of `repeats` cold prefills of `tokens` in chunks [0, C), [C, 2C), ..."""
     best = float("inf")
     for _ in range(repeats):
@@ -143,11 +143,11 @@ def measure_chunk(context: Context, tokens: list[int]) -> int:
         : min(TIMING_TOKENS, context.n_ctx)
     ]
     plain = max(context.n_batch, 1)
-    _cold_prefill_s(context, timing, plain, repeats=1)  # warm up: the first decode pays allocations
-    baseline = _cold_prefill_s(context, timing, plain)
+    cold_prefill_s(context, timing, plain, repeats=1)  # warm up: the first decode pays allocations
+    baseline = cold_prefill_s(context, timing, plain)
     chosen = CHUNKS[-1]
     for chunk in CHUNKS:
-        if chunk >= plain or _cold_prefill_s(context, timing, chunk) <= CHUNK_TOLERANCE * baseline:
+        if chunk >= plain or cold_prefill_s(context, timing, chunk) <= CHUNK_TOLERANCE * baseline:
             chosen = min(chunk, plain)
             break
     context.truncate(0)
@@ -193,6 +193,7 @@ __all__ = [
     "CHUNK_TOLERANCE",
     "TIMING_TOKENS",
     "measure_chunk",
+    "cold_prefill_s",
     "records",
     "strategy",
     "PROBE_TEXT",
