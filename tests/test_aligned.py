@@ -106,23 +106,24 @@ def test_gemma_shared_prefix_and_a_prompt_ending_inside_a_cached_one(llm, ref):
 
 
 def test_gemma_four_turn_chat_reuses_the_conversation_exactly(llm, ref):
-    messages = [{"role": "user", "content": DOC + "Do gift cards expire?"}]
-    config = GenerationConfig(max_tokens=8, temperature=0)
+    """gemma3-270m ships no chat template: the turns are plain text, each reply kept (keep_reply),
+    so it is re-read from the last multiple of C before it and the next turn reuses it exactly."""
+    tokens = llm.tokenize(DOC + "\nUser: Do gift cards expire?\nAssistant:")
+    config = GenerationConfig(max_tokens=6, temperature=0)
     previous = 0
-    for turn, question in enumerate(["And refunds?", "Are returns free?", "What do you sell?", ""]):
-        reply = llm.chat(messages, config)
+    for turn, question in enumerate(["And refunds?", "Are returns free?", "What do you sell?"]):
+        done = llm.complete(tokens, config, keep_reply=True)
         s = llm.last_stats
-        if turn:  # the reply was re-read from the last multiple of C before it
+        if turn:
             assert s.source == "live" and s.tokens_reused >= previous - C
         ref.reset_context()
-        assert reply == ref.chat(messages, config)
-        previous = s.prompt_tokens
-        messages += [{"role": "assistant", "content": reply}]
-        if question:
-            messages += [{"role": "user", "content": question}]
-    tokens = llm.chat_tokens([*messages, {"role": "user", "content": "Thanks."}])
-    out = llm.logits(tokens)
-    assert llm.last_stats.tokens_reused >= previous
+        assert done.tokens == ref.complete(tokens, config).tokens
+        previous = len(tokens)
+        tokens = (
+            tokens + done.tokens + llm.tokenize(f"\nUser: {question}\nAssistant:", add_bos=False)
+        )
+    out = llm.logits(tokens)  # the fourth turn
+    assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused >= previous
     assert np.array_equal(out, fresh_logits(ref, tokens))
 
 
@@ -209,8 +210,8 @@ def test_default_model_on_the_aligned_schedule_cuts_states_at_multiples_of_c():
 
 
 def test_server_serves_gemma_exactly_with_cached_tokens(tmp_path, gemma_path):
-    """Two chats over one system prompt: the second reports cached tokens and answers as a fresh
-    uncached LLM on the measured schedule does."""
+    """Two completions over one system prompt (gemma3-270m has no chat template): the second reports
+    cached tokens and answers as a fresh uncached LLM on the measured schedule does."""
     from openai import OpenAI
 
     with socket.socket() as sock:
