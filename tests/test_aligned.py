@@ -115,7 +115,7 @@ def test_gemma_four_turn_chat_reuses_the_conversation_exactly(llm, ref):
         done = llm.complete(tokens, config, keep_reply=True)
         s = llm.last_stats
         if turn:
-            assert s.source == "live" and s.tokens_reused >= previous - C
+            assert s.source == "live" and s.tokens_reused >= previous // C * C
         ref.reset_context()
         assert done.tokens == ref.complete(tokens, config).tokens
         previous = len(tokens)
@@ -123,7 +123,7 @@ def test_gemma_four_turn_chat_reuses_the_conversation_exactly(llm, ref):
             tokens + done.tokens + llm.tokenize(f"\nUser: {question}\nAssistant:", add_bos=False)
         )
     out = llm.logits(tokens)  # the fourth turn
-    assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused >= previous
+    assert llm.last_stats.source == "live" and llm.last_stats.tokens_reused >= previous // C * C
     assert np.array_equal(out, fresh_logits(ref, tokens))
 
 
