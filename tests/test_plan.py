@@ -11,22 +11,34 @@ from hypothesis import strategies as st
 
 from promptcache.engines.llama_cpp.plan import Finish, LiveSequence, ReuseRules, common_prefix
 
-# A simulated KV cell: (token, exact). A cell is exact when a batch of at least exact_batch tokens
-# built it (README: such batches give the floats of one large batch); a generated token decoded
-# alone, or a prompt shorter than exact_batch, builds inexact cells.
+# A simulated KV cell: (token, exact). Token-granular: a cell is exact when a batch of at least
+# exact_batch tokens built it (README: such batches give the floats of one large batch); a generated
+# token decoded alone, or a prompt shorter than exact_batch, builds inexact cells. Aligned schedule:
+# a cell is exact when the batch that built it starts at a multiple of C and stays inside that chunk
+# (the cold run's kernel call for it); a restore at a multiple of C needs every cell before it exact.
 Cell = tuple[int, bool]
 
 
 @st.composite
 def rules(draw: st.DrawFn) -> ReuseRules:
     b, exact = draw(st.integers(2, 4)), draw(st.booleans())
+    chunk = draw(st.sampled_from([0, 0, 2, 3, 5])) if exact else 0
+    n_batch = draw(st.integers(max(2 * b, chunk), 10))
     return ReuseRules(
         exact_batch=b,
         exact=exact,
-        may_reuse=draw(st.booleans()) if exact else True,  # fast mode always reuses
+        may_reuse=True if chunk else draw(st.booleans()) if exact else True,
         splittable=draw(st.booleans()),
-        n_batch=draw(st.integers(2 * b, 10)),
+        n_batch=n_batch,
+        chunk=chunk,
+        max_checkpoints=draw(st.integers(1, 3)),
     )
+
+
+def cell_is_exact(rules: ReuseRules, start: int, stop: int) -> bool:
+    if rules.chunk:
+        return start % rules.chunk == 0 and stop - start <= rules.chunk
+    return stop - start >= rules.exact_batch
 
 
 @st.composite
@@ -59,14 +71,16 @@ class Sim:
     cells: list[Cell] = field(default_factory=list)
     live: LiveSequence = field(default_factory=LiveSequence)
     cache: dict[tuple[int, ...], list[Cell]] = field(default_factory=dict)
-    checkpoint: tuple[tuple[int, ...], list[Cell]] | None = None
+    checkpoints: list[tuple[tuple[int, ...], list[Cell]]] = field(default_factory=list)
+    last_checkpoints: tuple[int, ...] = ()
 
     def lookup(self, prompt: list[int], limit: int, have: int) -> tuple[int, list[Cell]] | None:
         """Brute force over every entry: the longest prefix of `prompt` in (have, limit] it supplies
-        (splittable: any prefix of an entry; else only a whole entry that is a prefix of the prompt)."""
+        (splittable: any prefix of an entry; else only a whole entry that is a prefix of the prompt),
+        rounded down to a restore point."""
         best = None
         for tokens, cells in self.cache.items():
-            k = min(common_prefix(tokens, prompt), limit)
+            k = self.rules.align(min(common_prefix(tokens, prompt), limit))
             if not self.rules.splittable and (k != len(tokens)):
                 continue
             if k > have and (best is None or k > best[0]):
@@ -77,7 +91,7 @@ class Sim:
         for start, stop in batches:
             assert start == len(self.cells), "batches must continue the context"
             assert 0 < stop - start <= self.rules.n_batch
-            self.cells += [(t, stop - start >= self.rules.exact_batch) for t in tokens[start:stop]]
+            self.cells += [(t, cell_is_exact(self.rules, start, stop)) for t in tokens[start:stop]]
 
     def prefill(self, prompt: list[int]) -> tuple[int, tuple[tuple[int, int], ...]]:
         r = self.rules
@@ -90,15 +104,21 @@ class Sim:
         self.live.set(prompt[:reused])
         plan = r.prefill(len(prompt), reused, caching=self.caching)
         assert plan.reused == reused
-        self.checkpoint = None
-        for batch in plan.batches:
-            if plan.checkpoint == batch[0] == reused:
-                self.checkpoint = (tuple(prompt[:reused]), list(self.cells))
-            self.decode(prompt, (batch,))
-            if plan.checkpoint == batch[1]:
-                self.checkpoint = (tuple(prompt[: batch[1]]), list(self.cells))
+        self.checkpoints = []
+        self.run(prompt, reused, plan.batches, plan.checkpoints)
         self.live.set(prompt, plan.n_reusable)
+        self.last_checkpoints = plan.checkpoints
         return reused, plan.batches
+
+    def run(self, tokens: list[int], start: int, batches, points) -> None:
+        """Decode batches, saving the cells at each checkpoint (as LLM._evaluate does)."""
+        assert set(points) <= {start} | {stop for _, stop in batches}
+        if start in points:
+            self.checkpoints.append((tuple(tokens[:start]), list(self.cells)))
+        for batch in batches:
+            self.decode(tokens, (batch,))
+            if batch[1] in points:
+                self.checkpoints.append((tuple(tokens[: batch[1]]), list(self.cells)))
 
     def generate(self, tokens: list[int]) -> None:
         for t in tokens:
@@ -106,14 +126,17 @@ class Sim:
             self.live.append(t, reusable=not self.rules.exact)
 
     def finish(self, prompt: list[int], target: list[int] | None, keep_reply: bool) -> Finish:
-        finish = self.rules.finish(prompt, self.live, target, keep_reply)
+        r = self.rules
+        finish = r.finish(prompt, self.live, target, keep_reply, caching=self.caching)
         self.cells = self.cells[: finish.keep]
-        self.decode(finish.tokens, finish.batches)
+        self.run(finish.tokens, finish.keep, finish.batches, finish.checkpoints)
         self.live.set(finish.tokens, finish.n_reusable)
-        if self.caching and self.rules.may_reuse:
-            if self.checkpoint is not None:
-                self.cache.setdefault(*self.checkpoint)
-            if self.live.n_reusable == len(self.live.tokens):
+        if self.caching and r.may_reuse:
+            for tokens, cells in self.checkpoints:
+                self.cache.setdefault(tokens, cells)
+            n = len(self.live.tokens)
+            whole = r.splittable or r.align(n) == n
+            if whole and self.live.n_reusable == n:
                 self.cache.setdefault(tuple(self.live.tokens), list(self.cells))
         return finish
 
@@ -124,9 +147,11 @@ def longest_allowed_reuse(sim: Sim, prompt: list[int]) -> int:
     r = sim.rules
     if not r.may_reuse:
         return 0
-    limit = max(0, len(prompt) - r.exact_batch)
+    limit = r.align(len(prompt) - 1) if r.chunk else max(0, len(prompt) - r.exact_batch)
     best = 0
     for k in range(min(limit, len(sim.cells)), 0, -1):
+        if r.align(k) != k:
+            continue
         cells = sim.cells[:k]
         if [t for t, _ in cells] == prompt[:k] and (not r.exact or all(e for _, e in cells)):
             best = k
@@ -151,13 +176,25 @@ def test_conversations_follow_the_exactness_rules(rules, turns, caching):
         n = len(prompt)
         assert reused == expected
         assert [t for t, _ in sim.cells] == prompt
-        assert reused == 0 or n - reused >= b  # at least b tokens evaluated after a restore
-        if len(batches) > 1 or reused > 0:
-            assert all(stop - start >= b for start, stop in batches)
-        if rules.exact and n >= b:  # logits equal one batch over the whole prompt
-            assert all(exact for _, exact in sim.cells)
-        if caching and rules.may_reuse and not rules.splittable and n - b - reused >= b:
-            assert sim.checkpoint is not None and len(sim.checkpoint[0]) == n - b
+        if rules.chunk:  # restore points and batch starts are multiples of C, within one chunk
+            c = rules.chunk
+            assert reused % c == 0 and n - reused >= 1 and n - reused <= c or reused < n - c
+            assert all(start % c == 0 and stop - start <= c for start, stop in batches)
+            assert all(exact for _, exact in sim.cells)  # the cold run's cells, bit for bit
+            if caching and not rules.splittable:
+                points = sim.last_checkpoints
+                assert all(p % c == 0 and reused <= p <= n for p in points)
+                assert len(points) <= rules.max_checkpoints
+                if reused < rules.limit(n):  # the deepest restore point of a repeat is kept
+                    assert rules.limit(n) in points
+        else:
+            assert reused == 0 or n - reused >= b  # at least b tokens evaluated after a restore
+            if len(batches) > 1 or reused > 0:
+                assert all(stop - start >= b for start, stop in batches)
+            if rules.exact and n >= b:  # logits equal one batch over the whole prompt
+                assert all(exact for _, exact in sim.cells)
+            if caching and rules.may_reuse and not rules.splittable and n - b - reused >= b:
+                assert sim.last_checkpoints[-1:] == (n - b,)
         sim.generate(turn["generated"])
         reply = prompt + turn["generated"]
         target = None if turn["separator"] is None else reply + turn["separator"]
@@ -166,6 +203,17 @@ def test_conversations_follow_the_exactness_rules(rules, turns, caching):
         if rules.exact:  # never reuse generated tokens' KV: everything reusable is exact
             assert all(exact for _, exact in sim.cells[: sim.live.n_reusable])
             assert all(all(e for _, e in cells) for cells in sim.cache.values())
+        if rules.chunk and not rules.splittable:  # whole states only at restore points
+            assert all(len(tokens) % rules.chunk == 0 for tokens in sim.cache)
+        if rules.chunk:
+            kept = turn["keep_reply"] and turn["generated"]
+            if target is not None and len(target) > n:
+                assert finish.tokens == target and finish.keep == rules.align(n)
+            elif kept:
+                assert sim.live.tokens == reply and finish.keep == rules.align(n)
+            else:
+                assert sim.live.tokens == prompt
+            continue
         read_ahead = (
             target is not None
             and rules.may_reuse
@@ -229,3 +277,32 @@ def test_live_sequence_keeps_its_reusable_part_a_prefix():
         LiveSequence([1], 2)
     with pytest.raises(ValueError):
         live.set([1], 3)
+
+
+@given(st.integers(1, 16), st.integers(0, 100), st.integers(0, 100))
+def test_aligned_batches_are_the_cold_runs_chunks_and_restores_lose_less_than_a_chunk(c, a, m):
+    rules = ReuseRules(chunk=c, n_batch=max(c, 4))
+    start = rules.align(a)
+    stop = start + m
+    batches = rules.batches(start, stop)
+    cold = rules.batches(0, stop)
+    assert [b for b in cold if b[0] >= start] == list(batches)  # the same kernel calls as cold
+    n = stop
+    if n:
+        limit = rules.limit(n)
+        assert limit % c == 0 and n - c <= limit < n
+
+
+def test_aligned_rules_validate_and_name_their_strategy():
+    assert ReuseRules(chunk=4).strategy == "aligned"
+    assert ReuseRules().strategy == "token"
+    assert ReuseRules(may_reuse=False).strategy == "none"
+    assert ReuseRules(exact=False).strategy == "fast"
+    with pytest.raises(ValueError):
+        ReuseRules(chunk=4, exact=False)  # fast mode reuses as decoded
+    with pytest.raises(ValueError):
+        ReuseRules(chunk=1024, n_batch=512)
+    with pytest.raises(ValueError):
+        ReuseRules(chunk=4).prefill(10, 6, caching=True)  # 6 is no restore point
+    plan = ReuseRules(chunk=4, splittable=False, max_checkpoints=2).prefill(19, 4, caching=True)
+    assert plan.batches == ((4, 8), (8, 12), (12, 16), (16, 19)) and plan.checkpoints == (12, 16)

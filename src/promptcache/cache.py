@@ -36,6 +36,7 @@ from promptcache.store import MemoryStore, Store
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 8
+WHOLE_PROBES = 8  # aligned whole entries probed per lookup in a shared store (one get each)
 
 
 @dataclass(frozen=True)
@@ -231,11 +232,14 @@ class PromptCache:
         max_tokens: int | None = None,
         min_tokens: int = 0,
         codec: StateCodec | None = None,
+        align: int = 0,
     ) -> Hit | None:
         """The longest cached prefix of `tokens` (at most `max_tokens` long), or None.
 
         With min_tokens, a prefix of at most that many tokens is not fetched (the caller holds as
-        much already) and None is returned without counting a lookup.
+        much already) and None is returned without counting a lookup. With align, whole entries a
+        shared store may hold are probed at the multiples of align up to max_tokens (deepest first,
+        at most WHOLE_PROBES of them), where engines on an aligned schedule keep their checkpoints.
         Raises TypeError/ValueError for malformed tokens or fingerprint; store faults are misses.
         """
         tb = K.token_bytes(tokens)
@@ -254,7 +258,7 @@ class PromptCache:
                         return None  # the caller already holds as much (its live context): fetch nothing
                     hit = self._read(plan, fingerprint, codec)
                 elif limit:
-                    hit = self._lookup_whole(tb, limit, fingerprint, codec)
+                    hit = self._lookup_whole(tb, limit, fingerprint, codec, align)
             except CodecError as exc:
                 log.warning("cached state failed to join (%s); treating as a miss", exc)
             if hit is not None and hit.tokens_reused <= min_tokens:
@@ -610,14 +614,16 @@ class PromptCache:
         return [merged]
 
     def _lookup_whole(
-        self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec
+        self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec, align: int = 0
     ) -> Hit | None:
         index = self._indexes.get(fingerprint)
         candidates: list[int] = []
         if index is not None:
             candidates = [t.depth for t in index.match(tb[: 4 * limit]).terminals]
-        if self._probe_store and limit not in candidates:
+        if self._probe_store:
             candidates.append(limit)
+            if align > 0:
+                candidates += range(limit - limit % align, 0, -align)[:WHOLE_PROBES]
         root = K.root_key(fingerprint)
         for depth in sorted(set(candidates), reverse=True):
             key = _hex(K.chain(root, tb[: 4 * depth])) + "-w"

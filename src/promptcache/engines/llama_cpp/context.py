@@ -59,6 +59,7 @@ class Context:
         )
         params.no_perf = True
         self.n_vocab = model.n_vocab()
+        self._n_swa = int(llama_cpp.llama_model_n_swa(model.model))
         self._ctx = LlamaContext(model=model, params=params, verbose=verbose)
         self.n_batch = min(n_batch, int(llama_cpp.llama_n_batch(self._ctx.ctx)))
         self._batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=verbose)
@@ -96,6 +97,18 @@ class Context:
             self._ctx.kv_cache_seq_rm(_SEQ, n, -1)
         else:
             self._ctx.kv_cache_clear()
+
+    def can_truncate(self, n: int) -> bool:
+        """Whether the cells a token at position n attends to are all still held after truncate(n):
+        a sliding-window cache may have dropped old cells (llama-server checks the same, with
+        llama_memory_seq_pos_min, before it reuses a slot's prefix)."""
+        if n == 0:
+            return True
+        llama_cpp = bindings()
+        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        pos_min = llama_cpp.llama_memory_seq_pos_min(memory, _SEQ)
+        n_swa = self._n_swa
+        return pos_min <= (max(0, n - n_swa) if n_swa > 0 else 0)
 
     def state_bytes(self) -> bytes:
         """The sequence's state as llama_state_seq_get_data writes it (DESIGN.md, the seq-state layout)."""

@@ -79,7 +79,8 @@ class GenerationConfig:
 
 @dataclass
 class RunStats:
-    """What one call reused and computed. `source`: live, memory, disk, redis or none."""
+    """What one call reused and computed. `source`: live, memory, disk, redis or none. `strategy`
+    and `chunk`: how reuse stayed exact (LLM.exact_strategy, LLM.exact_chunk)."""
 
     prompt_tokens: int = 0
     tokens_reused: int = 0
@@ -93,6 +94,8 @@ class RunStats:
     cache_insert_ms: float = 0.0
     reply_reread_ms: float = 0.0
     bytes_cached: int = 0
+    strategy: str = ""
+    chunk: int = 0
 
 
 @dataclass

@@ -4,12 +4,15 @@ Owns one model, its context and live sequence, and carries out the reuse plan (p
 the PromptCache; never decides reuse rules itself and never lays out bytes on disk.
 
 Exactness: see the README's "Exactness" section. In short, a probe finds the smallest batch
-`exact_batch` whose floats match one large batch; prompts are evaluated in batches of at least
-that size (the uncached run too), at least that many tokens are evaluated after a restore, and in
-the default exact mode generated tokens' KV is never reused as it is (a chat re-reads its reply as
-a batch: keep_reply). `exact=False` reuses generated tokens' KV as llama-server does (logits may
-drift). States that cannot be cut (sliding-window or recurrent models, or `whole_states=True`) are
-cached whole, with a checkpoint at n - exact_batch so repeats hit.
+`exact_batch` whose floats match one large batch; where there is one (strategy "token"), prompts
+are evaluated in batches of at least that size (the uncached run too) and at least that many tokens
+are evaluated after a restore. Where there is none (strategy "aligned"), every prompt is evaluated
+in chunks aligned to multiples of a measured C and restored only at a multiple of C, so a cached run
+repeats the cold run's kernel calls. In the default exact mode generated tokens' KV is never reused
+as it is (a chat re-reads its reply as a batch: keep_reply). `exact=False` reuses generated tokens'
+KV as llama-server does (logits may drift). States that cannot be cut (sliding-window or recurrent
+models, or `whole_states=True`) are cached whole at checkpoints (n - exact_batch; aligned: the last
+multiples of C) so repeats hit.
 """
 
 from __future__ import annotations
@@ -81,8 +84,9 @@ class LLM:
     to create; a call that needs more recreates it larger (up to the model's training context).
     cache: a PromptCache, "ram", "disk", "tiered" (the tiers CacheConfig reads from PROMPTCACHE_*
     variables and $PROMPTCACHE_CONFIG: RAM, disk, Redis) or None. exact: see the module docstring.
-    exact_batch: skip the probe and trust this batch size. After close() the object still works:
-    the next call creates a new context.
+    exact_batch: skip the probe and trust this batch size. exact_chunk: use the aligned schedule with
+    this chunk C instead of the probe's choice (exact mode; mostly for tests and measurements).
+    After close() the object still works: the next call creates a new context.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class LLM:
         cache: PromptCache | str | None = "ram",
         exact: bool = True,
         exact_batch: int | None = None,
+        exact_chunk: int | None = None,
         flash_attn: bool = False,
         whole_states: bool = False,
         verbose: bool = False,
@@ -107,6 +112,12 @@ class LLM:
             not isinstance(exact_batch, int) or not 1 <= exact_batch <= 32
         ):
             raise ValueError("exact_batch must be an int in [1, 32] or None (probe it)")
+        if exact_chunk is not None and (
+            not isinstance(exact_chunk, int) or not 1 <= exact_chunk <= n_batch or not exact
+        ):
+            raise ValueError(
+                "exact_chunk must be an int in [1, n_batch] (exact mode) or None (measure it)"
+            )
         llama_cpp = bindings()
         from llama_cpp._internals import LlamaModel
 
@@ -130,12 +141,13 @@ class LLM:
         self.cache = _resolve_cache(cache)
         self.codec: StateCodec = OpaqueCodec() if whole_states else _splitting_codec()
         self._probed: probe.ProbeResult | None = (
-            (exact_batch, True) if exact_batch is not None else None
+            probe.ProbeResult(exact_batch, True) if exact_batch is not None else None
         )
+        self._chunk_override = exact_chunk
         self._fingerprint: str | None = None
         self._context: Context | None = None
         self._live = LiveSequence()
-        self._checkpoint: tuple[list[int], bytes] | None = None
+        self._checkpoints: list[tuple[list[int], bytes]] = []
         self._lock = threading.RLock()
         self._chat_formatter: Any = None
         self.contexts_created = 0
@@ -147,19 +159,20 @@ class LLM:
     # ------------------------------------------------------------ identity and rules
 
     def _probe(self) -> probe.ProbeResult:
-        """(b or 0, layout_ok), probed once per model, settings and machine; a layout the codec
+        """(b or 0, layout_ok, C), probed once per model, settings and machine; a layout the codec
         cannot cut switches the LLM to whole states."""
         if self._probed is None:
             key = probe.probe_key(
                 self.model_path, flash_attn=self.flash_attn, n_threads=self.n_threads
             )
-            self._probed = probe.recorded(key, self._measure)
-            b, layout_ok = self._probed
+            self._probed = probe.recorded(key, self._measure, Path(self.model_path).name)
+            b, layout_ok, chunk = self._probed
             if b == 0 and self.exact:
-                log.warning(
-                    "%s: on this machine no split of a prompt into batches gives the floats of one batch, "
-                    "so exact mode reuses nothing; pass exact=False to reuse states anyway",
+                log.info(
+                    "%s: no batch size reproduces one batch's floats on this machine; exact mode "
+                    "uses the aligned schedule (chunks of %d tokens)",
                     Path(self.model_path).name,
+                    self._chunk_override or chunk,
                 )
             if not layout_ok and self.codec.splittable:
                 log.info(
@@ -171,10 +184,10 @@ class LLM:
 
     def _measure(self) -> probe.ProbeResult:
         tokens = self.tokenize(probe.PROBE_TEXT)
-        context = self._ensure_context(len(tokens) + 1)
+        context = self._ensure_context(max(len(tokens), probe.TIMING_TOKENS) + 1)
         self._live.clear()
         result = probe.measure(context, tokens, _splitting_codec())
-        log.debug("exact batch for %s: %d (layout ok: %s)", self.model_path, *result)
+        log.debug("probe of %s: %s", self.model_path, result)
         return result
 
     def _use_codec(self, codec: StateCodec) -> None:
@@ -188,10 +201,27 @@ class LLM:
         return self._probe()[0] or 2
 
     @property
+    def exact_chunk(self) -> int:
+        """The aligned schedule's chunk C (0 where exact mode reuses at any token, or exact=False):
+        the override given, else the probe's measurement (at most n_batch)."""
+        if not self.exact:
+            return 0
+        b, _, chunk = self._probe()
+        if self._chunk_override:
+            return self._chunk_override
+        return min(chunk, self.n_batch) if b == 0 and chunk else 0
+
+    @property
+    def exact_strategy(self) -> str:
+        """How reuse stays exact here: "token" (restore at any token, evaluate at least exact_batch
+        after it), "aligned" (chunks at multiples of exact_chunk), or "fast" (exact=False)."""
+        return self.rules.strategy
+
+    @property
     def may_reuse(self) -> bool:
-        """Whether restoring a prefix and evaluating the rest is allowed: always in fast mode; in
-        exact mode where the probe found an exact batch size."""
-        return self._probe()[0] > 0 or not self.exact
+        """Whether restoring a prefix and evaluating the rest is allowed: in fast mode always; in
+        exact mode with an exact batch size or on the aligned schedule."""
+        return self._probe()[0] > 0 or not self.exact or self.exact_chunk > 0
 
     @property
     def rules(self) -> ReuseRules:
@@ -203,11 +233,13 @@ class LLM:
             may_reuse=self.may_reuse,
             splittable=self.codec.splittable,
             n_batch=n_batch,
+            chunk=min(self.exact_chunk, n_batch),
         )
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the GGUF's identity, the KV layout settings, the kernels and the reuse mode."""
+        """Hash of the GGUF's identity, the KV layout settings, the kernels and the reuse mode
+        (strategy and chunk: a state built on one schedule is never served to another)."""
         if self._fingerprint is None:
             self._probe()  # the probe settles the codec, which the fingerprint names
             llama_cpp = bindings()
@@ -219,6 +251,8 @@ class LLM:
                 "kv=f16/f16",
                 f"exact={self.exact}",
                 f"codec={self.codec.name}",
+                f"strategy={self.exact_strategy}",
+                f"chunk={self.exact_chunk}",
                 llama_cpp.llama_print_system_info().decode(errors="replace"),
             ]
             self._fingerprint = blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
@@ -343,12 +377,17 @@ class LLM:
 
     # ------------------------------------------------------------ prefill and remember
 
-    def _lookup(self, prompt: list[int], limit: int, have: int) -> Hit | None:
+    def _lookup(self, prompt: list[int], limit: int, have: int, align: int = 0) -> Hit | None:
         """The cache's longest prefix of `prompt` longer than `have` tokens and at most `limit`."""
         assert self.cache is not None
         try:
             hit = self.cache.lookup(
-                prompt, self.fingerprint, max_tokens=limit, min_tokens=have, codec=self.codec
+                prompt,
+                self.fingerprint,
+                max_tokens=limit,
+                min_tokens=have,
+                codec=self.codec,
+                align=align,
             )
         except PromptCacheError as exc:
             log.warning("cache lookup failed (%s); evaluating the whole prompt", exc)
@@ -359,15 +398,21 @@ class LLM:
         self, context: Context, prompt: list[int], rules: ReuseRules, cap: int | None = None
     ) -> tuple[int, str]:
         """Bring the context to the longest reusable prefix of `prompt` (live or cached), at most
-        `cap` tokens: (tokens, source)."""
+        `cap` tokens (on the aligned schedule, cut to a multiple of its chunk): (tokens, source)."""
         cap = len(prompt) if cap is None else cap
+        if rules.chunk:
+            cap = cap // rules.chunk * rules.chunk
         reused = min(rules.live_reuse(self._live, prompt), cap)
+        if not context.can_truncate(reused):  # sliding-window cells before `reused` are gone
+            reused = 0
         limit = min(rules.limit(len(prompt)), cap)
         hit = (
-            self._lookup(prompt, limit, reused)
+            self._lookup(prompt, limit, reused, rules.chunk)
             if self.cache is not None and limit > reused
             else None
         )
+        if hit is not None and rules.align(hit.tokens_reused) != hit.tokens_reused:
+            hit = self._aligned_hit(hit, rules.align(hit.tokens_reused), reused)
         if hit is not None:
             if context.load_state(hit.state):
                 self._live.set(prompt[: hit.tokens_reused])
@@ -380,6 +425,39 @@ class LLM:
         context.truncate(reused)
         self._live.set(prompt[:reused])
         return reused, "live" if reused else "none"
+
+    def _aligned_hit(self, hit: Hit, n: int, have: int) -> Hit | None:
+        """`hit` cut to its first n tokens (a restore point of the aligned schedule), or None when
+        that is no more than the `have` tokens the live context holds or the codec cannot cut it."""
+        if n <= have or not self.codec.splittable:
+            return None
+        try:
+            state = self.codec.join([self.codec.split(hit.state, [0, n])[0]])
+        except CodecError as exc:
+            log.warning("could not cut a cached state to %d tokens: %s", n, exc)
+            return None
+        return Hit(n, state, hit.source, hit.fingerprint)
+
+    def _evaluate(
+        self,
+        context: Context,
+        tokens: list[int],
+        start: int,
+        batches: Sequence[tuple[int, int]],
+        checkpoints: Sequence[int],
+        rows: list[np.ndarray] | None = None,
+    ) -> None:
+        """Decode `batches` of `tokens` (from `start`), saving a whole state at each checkpoint.
+        With `rows`, every evaluated position's logits are appended to it (one array per batch)."""
+        points = set(checkpoints)
+        if start in points:
+            self._checkpoints.append((tokens[:start], context.state_bytes()))
+        for batch in batches:
+            context.decode(tokens[batch[0] : batch[1]], batch[0], all_logits=rows is not None)
+            if rows is not None:
+                rows.append(context.batch_logits(batch[1] - batch[0]))
+            if batch[1] in points:
+                self._checkpoints.append((tokens[: batch[1]], context.state_bytes()))
 
     def _prefill(
         self,
@@ -403,25 +481,12 @@ class LLM:
         stats.restore_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         plan = rules.prefill(n, reused, caching=self.cache is not None)
-        self._checkpoint = None
-
-        def evaluate(batches: Any) -> None:
-            if rows is None:
-                context.evaluate(prompt, batches)
-                return
-            for start, stop in batches:
-                context.decode(prompt[start:stop], start, all_logits=True)
-                rows.append(context.batch_logits(stop - start))
-
-        if plan.checkpoint is not None:
-            evaluate(r for r in plan.batches if r[1] <= plan.checkpoint)
-            self._checkpoint = (prompt[: plan.checkpoint], context.state_bytes())
-            evaluate(r for r in plan.batches if r[1] > plan.checkpoint)
-        else:
-            evaluate(plan.batches)
+        self._checkpoints = []
+        self._evaluate(context, prompt, reused, plan.batches, plan.checkpoints, rows)
         stats.prefill_ms = (time.perf_counter() - t1) * 1000
         self._live.set(prompt, plan.n_reusable)
         stats.prompt_tokens, stats.tokens_reused, stats.source = n, reused, source
+        stats.strategy, stats.chunk = rules.strategy, rules.chunk
         stats.tokens_evaluated = n - reused
         return context.last_logits()
 
@@ -436,34 +501,41 @@ class LLM:
         t0 = time.perf_counter()
         rules = self.rules
         target = self._next_turn_prefix(keep_reply, reply) if keep_reply is not True else None
-        finish = rules.finish(prompt, self._live, target, bool(keep_reply))
+        caching = self.cache is not None
+        finish = rules.finish(prompt, self._live, target, bool(keep_reply), caching=caching)
         if finish.keep < len(self._live.tokens):
             context.truncate(finish.keep)
         if finish.batches:
-            context.evaluate(finish.tokens, finish.batches)
+            self._evaluate(context, finish.tokens, finish.keep, finish.batches, finish.checkpoints)
             stats.reply_reread_ms = (time.perf_counter() - t0) * 1000
         self._live.set(finish.tokens, finish.n_reusable)
         if self.cache is not None and rules.may_reuse:
-            stats.bytes_cached += self._cache_live(context)
+            stats.bytes_cached += self._cache_live(context, rules)
             stats.cache_insert_ms = (time.perf_counter() - t0) * 1000
 
-    def _cache_live(self, context: Context) -> int:
-        """Insert the pending checkpoint and the live sequence (once all of it is reusable, as
-        ReuseRules.finish leaves it); returns the bytes stored."""
+    def _cache_live(self, context: Context, rules: ReuseRules) -> int:
+        """Insert the pending checkpoints and the live sequence (once all of it is reusable, as
+        ReuseRules.finish leaves it, and, for a state that cannot be cut on the aligned schedule,
+        only where it ends at a restore point); returns the bytes stored."""
         assert self.cache is not None
         stored = 0
         tokens = self._live.tokens
+        whole = self.codec.splittable or rules.align(len(tokens)) == len(tokens)
         try:
-            if self._checkpoint is not None and not self.cache.contains(
-                self._checkpoint[0], self.fingerprint
-            ):
-                stored += self._insert(*self._checkpoint)
-            self._checkpoint = None
+            pending, self._checkpoints = self._checkpoints, []
+            for point_tokens, state in pending:
+                if not self.cache.contains(point_tokens, self.fingerprint):
+                    stored += self._insert(point_tokens, state)
             fp = self.fingerprint
             # A shared store may hold every chunk already (another process wrote them): then index
             # them without reading and splitting the state again.
-            if self._live.n_reusable == len(tokens) and not (
-                self.cache.contains(tokens, fp) or self.cache.adopt(tokens, fp, codec=self.codec)
+            if (
+                whole
+                and self._live.n_reusable == len(tokens)
+                and not (
+                    self.cache.contains(tokens, fp)
+                    or self.cache.adopt(tokens, fp, codec=self.codec)
+                )
             ):
                 stored += self._insert(tokens, context.state_bytes())
         except PromptCacheError as exc:

@@ -1,16 +1,19 @@
-"""The exact-batch probe and its per-machine record (README, "Exactness").
+"""The exactness probe and its per-machine record (README, "Exactness").
 
-Owns measuring the smallest batch whose logits match one large batch, and keeping the result per
-model, settings and machine in the user cache directory; never decides reuse (plan.py does).
+Owns measuring the smallest batch whose logits match one large batch and, where there is none, the
+aligned schedule's chunk C, and keeping the result per model, settings and machine in the user
+cache directory; never decides reuse (plan.py does).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from hashlib import blake2b
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,10 +31,24 @@ PROBE_TEXT = (  # varied text: repetitive probes can agree by accident where rea
     "Question: how long do refunds take? Answer: five business days, counted from the day the "
     "parcel reaches the warehouse in Leeds; card payments may need two more days to appear."
 )
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 CANDIDATES = (32, 16, 8, 4, 2)  # a 1-token batch is never trusted: DESIGN.md measured it inexact
+# The aligned schedule's chunk: the smallest candidate whose cold prefill of TIMING_TOKENS costs at
+# most CHUNK_TOLERANCE x one plain batch (DESIGN.md: 1,024 tokens on gemma3-270m, C = 64 costs
+# 1.13x, 32 costs 1.39x; SmolLM2 is flat from 16). A few hundred tokens keep the probe near a second.
+CHUNKS = (16, 32, 64, 128, 256)
+CHUNK_TOLERANCE = 1.15
+TIMING_TOKENS = 320
 
-ProbeResult = tuple[int, bool]  # (exact batch, or 0 if none; whether the codec can cut states)
+
+class ProbeResult(NamedTuple):
+    """What the probe found for one model, settings and machine."""
+
+    exact_batch: int  # the smallest batch matching one large batch, 0 if none
+    layout_ok: bool  # whether the codec can cut this model's states
+    chunk: int = 0  # the aligned schedule's C (measured only where exact_batch is 0)
+
+
 _memo: dict[str, ProbeResult] = {}  # per process, over the file
 
 
@@ -53,15 +70,28 @@ def probe_key(model_path: str, *, flash_attn: bool, n_threads: int) -> str:
     return blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
 
 
-def _load(key: str) -> ProbeResult | None:
+def records() -> dict[str, dict]:
+    """Every probe result kept on this machine, by probe key (an empty dict when there is none)."""
     try:
-        value = json.loads(record_file().read_text()).get(key)
-        return (int(value[0]), bool(value[1])) if value else None
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        known = json.loads(record_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return (
+        {k: v for k, v in known.items() if isinstance(v, dict)} if isinstance(known, dict) else {}
+    )
+
+
+def _load(key: str) -> ProbeResult | None:
+    value = records().get(key)
+    try:
+        if value is None:
+            return None
+        return ProbeResult(int(value["exact_batch"]), bool(value["layout_ok"]), int(value["chunk"]))
+    except (KeyError, ValueError, TypeError):
         return None
 
 
-def _save(key: str, value: ProbeResult) -> ProbeResult:
+def _save(key: str, value: ProbeResult, model: str = "") -> ProbeResult:
     """Record a probe result for this machine (best effort: a read-only cache dir just re-probes)."""
     path = record_file()
     try:
@@ -70,26 +100,69 @@ def _save(key: str, value: ProbeResult) -> ProbeResult:
             known = json.loads(path.read_text())
         except (OSError, ValueError):
             known = {}
-        known[key] = list(value)
+        if not isinstance(known, dict):
+            known = {}
+        known[key] = {**value._asdict(), "model": model, "strategy": strategy(value)}
         atomic_write(path, json.dumps(known))
     except OSError as exc:
         log.debug("could not keep the probe result: %s", exc)
     return value
 
 
-def recorded(key: str, measure: Callable[[], ProbeResult]) -> ProbeResult:
-    """The probe result for `key`: from this process, else the record file, else measured and recorded."""
+def strategy(result: ProbeResult) -> str:
+    """The exact strategy a probe result selects: "token" (reuse at any token), else "aligned"."""
+    return "token" if result.exact_batch else "aligned"
+
+
+def recorded(key: str, measure: Callable[[], ProbeResult], model: str = "") -> ProbeResult:
+    """The probe result for `key`: from this process, else the record file, else measured and
+    recorded (with `model`, a name for people reading the record, e.g. `promptcache stats`)."""
     if key not in _memo:
-        _memo[key] = _load(key) or _save(key, measure())
+        _memo[key] = _load(key) or _save(key, measure(), model)
     return _memo[key]
 
 
+def cold_prefill_s(context: Context, tokens: list[int], chunk: int, repeats: int = 2) -> float:
+    """Best wall time of `repeats` cold prefills of `tokens` in chunks [0, C), [C, 2C), ..."""
+    best = float("inf")
+    for _ in range(repeats):
+        context.truncate(0)
+        t0 = time.perf_counter()
+        context.evaluate(
+            tokens, ((s, min(s + chunk, len(tokens))) for s in range(0, len(tokens), chunk))
+        )
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_chunk(context: Context, tokens: list[int]) -> int:
+    """The smallest C in CHUNKS whose cold prefill costs at most CHUNK_TOLERANCE x plain batches of
+    the context's n_batch, timed on TIMING_TOKENS tokens (`tokens` repeated); the largest candidate
+    if none is. Leaves the context's KV cache empty."""
+    timing = (tokens * (TIMING_TOKENS // max(1, len(tokens)) + 1))[
+        : min(TIMING_TOKENS, context.n_ctx)
+    ]
+    plain = max(context.n_batch, 1)
+    cold_prefill_s(context, timing, plain, repeats=1)  # warm up: the first decode pays allocations
+    baseline = cold_prefill_s(context, timing, plain)
+    chosen = CHUNKS[-1]
+    for chunk in CHUNKS:
+        if chunk >= plain or cold_prefill_s(context, timing, chunk) <= CHUNK_TOLERANCE * baseline:
+            chosen = min(chunk, plain)
+            break
+    context.truncate(0)
+    log.debug(
+        "aligned chunk %d (plain prefill of %d tokens: %.3f s)", chosen, len(timing), baseline
+    )
+    return chosen
+
+
 def measure(context: Context, tokens: list[int], codec: StateCodec) -> ProbeResult:
-    """(b, layout_ok): the smallest b in CANDIDATES such that, for it and every larger candidate c,
+    """(b, layout_ok, C): the smallest b in CANDIDATES such that, for it and every larger candidate c,
     a prompt split into [0, L - c) + [L - c, L) and into [0, c) + [c, L) gives the last logits of
-    one batch over [0, L) (0 if none); and whether `codec` can cut this model's states. gemma3-270m
-    matched some splits and not others here, hence both split points and every larger size.
-    Leaves the context's KV cache empty."""
+    one batch over [0, L) (0 if none); whether `codec` can cut this model's states; and where b is 0,
+    the aligned schedule's chunk (measure_chunk). gemma3-270m matched some splits and not others
+    here, hence both split points and every larger size. Leaves the context's KV cache empty."""
     context.truncate(0)
     context.decode(tokens, 0)
     try:
@@ -112,10 +185,17 @@ def measure(context: Context, tokens: list[int], codec: StateCodec) -> ProbeResu
             break
         exact = b
     context.truncate(0)
-    return exact, layout_ok
+    return ProbeResult(exact, layout_ok, 0 if exact else measure_chunk(context, tokens))
 
 
 __all__ = [
+    "CHUNKS",
+    "CHUNK_TOLERANCE",
+    "TIMING_TOKENS",
+    "measure_chunk",
+    "cold_prefill_s",
+    "records",
+    "strategy",
     "PROBE_TEXT",
     "PROBE_VERSION",
     "ProbeResult",
