@@ -27,7 +27,8 @@ kernels a prefill runs. Hence two modes:
   LLM's (an uncached single-sequence prefill) bit for bit, batched or not.
 - exact=False: a unified KV; a fork shares its parent's cells (`llama_memory_seq_cp`, no copy) and a
   step evaluates only the new token: cheaper, and the logits drift (about 1.0 above).
-Where the model has no exact batch size at all (LLM.may_reuse is False in exact mode), nothing is reused
+Where the model has no exact batch size at all (LLM.may_reuse is False in exact mode), or runs on the
+aligned schedule (LLM.exact_strategy "aligned", which this engine does not follow yet), nothing is reused
 or batched together: each query is evaluated alone from its first token.
 """
 
@@ -157,8 +158,10 @@ class SequenceEngine:
         self.n_vocab = llm.n_vocab
         b = llm.exact_batch  # probes once per model and machine (kept in the user cache dir)
         self.exact_batch = b if self.exact else 1
-        # In exact mode a model without an exact batch size reuses nothing and batches nothing together.
-        self.shares = llm.may_reuse or not self.exact
+        # In exact mode a model without an exact batch size reuses nothing and batches nothing together;
+        # nor does one on the aligned schedule (LLM.exact_strategy "aligned"): this engine does not
+        # evaluate in chunks aligned to multiples of C yet, so a reused prefix would not be exact.
+        self.shares = (llm.may_reuse and llm.exact_strategy == "token") or not self.exact
         self.codec = llm.codec
         self.fingerprint = (
             llm.fingerprint
