@@ -151,7 +151,7 @@ def test_states_are_written_in_the_single_stream_layout_of_an_llm(prompt):
     mine = engine._state(seq)
     llm = LLM(cache=None, n_ctx=256)
     llm.logits(prompt)
-    theirs = llm._get_state()
+    theirs = llm.state_bytes()
     # Same layout and K/V bytes; only the sequence ids differ (in the header and each cell's metadata:
     # i32 pos, u32 n_seq_id = 1, i32 seq id), and llama.cpp reads a state into any sequence.
     n = len(prompt)
