@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ["index", "prefix", "server", "tiers"]
+ORDER = ["index", "prefix", "server", "tiers", "artefacts", "smc"]
 
 
 def median(xs: list[float]) -> float:
@@ -39,6 +39,11 @@ def write_section(name: str, markdown: str, data: dict) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     (RESULTS / f"{name}.md").write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}._\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+    rebuild()
+
+
+def rebuild() -> None:
+    """BENCHMARKS.md as the concatenation of every section in bench/results (no benchmark runs)."""
     parts = ["# promptcache benchmarks\n",
              "Every figure below was measured by the script named in its section; rerun it to refresh.\n"]
     names = ORDER + sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER)
@@ -47,3 +52,7 @@ def write_section(name: str, markdown: str, data: dict) -> None:
         if path.exists():
             parts.append(path.read_text())
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":  # python bench/common.py: rebuild BENCHMARKS.md from the saved sections
+    rebuild()
