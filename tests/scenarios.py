@@ -358,9 +358,9 @@ class Oracle:
 
         self.llm = LLM(n_ctx=n_ctx, cache=None)
         self.logits = {p: self.llm.logits(p) for p in PROMPTS}
-        self.tokens = {
-            p: self.llm.complete(p, max_tokens=GEN, temperature=0).tokens for p in PROMPTS
-        }
+        completions = {p: self.llm.complete(p, max_tokens=GEN, temperature=0) for p in PROMPTS}
+        self.tokens = {p: c.tokens for p, c in completions.items()}
+        self.text = {p: c.text for p, c in completions.items()}
 
 
 def judge_llm(llm: Any, oracle: Oracle, prompt: str) -> str:
@@ -496,3 +496,148 @@ def run_with_timeout(fn: Callable[[], Any], seconds: float) -> Any:
 def env_with_src() -> dict[str, str]:
     src = str(HERE.parent / "src")
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# ------------------------------------------------------------------ 6. the server, as a process on loopback
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m promptcache.server` on a free loopback port, its output in `log`."""
+
+    def __init__(self, log_path: Path, *flags: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_path
+        self.flags = flags
+        with log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "promptcache.server", "--port", str(self.port), *flags],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**env_with_src(), "PYTHONUNBUFFERED": "1"},
+            )
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def server_answer(url: str, prompt: str, key: str, max_tokens: int = GEN) -> tuple[str, int]:
+    """Greedy completion text of `prompt` and its cached prompt tokens, through the openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
+    out = client.completions.create(
+        model="default", prompt=prompt, max_tokens=max_tokens, temperature=0
+    )
+    details = out.usage.prompt_tokens_details
+    return out.choices[0].text, int(getattr(details, "cached_tokens", 0) or 0)
+
+
+def judge_server(url: str, oracle: Oracle, prompt: str, key: str) -> str:
+    """The server's answer against the uncached oracle's greedy text."""
+    try:
+        text, cached = server_answer(url, prompt, key)
+    except Exception:
+        log.exception("server request failed")
+        return "crash"
+    if text != oracle.text[prompt]:
+        log.error("WRONG server answer for %r: %r", prompt, text)
+        return "wrong"
+    return "cache" if cached else "recompute"
+
+
+def server_killed_mid_stream(
+    runs: int, workdir: Path, oracle: Oracle, *, key: str = "k", seed: int = 0
+) -> Counter[str]:
+    """A disk-cached server killed (SIGKILL) at a random point of a streamed answer or while it
+    caches, restarted on the same cache directory: every prompt answered exactly (from the cache
+    the dead server left) or recomputed."""
+    import httpx
+
+    tally: Counter[str] = Counter()
+    rng = random.Random(seed)
+    flags = (
+        "--workers",
+        "1",
+        "--n-ctx",
+        "512",
+        "--api-key",
+        key,
+        "--cache",
+        "disk",
+        "--cache-dir",
+        str(workdir / "kv"),
+        "--session-dir",
+        str(workdir / "sessions"),
+        "--log-level",
+        "warning",
+    )
+    server = ServerProcess(workdir / "server.log", *flags)
+    try:
+        server.wait_ready()
+        for _run in range(runs):
+            prompt = rng.choice(PROMPTS)
+            body = {
+                "model": "default",
+                "prompt": prompt,
+                "max_tokens": 16,
+                "temperature": 0,
+                "stream": True,
+            }
+            cut = rng.randrange(0, 6)
+            with httpx.stream(
+                "POST",
+                f"{server.url}/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=300,
+            ) as r:
+                for i, _line in enumerate(r.iter_lines()):
+                    if i >= cut:
+                        break
+            time.sleep(rng.uniform(0, 0.3))  # sometimes mid-generation, sometimes while caching
+            server.kill()
+            server = ServerProcess(workdir / "server.log", *flags, port=server.port)
+            server.wait_ready()
+            for p in PROMPTS:
+                tally[judge_server(server.url, oracle, p, key)] += 1
+    finally:
+        server.stop()
+    return tally
