@@ -63,7 +63,7 @@ def _record(
 
 def run_faults(results: dict[str, Any], work: Path, runs: int) -> None:
     redis = RedisServer(work / "redis")
-    (work / "redis").mkdir()
+    (work / "redis").mkdir(parents=True)
     redis.start()
     try:
         for tier in ("disk", "redis", "tiered"):

@@ -8,6 +8,7 @@ The long runs of the same scenarios: scripts/reliability.py (figures in RELIABIL
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S.ServerProcess]:
         code = server.stop()
     log = server.log.read_text()
     assert code in (0, -15), log[-3000:]
-    assert "Traceback" not in log and " 500" not in log, log[-3000:]
+    at = log.find("Traceback")
+    assert at < 0, log[max(0, at - 1500) : at + 3000]
+    assert '" 500' not in log, log[-3000:]
 
 
 def _auth() -> dict[str, str]:
@@ -120,7 +123,7 @@ def test_generated_requests_to_every_endpoint_get_no_5xx(srv: S.ServerProcess) -
             continue  # covered by the session-id test; random deletes here would race nothing useful
 
         @settings(
-            max_examples=12,
+            max_examples=int(os.environ.get("RELIABILITY_FUZZ_EXAMPLES", "6")),
             deadline=None,
             derandomize=True,
             database=None,
@@ -138,7 +141,7 @@ def test_generated_requests_to_every_endpoint_get_no_5xx(srv: S.ServerProcess) -
             )
 
         fuzz()
-    assert sum(statuses.values()) >= 50 and any(s < 300 for s in statuses), statuses
+    assert sum(statuses.values()) >= 30 and any(s < 300 for s in statuses), statuses
     _still_serving(srv)
 
 
@@ -243,8 +246,9 @@ def test_the_default_bind_is_loopback() -> None:
 
 
 def test_session_ids_never_leave_the_session_directory(srv: S.ServerProcess) -> None:
-    outer = next(p for p in srv.flags if p.endswith("inner")).rsplit("/", 1)[0]
-    before = sorted(str(p) for p in Path(outer).parent.rglob("*"))
+    inner = Path(next(p for p in srv.flags if p.endswith("inner")))
+    root = inner.parent.parent  # the fixture's directory: the session dir's parent's parent
+    before = {str(p) for p in root.rglob("*")}
     hostile = [
         "..", "../x", "..%2Fx", "%2e%2e%2fx", "a/../../x", "/etc/passwd", "%2Fetc%2Fpasswd",
         "x%00y", "x" * 65, "é", ".hidden", "-dash", "con", "a\\..\\b", "..%5cx",
@@ -262,9 +266,9 @@ def test_session_ids_never_leave_the_session_directory(srv: S.ServerProcess) -> 
                 # a name the id pattern accepts (e.g. "con") is an ordinary session inside the directory
                 r.status_code == 200 and sid == "con"
             ), (sid, method, action, r.status_code)
-    after = sorted(str(p) for p in Path(outer).parent.rglob("*"))
-    new = set(after) - set(before)
-    assert all(p.startswith(str(Path(outer) / "inner")) for p in new), new
+    new = {str(p) for p in root.rglob("*")} - before
+    # only the session directory itself (made on first use) and files inside it may appear
+    assert all(p.startswith(str(inner)) or str(inner).startswith(p) for p in new), new
     _still_serving(srv)
 
 

@@ -68,3 +68,22 @@ def test_redis_killed_slow_cut_and_flushed_during_load(own_redis) -> None:
     _verdicts_pass(tally)
     assert tally["cache"] > 0
     assert figures["slowest_op_s"] < 5.0  # socket timeouts bound every call: nothing hangs
+
+
+def test_a_damaged_redis_byte_counter_is_rebuilt_not_a_crash(redis_url: str) -> None:
+    import redis
+
+    from promptcache.store.redis import RedisStore
+
+    store = RedisStore(redis_url, 1 << 20, namespace="counter")
+    store.put("a", b"x" * 100)
+    size = store.size()
+    with redis.Redis.from_url(redis_url) as client:
+        (counter,) = [k for k in client.keys("counter*") if k.endswith(b"bytes")]
+        client.set(
+            counter, b"52\xd69"
+        )  # found by the corruption scenario: stats() raised ValueError
+    assert store.stats()["bytes"] == -1 and store.size() == 0  # was: ValueError
+    store.put("b", b"y" * 100)  # was: every write refused by the Lua script
+    assert store.size() == 2 * size and store.get("a") == b"x" * 100
+    store.close()
