@@ -309,6 +309,6 @@ def test_server_killed_mid_stream_restarts_on_its_cache_and_answers_exactly(
     tmp_path: Path,
 ) -> None:
     oracle = S.Oracle()
-    tally = S.server_killed_mid_stream(2, tmp_path, oracle, seed=7)
+    tally = S.server_killed_mid_stream(1, tmp_path, oracle, seed=7)
     assert S.passed(tally), dict(tally)
     assert tally["cache"] > 0
