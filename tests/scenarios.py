@@ -599,6 +599,7 @@ def server_killed_mid_stream(
 
     tally: Counter[str] = Counter()
     rng = random.Random(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
     flags = (
         "--workers",
         "1",
