@@ -24,9 +24,7 @@ from promptcache.server.settings import (
 if TYPE_CHECKING:
     from promptcache.manager import CacheManager
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Never prefill the same tokens twice."
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Never prefill the same tokens twice.")
 console = Console()
 
 
@@ -45,17 +43,13 @@ def _short(question: str, width: int = 16) -> str:
 @app.command()
 def demo(
     max_tokens: int = typer.Option(24, help="Tokens to generate per answer."),
-    cache_dir: Optional[Path] = typer.Option(
-        None, help="Disk cache directory (default: a new temporary one)."
-    ),
+    cache_dir: Optional[Path] = typer.Option(None, help="Disk cache directory (default: a new temporary one)."),
 ) -> None:
     """Ask three questions over one long system prompt, then hit the disk cache from a fresh process."""
     from promptcache.demo import run_demo
 
     with console.status("Loading SmolLM2-135M and asking questions..."):
-        rows, totals = run_demo(
-            max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None
-        )
+        rows, totals = run_demo(max_tokens=max_tokens, cache_dir=str(cache_dir) if cache_dir else None)
     cold = rows[0].ttft_ms
     table = Table(title="promptcache demo: time to first token, cold vs cached", expand=False)
     for col in ("run", "question", "tokens", "reused", "from", "TTFT", "faster"):
@@ -63,13 +57,8 @@ def demo(
         table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
     for r in rows:
         table.add_row(
-            r.run,
-            _short(r.question),
-            str(r.prompt_tokens),
-            str(r.tokens_reused),
-            r.source,
-            f"{r.ttft_ms:,.0f} ms",
-            f"{cold / r.ttft_ms:,.1f}x" if r.ttft_ms else "-",
+            r.run, _short(r.question), str(r.prompt_tokens), str(r.tokens_reused), r.source,
+            f"{r.ttft_ms:,.0f} ms", f"{cold / r.ttft_ms:,.1f}x" if r.ttft_ms else "-",
         )
     console.print(table)
     console.print(f"[bold]Answer:[/bold] {rows[0].answer}")
@@ -80,9 +69,7 @@ def demo(
 
 @app.command()
 def chat(
-    model: Optional[Path] = typer.Option(
-        None, help="A GGUF file (default: SmolLM2-135M-Instruct)."
-    ),
+    model: Optional[Path] = typer.Option(None, help="A GGUF file (default: SmolLM2-135M-Instruct)."),
     system: str = typer.Option("You are a helpful assistant.", help="System prompt."),
     max_tokens: int = typer.Option(256),
     temperature: float = typer.Option(0.7),
@@ -102,16 +89,12 @@ def chat(
             break
         messages.append({"role": "user", "content": user})
         reply = []
-        for piece in llm.chat(
-            messages, max_tokens=max_tokens, temperature=temperature, stream=True
-        ):
+        for piece in llm.chat(messages, max_tokens=max_tokens, temperature=temperature, stream=True):
             console.print(piece, end="", markup=False, highlight=False)
             reply.append(piece)
         s = llm.last_stats
-        console.print(
-            f"\n[dim]{s.tokens_reused}/{s.prompt_tokens} prompt tokens reused ({s.source}), "
-            f"first token in {s.ttft_ms:.0f} ms[/dim]"
-        )
+        console.print(f"\n[dim]{s.tokens_reused}/{s.prompt_tokens} prompt tokens reused ({s.source}), "
+                      f"first token in {s.ttft_ms:.0f} ms[/dim]")
         messages.append({"role": "assistant", "content": "".join(reply)})
     llm.close()
 
@@ -178,13 +161,8 @@ def _serve_settings(options: dict[str, Any]) -> ServerSettings:
 
 
 @app.callback()
-def main(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does."),
-) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the cache does.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 # -- cache tiers: stats, gc, inspect, clear (settings: promptcache.config.CacheConfig) ----------------
@@ -267,9 +245,7 @@ def gc(config: _ConfigOption = None) -> None:
         if "error" in tier_counts:
             table.add_row(tier, f"[red]{tier_counts['error']}[/red]")
         else:
-            table.add_row(
-                tier, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tier_counts.items())
-            )
+            table.add_row(tier, ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in tier_counts.items()))
     console.print(table)
 
 
@@ -288,12 +264,8 @@ def inspect(
         table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
     for e in entries:
         table.add_row(
-            e.tier,
-            e.cache or "-",
-            e.fingerprint[:12] or "-",
-            str(e.tokens) if e.tokens is not None else "-",
-            _fmt_bytes(e.bytes),
-            _fmt_age(e.age_s),
+            e.tier, e.cache or "-", e.fingerprint[:12] or "-",
+            str(e.tokens) if e.tokens is not None else "-", _fmt_bytes(e.bytes), _fmt_age(e.age_s),
             e.key if len(e.key) <= 28 else e.key[:25] + "...",
         )
     console.print(table)
@@ -324,7 +296,6 @@ def clear(
         after = len(manager.store)
     removed = before - after
     console.print(f"Removed {removed} key{'' if removed == 1 else 's'} ({what}) from {where}.")
-
 
 if __name__ == "__main__":
     app()

@@ -45,11 +45,7 @@ class CachedCausalLM:
 
     @classmethod
     def from_pretrained(
-        cls,
-        model_path: str | os.PathLike[str] | None = None,
-        *,
-        cache_size: int = 1024,
-        **llm_kwargs: Any,
+        cls, model_path: str | os.PathLike[str] | None = None, *, cache_size: int = 1024, **llm_kwargs: Any
     ) -> CachedCausalLM:
         """Load a GGUF (default: the embedded SmolLM2) with an LLM(**llm_kwargs)."""
         return cls(LLM(model_path, **llm_kwargs), cache_size=cache_size)
