@@ -34,6 +34,20 @@ class Prompt:
 def prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
     """Prompt tokens and stop strings (the chat template's plus the request's); runs in a worker.
     Raises ApiError 400 for an empty prompt or messages the chat template cannot render."""
+    try:
+        return _prompt_tokens(llm, prompt)
+    except (
+        UnicodeEncodeError
+    ) as exc:  # JSON may carry lone surrogates ("\udc80"), which no tokenizer takes
+        raise ApiError(
+            400,
+            f"the prompt is not valid Unicode text: {exc.reason} at position {exc.start}",
+            param=prompt.param,
+            code="invalid_value",
+        ) from None
+
+
+def _prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
     stops = list(prompt.stops)
     if prompt.messages is not None:
         try:

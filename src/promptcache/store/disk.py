@@ -181,6 +181,18 @@ class DiskStore(BaseStore):
         self._conns_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.hits = self.misses = self.puts = self.evictions = self.expirations = self.corrupt = 0
+        try:
+            self._open()
+        except StoreUnavailableError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, sqlite3.DatabaseError) or isinstance(
+                cause, sqlite3.OperationalError
+            ):
+                raise
+            self._set_index_aside(cause)  # damaged (not busy or unreadable): start a new one
+            self._open()
+
+    def _open(self) -> None:
         with self._unavailable("open"):
             self._entries_dir.mkdir(parents=True, exist_ok=True)
             self._tmp_dir.mkdir(exist_ok=True)
@@ -194,6 +206,20 @@ class DiskStore(BaseStore):
                 )
             conn.executescript(_SCHEMA)
             self._remove_stale_temps()
+
+    def _set_index_aside(self, exc: sqlite3.DatabaseError) -> None:
+        # A damaged index (flipped bytes, a torn copy) would refuse every process forever. Its rows
+        # only say which files are complete; without them no file is served (files without a row
+        # are a crashed writer's), so a new empty index is safe and gc() reclaims the old files.
+        self.close()
+        aside = self._index_path.with_name(f"index.corrupt-{time.time_ns()}.sqlite")
+        log.warning(
+            "disk cache index %s is damaged (%s); moved it to %s", self._index_path, exc, aside
+        )
+        with self._unavailable("set aside the damaged index of"):
+            os.replace(self._index_path, aside)
+            for suffix in ("-wal", "-shm"):
+                _unlink(str(self._index_path) + suffix)
 
     @property
     def persistent(self) -> bool:

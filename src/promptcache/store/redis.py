@@ -37,8 +37,18 @@ _BATCH = 500  # members handled per script call in maintenance, so that Redis is
 # write-time zset and the size hash, plus the byte counter (the sum of the size hash). Value keys
 # of victims are built from ARGV, so these scripts need a single Redis node (not Redis Cluster).
 _FORGET = """
+local function total_bytes()
+  -- a damaged counter (not a number) is rebuilt from the size hash instead of failing every write
+  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if total then return total end
+  total = 0
+  for _, s in ipairs(redis.call('HVALS', KEYS[3])) do total = total + (tonumber(s) or 0) end
+  redis.call('SET', KEYS[4], total)
+  return total
+end
 local function forget(m)
   local size = redis.call('HGET', KEYS[3], m)
+  total_bytes()
   if size then
     redis.call('HDEL', KEYS[3], m)
     redis.call('DECRBY', KEYS[4], size)
@@ -48,7 +58,7 @@ local function forget(m)
   return redis.call('DEL', ARGV[1] .. m) + (size and 1 or 0)
 end
 local function evict_to(limit)
-  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+  local total = total_bytes()
   local evicted = 0
   while total > limit do
     local victim = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
@@ -402,7 +412,21 @@ class RedisStore(BaseStore):
 
     def size(self) -> int:
         """Bytes of packed entries in the namespace (0 when Redis is unreachable)."""
-        return int(self._call("read", lambda: self._client.get(self._meta[3]), None) or 0)
+        return max(
+            0, self._counter(self._call("read", lambda: self._client.get(self._meta[3]), None))
+        )
+
+    def _counter(self, raw: bytes | None) -> int:
+        """The byte counter's value; -1 (logged) when it is damaged: the next put rebuilds it."""
+        try:
+            return int(raw or 0)
+        except ValueError:
+            log.warning(
+                "Redis byte counter %s is damaged (%r); the next write rebuilds it",
+                self._meta[3],
+                raw[:32] if raw else raw,
+            )
+            return -1
 
     def __len__(self) -> int:
         return int(self._call("read", lambda: self._client.zcard(self._meta[1]), 0))
@@ -436,7 +460,7 @@ class RedisStore(BaseStore):
             pipe.zcard(self._meta[1])
             pipe.get(self._meta[3])
             n, nbytes = pipe.execute()
-            return int(n), int(nbytes or 0)
+            return int(n), self._counter(nbytes)
 
         entries, nbytes = self._call("read", read, (-1, -1))
         return {
