@@ -570,11 +570,10 @@ def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
     """vLLM's /tokenize, /detokenize and /tokenizer_info: what lm-evaluation-harness's remote
     tokenizer (local-completions, tokenizer_backend=remote) needs to score token-exact requests."""
     limit = server.settings.max_body_bytes
-    llm = server.tokenizer
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        special = llm._model  # LlamaModel: the vocabulary's special tokens
+        special = server.tokenizer._model  # LlamaModel: the vocabulary's special tokens
 
         def text(token: int) -> str | None:
             return special.token_get_text(token) if token >= 0 else None
@@ -594,7 +593,7 @@ def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
         prompt, add_special = body.get("prompt"), body.get("add_special_tokens", True)
         if not isinstance(prompt, str) or not isinstance(add_special, bool):
             raise ApiError(400, "send {'prompt': str, 'add_special_tokens': bool}", param="prompt")
-        tokens = await asyncio.to_thread(llm.tokenize, prompt, add_bos=add_special)
+        tokens = await asyncio.to_thread(server.tokenizer.tokenize, prompt, add_bos=add_special)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.n_ctx}
 
     @app.post("/detokenize")
@@ -606,7 +605,7 @@ def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
             raise ApiError(
                 400, f"send {{'tokens': [ids in [0, {server.n_vocab})]}}", param="tokens"
             )
-        return {"prompt": await asyncio.to_thread(llm.detokenize, tokens, special=True)}
+        return {"prompt": await asyncio.to_thread(server.tokenizer.detokenize, tokens, special=True)}
 
 
 def _install_status_routes(app: FastAPI, server: _Server) -> None:
