@@ -14,10 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from promptcache.artefacts.base import KeyedHousekeeping, open_store
 from promptcache.artefacts.identity import artefact_key, function_identity, value_identity
-from promptcache.artefacts.store import ArtefactStore
 from promptcache.artefacts.stream import BatchStream
-from promptcache.files import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def _require_dataset(dataset: Any) -> Any:
     return dataset
 
 
-class DatasetCache:
+class DatasetCache(KeyedHousekeeping):
     """Processed datasets, keyed by what produced them, stored as Arrow and reopened memory-mapped.
 
     `cache_dataset(dataset, preprocess_fn)` maps `preprocess_fn` over `dataset` in batches (as
@@ -130,8 +129,9 @@ class DatasetCache:
             raise ValueError(f"batch_buffer must be an int >= 1, got {batch_buffer!r}")
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-        self.store = ArtefactStore(
-            path if path is not None else user_cache_dir("datasets"),
+        self.store = open_store(
+            path,
+            "datasets",
             capacity_bytes,
             policy=policy,
             max_age=max_age,
@@ -362,28 +362,6 @@ class DatasetCache:
                 arrow_file.unlink(missing_ok=True)
         if name is not None:
             self.store.name(name, artefact)
-
-    # -- housekeeping ---------------------------------------------------------------------------
-
-    def remove(self, key: str) -> bool:
-        """Remove the artefact under `key` (or a name); True if it was cached. Raises ValueError, StoreUnavailableError."""
-        return self.store.remove(key)
-
-    def clear(self) -> int:
-        """Remove every cached dataset; returns how many. Raises StoreUnavailableError."""
-        return self.store.clear()
-
-    def gc(self) -> dict[str, int]:
-        """Expire, evict to capacity and remove dead writers' leftovers (ArtefactStore.gc). Raises StoreUnavailableError."""
-        return self.store.gc()
-
-    def stats(self) -> dict[str, Any]:
-        """Entries, bytes and counters (ArtefactStore.stats). Raises StoreUnavailableError."""
-        return self.store.stats()
-
-    def close(self) -> None:
-        """Close this thread's index connection; idempotent."""
-        self.store.close()
 
 
 def _read_batches(

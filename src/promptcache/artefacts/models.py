@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from promptcache.artefacts.base import KeyedHousekeeping, open_store
 from promptcache.artefacts.identity import artefact_key
-from promptcache.artefacts.store import ArtefactStore
 from promptcache.errors import CorruptEntryError, PromptCacheError
-from promptcache.files import user_cache_dir
 from promptcache.model import file_identity
 
 GGUF_MAGIC = b"GGUF"
@@ -43,7 +42,7 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-class ModelCache:
+class ModelCache(KeyedHousekeeping):
     """Model files derived from other files, keyed by what produced them, evicted by policy within capacity_bytes.
 
     Each artefact is one file in its own directory. Keys hash the sources' identities (size and the
@@ -68,8 +67,9 @@ class ModelCache:
         **store_options: Any,
     ) -> None:
         """Open the cache at `path` (default: the user cache dir / "models"). Raises ValueError, StoreUnavailableError."""
-        self.store = ArtefactStore(
-            path if path is not None else user_cache_dir("models"),
+        self.store = open_store(
+            path,
+            "models",
             capacity_bytes,
             policy=policy,
             max_age=max_age,
@@ -260,25 +260,3 @@ class ModelCache:
                 f"model artefact {key} is not valid safetensors: {exc}"
             ) from None
         return views
-
-    # -- housekeeping ---------------------------------------------------------------------------
-
-    def remove(self, key: str) -> bool:
-        """Remove artefact `key`; True if it was stored. Raises ValueError, StoreUnavailableError."""
-        return self.store.remove(key)
-
-    def clear(self) -> int:
-        """Remove every model artefact; returns how many. Raises StoreUnavailableError."""
-        return self.store.clear()
-
-    def gc(self) -> dict[str, int]:
-        """Expire, evict to capacity and remove dead writers' leftovers (ArtefactStore.gc). Raises StoreUnavailableError."""
-        return self.store.gc()
-
-    def stats(self) -> dict[str, Any]:
-        """Entries, bytes and counters (ArtefactStore.stats). Raises StoreUnavailableError."""
-        return self.store.stats()
-
-    def close(self) -> None:
-        """Close this thread's index connection; idempotent."""
-        self.store.close()

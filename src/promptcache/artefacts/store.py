@@ -16,12 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptcache.errors import CapacityError, StoreUnavailableError
+from promptcache.errors import CapacityError
+from promptcache.store import sqlite as sqlite_index
 
 log = logging.getLogger(__name__)
 
@@ -178,34 +179,18 @@ class ArtefactStore:
         """This thread's connection: sqlite connections are not shared across threads or forks."""
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(
-                self.path / "index.sqlite", timeout=BUSY_TIMEOUT, isolation_level=None
-            )
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = sqlite_index.connect(self.path / "index.sqlite", BUSY_TIMEOUT)
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
 
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
         """One index write transaction: the cross-process lock under which directories are placed or removed."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_index.write_transaction(self._conn()) as conn:
             yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
-    @contextmanager
-    def _unavailable(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailableError(
-                f"cannot {action} the artefact cache at {self.path}: {exc}"
-            ) from exc
+    def _unavailable(self, action: str) -> AbstractContextManager[None]:
+        return sqlite_index.unavailable(action, f"the artefact cache at {self.path}")
 
     def _bump(self, counter: str, n: int = 1) -> None:
         with self._stats_lock:

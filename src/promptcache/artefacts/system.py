@@ -11,11 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from promptcache.artefacts.store import ArtefactStore
-from promptcache.files import user_cache_dir
+from promptcache.artefacts.base import StoreHousekeeping, open_store
 
 
-class SystemCache:
+class SystemCache(StoreHousekeeping):
     """Named temporary artefacts; an artefact older than max_age is a miss and cleanup() deletes it.
 
     Defaults follow the system cache users know: capacity 256 MiB, max_age 86,400 s (a day), policy
@@ -35,8 +34,9 @@ class SystemCache:
         **store_options: Any,
     ) -> None:
         """Open the cache at `temp_dir` (default: the user cache dir / "temp"). Raises ValueError, StoreUnavailableError."""
-        self.store = ArtefactStore(
-            temp_dir if temp_dir is not None else user_cache_dir("temp"),
+        self.store = open_store(
+            temp_dir,
+            "temp",
             capacity_bytes,
             policy=policy,
             max_age=max_age,
@@ -80,15 +80,3 @@ class SystemCache:
     def cleanup(self) -> dict[str, int]:
         """Delete expired artefacts, evict to capacity, remove dead writers' leftovers. Raises StoreUnavailableError."""
         return self.store.gc()
-
-    def clear(self) -> int:
-        """Remove every temporary artefact; returns how many. Raises StoreUnavailableError."""
-        return self.store.clear()
-
-    def stats(self) -> dict[str, Any]:
-        """Entries, bytes and counters (ArtefactStore.stats). Raises StoreUnavailableError."""
-        return self.store.stats()
-
-    def close(self) -> None:
-        """Close this thread's index connection; idempotent."""
-        self.store.close()

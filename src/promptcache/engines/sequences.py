@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from promptcache.engines.llama_cpp.context import Closing
 from promptcache.errors import CodecError, ContextOverflowError, PromptCacheError
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(np.argmax(x))
 
 
-class SequenceEngine:
+class SequenceEngine(Closing):
     """Next-token logits for many token lists at once, in one llama.cpp context of up to n_seq sequences.
 
     llm: an LLM (its model file, prefix cache, fingerprint, codec, threads and probed exact batch size
@@ -239,18 +240,6 @@ class SequenceEngine:
                 self._ctx.close()
             self._ctx = self._batch = None
             self._live.clear()
-
-    def __enter__(self) -> SequenceEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter exit: the bindings may be gone already
-            pass
 
     # ------------------------------------------------------------ sequences
 

@@ -15,17 +15,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from promptcache.errors import (
     CapacityError,
     CorruptEntryError,
     ModelMismatchError,
-    StoreUnavailableError,
 )
 from promptcache.files import user_cache_dir
 from promptcache.store import envelope
+from promptcache.store import sqlite as sqlite_index
 from promptcache.store.base import BaseStore
 from promptcache.store.compression import Compressor, decompress, get_compressor
 from promptcache.store.counters import base_stats
@@ -235,16 +235,13 @@ class DiskStore(BaseStore):
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is None or conn.owner_pid != os.getpid() or local.generation != self._generation:
-            conn = sqlite3.connect(
+            conn = sqlite_index.connect(
                 self._index_path,
-                timeout=BUSY_TIMEOUT,
-                isolation_level=None,
+                BUSY_TIMEOUT,
                 check_same_thread=False,  # one thread uses it; close() may run in another
                 factory=_Connection,
             )
             conn.owner_pid = os.getpid()
-            # NORMAL in WAL mode: a commit survives a process crash; only a power cut may lose the last ones.
-            conn.execute("PRAGMA synchronous=NORMAL")
             local.conn, local.generation = conn, self._generation
             with self._conns_lock:
                 self._conns.add(conn)
@@ -253,29 +250,19 @@ class DiskStore(BaseStore):
     @contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
         """One index write transaction: the cross-process lock under which files are placed or removed."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_index.write_transaction(self._conn()) as conn:
             yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
-    @contextmanager
-    def _unavailable(self, action: str) -> Iterator[None]:
-        try:
-            yield
-        except (OSError, sqlite3.Error) as exc:
-            if _disk_full(exc):
-                raise StoreUnavailableError(
-                    f"cannot {action} the disk cache at {self.path}: the disk is full ({exc}); "
-                    f"free space or lower capacity_bytes (now {self.capacity_bytes})"
-                ) from exc
-            raise StoreUnavailableError(
-                f"cannot {action} the disk cache at {self.path}: {exc}"
-            ) from exc
+    def _unavailable(self, action: str) -> AbstractContextManager[None]:
+        def detail(exc: BaseException) -> str | None:
+            if not _disk_full(exc):
+                return None
+            return (
+                f"the disk is full ({exc}); "
+                f"free space or lower capacity_bytes (now {self.capacity_bytes})"
+            )
+
+        return sqlite_index.unavailable(action, f"the disk cache at {self.path}", detail)
 
     def _bump(self, counter: str, n: int = 1) -> None:
         with self._stats_lock:

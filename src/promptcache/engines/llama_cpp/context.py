@@ -9,13 +9,34 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 _SEQ = 0  # the one sequence this context holds
+
+_C = TypeVar("_C", bound="Closing")
+
+
+class Closing:
+    """close() on leaving a `with` block and on garbage collection, for engines that own llama.cpp memory."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter exit: the bindings may be gone already
+            pass
 
 
 def bindings() -> Any:

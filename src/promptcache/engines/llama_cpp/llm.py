@@ -33,7 +33,7 @@ import numpy as np
 from promptcache.cache import Hit, PromptCache
 from promptcache.codec import OpaqueCodec, StateCodec
 from promptcache.engines.llama_cpp import probe, session
-from promptcache.engines.llama_cpp.context import Context, bindings
+from promptcache.engines.llama_cpp.context import Closing, Context, bindings
 from promptcache.engines.llama_cpp.generation import (
     TOP_LOGPROBS_MAX,
     Completion,
@@ -77,7 +77,7 @@ def _splitting_codec() -> StateCodec:
         return OpaqueCodec()
 
 
-class LLM:
+class LLM(Closing):
     """A llama.cpp model with automatic prefix caching (cyllama-style API).
 
     model_path: a GGUF file (default: promptcache.default_model_path()). n_ctx: the smallest context
@@ -326,18 +326,6 @@ class LLM:
             return
         with lock:
             self._free_context()
-
-    def __enter__(self) -> LLM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter exit: the bindings may be gone already
-            pass
 
     # ------------------------------------------------------------ tokens
 
