@@ -22,6 +22,7 @@ from promptcache.errors import (
     CapacityError,
     CorruptEntryError,
     ModelMismatchError,
+    StoreUnavailableError,
 )
 from promptcache.files import user_cache_dir
 from promptcache.store import envelope
