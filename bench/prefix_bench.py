@@ -499,27 +499,32 @@ def schedule_worker(model: str, n_tokens: int) -> dict:
     return out
 
 
+def run_worker(flag: str, name: str, tmp: Path, args: argparse.Namespace) -> dict:
+    """One competitor's worker process over its own new cache directory under `tmp`."""
+    d = tmp / name
+    d.mkdir()
+    return spawn(
+        flag, name, "--cache-dir", str(d), "--reps", str(args.reps), "--words", str(args.words)
+    )
+
+
 def gemma_main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pc-bench-gemma-"))
     results: dict = {"main": {}, "fresh": [], "schedule": {}}
     try:
         for name in ("pc_ram", "pc_disk"):
             print(f"gemma3 {LABELS[name]} ...", flush=True)
-            d = tmp / name
-            d.mkdir()
-            results["main"][name] = spawn(
-                "--gemma-worker",
-                name,
-                "--cache-dir",
-                str(d),
-                "--reps",
-                str(args.reps),
-                "--words",
-                str(args.words),
-            )
+            results["main"][name] = run_worker("--gemma-worker", name, tmp, args)
             if name == "pc_disk":
                 results["fresh"] = [
-                    spawn("--gemma-fresh", "x", "--cache-dir", str(d), "--words", str(args.words))
+                    spawn(
+                        "--gemma-fresh",
+                        "x",
+                        "--cache-dir",
+                        str(tmp / name),
+                        "--words",
+                        str(args.words),
+                    )
                     for _ in range(args.reps)
                 ]
         for model in ("smollm2", "gemma3"):
@@ -624,18 +629,7 @@ def main() -> None:
     try:
         for name in COMPETITORS:
             print(f"running {LABELS[name]} ...", flush=True)
-            d = tmp / name
-            d.mkdir()
-            results["main"][name] = spawn(
-                "--worker",
-                name,
-                "--cache-dir",
-                str(d),
-                "--reps",
-                str(args.reps),
-                "--words",
-                str(args.words),
-            )
+            results["main"][name] = run_worker("--worker", name, tmp, args)
             r = results["main"][name]
             print(
                 f"  cold {r['cold_ms']:.0f} ms, repeated {median(r['repeated_ms']):.0f} ms, shared "
@@ -644,7 +638,9 @@ def main() -> None:
             )
             if name in ("pc_disk", "llama_disk"):
                 results["fresh"][name] = [
-                    spawn("--fresh", name, "--cache-dir", str(d), "--words", str(args.words))
+                    spawn(
+                        "--fresh", name, "--cache-dir", str(tmp / name), "--words", str(args.words)
+                    )
                     for _ in range(args.reps)
                 ]
                 print(
