@@ -277,6 +277,16 @@ def test_cli_stats_gc_inspect_clear(
     report = json.loads(result.output)
     assert report["tiers"]["disk"]["entries"] == 2 and report["tiers"]["redis"]["entries"] == 2
 
+    # How exact mode reuses on this machine, per probed model (the probe runs once per model).
+    from promptcache import LLM
+
+    llm = LLM(cache=None)
+    strategy, name = llm.exact_strategy, Path(llm.model_path).name
+    result = runner.invoke(app, ["stats", "--json"], env=cli_env)
+    rows = [r for r in json.loads(result.output)["exact"] if r["model"] == name]
+    assert rows and {r["strategy"] for r in rows} == {strategy}
+    assert "exact mode on this machine" in runner.invoke(app, ["stats"], env=cli_env).output
+
     result = runner.invoke(app, ["inspect", "--tier", "disk"], env=cli_env)
     assert result.exit_code == 0 and "default:k1" in result.output and "other:k2" in result.output
 

@@ -226,8 +226,15 @@ def stats(
     """Show each cache tier and artefact cache: entries, bytes, capacity, evictions (the RAM tier is per process)."""
     import json
 
+    from promptcache.engines.llama_cpp import probe
+
     with _cache_manager(config) as manager:
         report = manager.stats()
+    # How exact mode reuses on this machine, per model the probe measured (LLM.exact_strategy).
+    report["exact"] = [
+        {k: row.get(k) for k in ("model", "strategy", "exact_batch", "chunk")}
+        for row in probe.records().values()
+    ]
     if as_json:
         console.print_json(json.dumps(report, default=str))
         return
@@ -268,6 +275,18 @@ def stats(
             table.add_row("policy", str(row.get("policy", "-")))
             table.add_row("evictions (this process)", str(row["eviction_count"]))
         table.add_row("path", str(row.get("path", "-")))
+        console.print(table)
+    if report["exact"]:
+        table = Table(title="exact mode on this machine (probed per model)", title_justify="left")
+        for column in ("model", "strategy", "exact batch", "chunk C"):
+            table.add_column(column)
+        for row in report["exact"]:
+            table.add_row(
+                str(row["model"]),
+                str(row["strategy"] or "-"),
+                str(row["exact_batch"]),
+                str(row["chunk"] or "-"),
+            )
         console.print(table)
     missing = [name for name in ARTEFACT_CACHES if name not in report["artefacts"]]
     if missing:

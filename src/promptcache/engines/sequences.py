@@ -78,9 +78,22 @@ class EngineStats:
     tokens_restored: int = 0
     evictions: int = 0  # live sequences dropped to make room
     inserts: int = 0  # states handed to the prefix cache
+    peak_sequences: int = 0  # most sequences one llama_decode call evaluated together
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Advance:
+    """What one query got from a round (SequenceEngine.advance): the logits after its last token, or
+    None while it waits or its prompt is still being evaluated; the sequence holding it (None while
+    it waits); how many of its tokens the round reused and from where (live, memory, disk, redis, none)."""
+
+    logits: np.ndarray | None
+    seq: int | None
+    reused: int = 0
+    source: str = "none"
 
 
 @dataclass
@@ -89,19 +102,23 @@ class _Live:
     tokens: list[int]
     last_used: int = 0
     pinned: bool = False
+    pending: int = 0  # tokens evaluated in rounds that did not finish their query yet (a budget)
 
 
 @dataclass
 class _Step:
-    """One query's part of a round: evaluate tokens[start:] in sequence `seq` (forked from `source`'s
-    first `start` tokens when source is not None, or cut back to `start` tokens when `cut`)."""
+    """One query's part of a round: evaluate tokens[start:] in sequence `seq` (forked from `fork`'s
+    first `start` tokens when fork is not None, or cut back to `start` tokens when `cut`)."""
 
     query: int
     tokens: list[int]
     seq: int
     start: int
-    source: int | None = None
+    fork: int | None = None
     cut: bool = False
+    source: str = "none"  # where the reused tokens came from: live, memory, disk, redis or none
+    reused: int = 0
+    partial: bool = False  # tokens is cut short of the query (a budget): no logits yet
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -136,7 +153,6 @@ class SequenceEngine(Closing):
         cache: PromptCache | str | None | bool = True,
     ) -> None:
         from promptcache.engines.llama_cpp import LLM
-        from promptcache.engines.llama_cpp.context import bindings as _llama
 
         if not isinstance(n_seq, int) or not 1 <= n_seq <= _MAX_SEQ:
             raise ValueError(f"n_seq must be an int in [1, {_MAX_SEQ}]")
@@ -176,15 +192,15 @@ class SequenceEngine(Closing):
         self._inserted: set[tuple[int, ...]] = set()
         self._tick = 0
         self._lock = threading.RLock()
-        # Its own handle on the GGUF (LLM keeps its model private); llama.cpp maps the file, so the
-        # weights' pages are shared with the LLM's.
-        from llama_cpp._internals import LlamaModel
-
-        self.model = LlamaModel(
-            path_model=llm.model_path, params=_llama().llama_model_default_params(), verbose=False
-        )
+        self.model = llm.model  # the LLM's handle on the GGUF: the weights are loaded once
         self._ctx: Any = None
         self._batch: Any = None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes the context's KV cache takes (n_seq x n_ctx cells, K and V in f16), from the model's
+        shape: what --parallel costs in memory (an upper bound for sliding-window layers)."""
+        return self.n_seq * self.n_ctx * kv_bytes_per_token(self.model)
 
     # ------------------------------------------------------------ context
 
@@ -314,99 +330,178 @@ class SequenceEngine(Closing):
 
         Each query continues the live sequence with its longest prefix (in place, or forked when another
         query or a pin holds it), or a state restored from the prefix cache, or starts afresh; all new
-        tokens go into as few batches as possible. Raises ValueError/TypeError for malformed queries and
-        ContextOverflowError when a query cannot fit the context."""
+        tokens go into as few batches as possible, and a prefix several queries share is evaluated once.
+        Raises ValueError/TypeError for malformed queries and ContextOverflowError when a query cannot
+        fit the context."""
         checked = [self._check(q) for q in queries]
         index: dict[tuple[int, ...], int] = {}
         for q in checked:
             index.setdefault(tuple(q), len(index))
         unique = [list(k) for k in index]
-        for q in unique:
+        found: list[np.ndarray | None] = [None] * len(unique)
+        with self._lock:
+            todo = list(range(len(unique)))
+            while todo:
+                out = self.advance([unique[i] for i in todo])
+                for i, adv in zip(todo, out, strict=True):
+                    found[i] = adv.logits
+                todo = [i for i in todo if found[i] is None]
+        return [found[index[tuple(q)]] for q in checked]  # type: ignore[misc]
+
+    def advance(
+        self,
+        queries: Sequence[Sequence[int]],
+        *,
+        hints: Sequence[int | None] | None = None,
+        budget: int | None = None,
+    ) -> list[Advance]:
+        """One round of `evaluate` for a scheduler: every query moves forward, some not to its end.
+
+        A query gets its logits (Advance.logits) unless it waits: beyond the first n_seq distinct
+        queries (one at a time where nothing is shared), for another query of the round that evaluates
+        a prefix they share (it forks that next round), or, with `budget`, while more than `budget` of
+        its tokens remain to evaluate (a long prompt is evaluated `budget` tokens per round, so the
+        others' steps keep coming). `hints[i]`: the sequence query i extended last round (a scheduler
+        knows it), which saves comparing the query with every live sequence; a hinted sequence is not
+        evicted by this round's other queries. Asking the same list again continues where it stopped."""
+        if budget is not None and (not isinstance(budget, int) or budget < 2 * self.exact_batch):
+            raise ValueError(f"budget must be an int >= {2 * self.exact_batch}")
+        checked = [self._check(q) for q in queries]
+        for q in checked:
             if len(q) > self.n_ctx:
                 raise ContextOverflowError(
                     f"a query of {len(q)} tokens does not fit a context of {self.n_ctx}: raise n_ctx"
                 )
-        found: list[np.ndarray | None] = [None] * len(unique)
+        index: dict[tuple[int, ...], int] = {}
+        first: list[int] = []
+        for i, q in enumerate(checked):
+            if index.setdefault(tuple(q), len(first)) == len(first):
+                first.append(i)
+        unique = [checked[i] for i in first]
+        hint_of = [hints[i] if hints is not None else None for i in first]
         with self._lock:
             self._ensure_context()
             per_round = self.n_seq if self.shares else 1
-            for lo in range(0, len(unique), per_round):
-                todo = list(range(lo, min(len(unique), lo + per_round)))
-                steps = self._plan(todo, unique)
-                for i, logits in self._run(steps).items():
-                    found[i] = logits
-            self.stats.queries += len(unique)
-        return [found[index[tuple(q)]] for q in checked]  # type: ignore[misc]
+            todo = list(range(min(per_round, len(unique))))
+            steps = self._plan(todo, unique, hint_of, budget)
+            found = self._run(steps)
+            self.stats.queries += sum(1 for s in steps if not s.partial)
+            done = {s.query: s for s in steps}
+            results = []
+            for i in range(len(unique)):
+                step = done.get(i)
+                if step is None:
+                    results.append(Advance(None, None))
+                else:
+                    results.append(Advance(found.get(i), step.seq, step.reused, step.source))
+        return [results[index[tuple(q)]] for q in checked]
 
     # ------------------------------------------------------------ planning
 
-    def _plan(self, todo: list[int], unique: list[list[int]]) -> list[_Step]:
+    def _plan(
+        self,
+        todo: list[int],
+        unique: list[list[int]],
+        hints: list[int | None],
+        budget: int | None,
+    ) -> list[_Step]:
         """Assign each query a sequence; forks and cuts are applied, restores loaded, rows not yet run.
 
         A query reuses at most len - exact_batch live tokens (the rest is evaluated in one step)."""
         steps: list[_Step] = []
         claimed: set[int] = set()  # sequences a step of this round writes to
         sources: set[int] = set()  # sequences a fork of this round reads from
+        hinted = {h for h in hints if h is not None and h in self._live}
+        prefills: list[list[int]] = []  # queries of this round that evaluate a prefix others may share
         b = self.exact_batch
         for i in todo:
             q = unique[i]
             limit = max(0, len(q) - b)
-            best, best_len, best_full = None, 0, False
-            if self.shares:
-                best_rank: tuple[int, bool, bool, bool] = (0, False, False, False)
-                for live in self._live.values():
-                    common = _common_prefix(live.tokens, q)
-                    full = common == len(live.tokens)
-                    # Longest reuse first; then a sequence free to extend in place, one it extends, unpinned.
-                    rank = (min(common, limit), live.seq_id not in claimed, full, not live.pinned)
-                    if rank[0] and rank > best_rank:
-                        best, best_len, best_full, best_rank = live, rank[0], full, rank
+            best, best_len, best_full = self._best_live(q, limit, hints[i], claimed)
+            if any(
+                min(_common_prefix(p, q), limit) - best_len >= RESTORE_MIN_TOKENS for p in prefills
+            ):
+                continue  # another query of this round evaluates what this one needs: fork it next round
+            keep = claimed | sources
+            step = None
             if self.shares and self.cache is not None and limit - best_len >= RESTORE_MIN_TOKENS:
-                seq = self._restore(q, best_len, limit, keep=claimed | sources)
-                if seq is not None:
-                    claimed.add(seq)
-                    steps.append(_Step(i, q, seq, len(self._live[seq].tokens)))
-                    continue
-            if best is not None and best_len > 0:
+                restored = self._restore(q, best_len, limit, keep=keep, spare=hinted)
+                if restored is not None:
+                    seq, source = restored
+                    step = _Step(i, q, seq, len(self._live[seq].tokens), source=source)
+            if step is None and best is not None and best_len > 0:
                 in_place = (
                     best.seq_id not in claimed and best.seq_id not in sources and not best.pinned
                 )
                 if in_place and not best_full and self._has_free_slot():
                     in_place = False  # keep its tail (another particle may come back to it) while slots are free
                 if in_place:
-                    claimed.add(best.seq_id)
-                    steps.append(
-                        _Step(i, q, best.seq_id, best_len, cut=best_len < len(best.tokens))
+                    step = _Step(
+                        i, q, best.seq_id, best_len, cut=best_len < len(best.tokens), source="live"
                     )
                 else:
-                    seq = self._free_slot(keep=claimed | sources | {best.seq_id})
-                    claimed.add(seq)
+                    seq = self._free_slot(keep | {best.seq_id}, hinted)
                     sources.add(best.seq_id)
-                    steps.append(_Step(i, q, seq, best_len, source=best.seq_id))
-                    self._live[seq] = _Live(
-                        seq, [], self._next_tick()
-                    )  # placeholder until the fork
+                    step = _Step(i, q, seq, best_len, fork=best.seq_id, source="live")
+                    self._live[seq] = _Live(seq, [], self._next_tick())  # placeholder until the fork
                 self.stats.tokens_reused += best_len
                 self.stats.rows_reread += (
                     max(0, min(len(best.tokens), len(q) - 1) - best_len) if best_full else 0
                 )
-                continue
-            seq = self._free_slot(keep=claimed | sources)
-            claimed.add(seq)
-            self._live[seq] = _Live(seq, [], self._next_tick())
-            steps.append(_Step(i, q, seq, 0))
+            if step is None:
+                seq = self._free_slot(keep, hinted)
+                self._live[seq] = _Live(seq, [], self._next_tick())
+                step = _Step(i, q, seq, 0)
+            step.reused = step.start
+            if budget is not None and len(q) - step.start > budget:
+                # Evaluate `budget` tokens now and leave at least exact_batch for the last round.
+                n = min(budget, len(q) - step.start - b)
+                step.tokens, step.partial = q[: step.start + n], True
+            claimed.add(step.seq)
+            steps.append(step)
+            if len(q) - step.start >= RESTORE_MIN_TOKENS:
+                prefills.append(q)
         for step in steps:  # forks first: a cut below may shorten a source
-            if step.source is not None:
-                self._copy(step.source, step.seq, step.start)
+            if step.fork is not None:
+                self._copy(step.fork, step.seq, step.start)
                 self.stats.forks += 1
         for step in steps:
             if step.cut:
                 self._ctx.kv_cache_seq_rm(step.seq, step.start, -1)
         return steps
 
-    def _restore(self, q: list[int], live_len: int, limit: int, keep: set[int]) -> int | None:
+    def _best_live(
+        self, q: list[int], limit: int, hint: int | None, claimed: set[int]
+    ) -> tuple[_Live | None, int, bool]:
+        """The live sequence q reuses most of (at most `limit` tokens), how much, and whether all of
+        it is a prefix of q. The hinted sequence, when q extends it, is taken without a search."""
+        if not self.shares:
+            return None, 0, False
+        live = self._live.get(hint) if hint is not None else None
+        if (
+            live is not None
+            and live.seq_id not in claimed
+            and 0 < len(live.tokens) <= len(q)
+            and live.tokens[-1] == q[len(live.tokens) - 1]
+            and live.tokens == q[: len(live.tokens)]
+        ):
+            return live, min(len(live.tokens), limit), True
+        best, best_len, best_full = None, 0, False
+        best_rank: tuple[int, bool, bool, bool] = (0, False, False, False)
+        for live in self._live.values():
+            common = _common_prefix(live.tokens, q)
+            full = common == len(live.tokens)
+            # Longest reuse first; then a sequence free to extend in place, one it extends, unpinned.
+            rank = (min(common, limit), live.seq_id not in claimed, full, not live.pinned)
+            if rank[0] and rank > best_rank:
+                best, best_len, best_full, best_rank = live, rank[0], full, rank
+        return best, best_len, best_full
+
+    def _restore(
+        self, q: list[int], live_len: int, limit: int, keep: set[int], spare: set[int]
+    ) -> tuple[int, str] | None:
         """Load the longest cached prefix of q (longer than live_len, at most limit) into a free
-        sequence, or None."""
+        sequence; returns the sequence and the tier it came from, or None."""
         assert self.cache is not None
         try:
             hit = self.cache.lookup(
@@ -417,7 +512,7 @@ class SequenceEngine(Closing):
             return None
         if hit is None:
             return None
-        seq = self._free_slot(keep=keep)
+        seq = self._free_slot(keep, spare)
         self._ctx.kv_cache_seq_rm(seq, -1, -1)
         if not self._load(bytes(hit.state), seq):
             self._ctx.kv_cache_seq_rm(seq, -1, -1)
@@ -429,7 +524,7 @@ class SequenceEngine(Closing):
         self._live[seq] = _Live(seq, q[: hit.tokens_reused], self._next_tick())
         self.stats.restores += 1
         self.stats.tokens_restored += hit.tokens_reused
-        return seq
+        return seq, hit.source
 
     # ------------------------------------------------------------ running
 
@@ -442,7 +537,7 @@ class SequenceEngine(Closing):
         holding at least exact_batch rows (as LLM schedules a prompt)."""
 
         def rows(step: _Step, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
-            last = len(step.tokens) - 1
+            last = -1 if step.partial else len(step.tokens) - 1
             return [
                 (step.tokens[p], p, step.seq, step.query if p == last else -1)
                 for p in range(lo, hi)
@@ -496,8 +591,11 @@ class SequenceEngine(Closing):
             self.stats.tokens_evaluated += len(step.tokens) - step.start
             live = self._live[step.seq]
             live.tokens, live.last_used = step.tokens, tick
-            if self.cache is not None and len(step.tokens) - step.start >= KEEP_MIN_TOKENS:
-                self._insert(live)
+            live.pending += len(step.tokens) - step.start
+            if not step.partial:
+                if self.cache is not None and live.pending >= KEEP_MIN_TOKENS:
+                    self._insert(live)
+                live.pending = 0
         return out
 
     def _decode(
@@ -528,6 +626,7 @@ class SequenceEngine(Closing):
                 )
             raise PromptCacheError(f"llama_decode failed with code {rc}")
         self.stats.batches += 1
+        self.stats.peak_sequences = max(self.stats.peak_sequences, len(set(arr[:, 2].tolist())))
         out = {}
         for i in np.flatnonzero(arr[:, 3] >= 0).tolist():
             ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, i)
@@ -552,9 +651,11 @@ class SequenceEngine(Closing):
     def _has_free_slot(self) -> bool:
         return len(self._live) < self.n_seq
 
-    def _free_slot(self, keep: set[int]) -> int:
+    def _free_slot(self, keep: set[int], spare: set[int] | frozenset[int] = frozenset()) -> int:
+        """A free sequence id, evicting the least recently used sequence outside `keep` (and outside
+        `spare` too while another victim exists)."""
         self._ensure_context()
-        if not self._has_free_slot() and not self._evict(keep):
+        if not self._has_free_slot() and not self._evict(keep | spare) and not self._evict(keep):
             raise PromptCacheError(
                 f"all {self.n_seq} sequences are pinned or in use by this call: raise n_seq or unpin one"
             )
@@ -668,6 +769,25 @@ def stream_state(state: bytes, n_stream: int) -> bytes:
     return _HEAD.pack(magic, seq, n_stream) + state[_HEAD.size :] + bytes(4 * (n_stream - 1))
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """K and V bytes one token takes in a context (f16), from the GGUF metadata of a LlamaModel."""
+    md = model.metadata()
+    arch = md.get("general.architecture", "llama")
+
+    def num(key: str, default: int) -> int:
+        try:
+            return int(md.get(f"{arch}.{key}", default))
+        except (TypeError, ValueError):  # a per-layer array: take the default
+            return default
+
+    n_head = num("attention.head_count", 1)
+    n_embd = num("embedding_length", 0)
+    head_kv = num("attention.head_count_kv", n_head)
+    k = num("attention.key_length", n_embd // max(1, n_head))
+    v = num("attention.value_length", k)
+    return num("block_count", 1) * head_kv * (k + v) * 2
+
+
 def _resolve(cache: PromptCache | str | None | bool) -> PromptCache | None:
     from promptcache.engines.llama_cpp import _resolve_cache
 
@@ -677,6 +797,7 @@ def _resolve(cache: PromptCache | str | None | bool) -> PromptCache | None:
 
 
 __all__ = [
+    "Advance",
     "SequenceEngine",
     "EngineStats",
     "single_stream",

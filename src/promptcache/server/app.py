@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +24,34 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from promptcache.cache import PromptCache
-from promptcache.engines.llama_cpp import LLM, GenerationConfig, RunStats
+from promptcache.engines.llama_cpp import LLM
+from promptcache.engines.sequences import SequenceEngine
+from promptcache.errors import ConfigError
+from promptcache.server.batching import BatchPool
+from promptcache.server.jobs import Ask, Limits, batched_job, generation_job, sampling
 from promptcache.server.metrics import Metrics, cache_stats, tier_stats
 from promptcache.server.pool import END, Job, QueueFullError, WorkerPool
 from promptcache.server.prompts import (
     Prompt,
     chat_messages,
     completion_prompt,
-    context_error,
-    logit_bias,
-    prompt_tokens,
-    response_grammar,
 )
 from promptcache.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     Envelope,
-    chat_logprobs,
-    completion_logprobs,
     error_body,
     merge_logprobs,
     parse_json,
     parse_request,
     sse,
-    usage,
 )
 from promptcache.server.sessions import SessionDirectory, restore_job, save_job, session_prompt
 from promptcache.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-# OpenAI's default max_tokens for /v1/completions; chat defaults to the room left in the context.
-COMPLETION_DEFAULT_MAX_TOKENS = 16
 _DISCONNECTED = 499  # nginx's "client closed request": nobody reads it, but logs say what happened
 
 
@@ -76,6 +71,15 @@ class _Server:
     n_vocab: int
     fingerprint: str
     tokenizer: LLM  # tokenizing reads only the vocabulary: any worker's model, on any thread
+    streams: ClientStreams
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.pool, BatchPool)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.n_ctx, self.max_tokens)
 
     @property
     def system_fingerprint(self) -> str:
@@ -132,6 +136,31 @@ def load_workers(settings: ServerSettings) -> tuple[list[LLM], PromptCache | Non
     return llms, cache
 
 
+def batch_engines(settings: ServerSettings, llms: list[LLM], n_ctx: int) -> list[SequenceEngine]:
+    """One SequenceEngine per worker LLM, `settings.parallel` sequences of n_ctx tokens each (the
+    default context: the model's, at most 4,096). Raises ConfigError when their KV cache would pass
+    settings.max_kv_bytes."""
+    per_request = settings.n_ctx or min(n_ctx, 4096)
+    engines = [
+        SequenceEngine(llm, n_seq=settings.parallel, n_ctx=min(per_request, n_ctx)) for llm in llms
+    ]
+    need = sum(e.kv_bytes for e in engines)
+    if need > settings.max_kv_bytes:
+        raise ConfigError(
+            f"{len(engines)} worker(s) x {settings.parallel} sequences x {engines[0].n_ctx} tokens "
+            f"need {need / 2**20:,.0f} MiB of KV cache, over max_kv_bytes "
+            f"({settings.max_kv_bytes / 2**20:,.0f} MiB): lower --parallel or --n-ctx, or raise "
+            "--max-kv-bytes"
+        )
+    log.info(
+        "continuous batching: %d sequence(s) x %d tokens per worker, KV cache %.0f MiB in all",
+        settings.parallel,
+        engines[0].n_ctx,
+        need / 2**20,
+    )
+    return engines
+
+
 def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None = None) -> FastAPI:
     """The server application. Loads `settings.workers` LLMs unless `llms` are given (they must share
     one PromptCache and one model). Raises ConfigError for bad settings and FileNotFoundError for no model."""
@@ -150,7 +179,23 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
         )
     pool_ref: list[WorkerPool] = []
     metrics = Metrics(cache, lambda: pool_ref[0] if pool_ref else None)
-    pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
+    pool: WorkerPool
+    engines = batch_engines(settings, llms, n_ctx) if settings.parallel > 1 else []
+    if engines and not engines[0].shares:
+        log.warning(
+            "--parallel %d ignored: in exact mode this model reuses nothing between sequences "
+            "(strategy %r), so requests run one at a time on each worker's own context",
+            settings.parallel,
+            first.exact_strategy,
+        )
+        engines = []
+    if engines:
+        n_ctx = engines[0].n_ctx
+        pool = BatchPool(
+            engines, max_queue=settings.max_queue, expected=(ApiError,), budget=settings.prefill_chunk
+        )
+    else:
+        pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
     pool_ref.append(pool)
     server = _Server(
         settings=settings,
@@ -165,13 +210,15 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
         n_vocab=first.n_vocab,
         fingerprint=first.fingerprint,
         tokenizer=first,
+        streams=ClientStreams(settings.max_streams_per_client),
     )
     log.info(
-        "serving %s (context %d) with %d worker(s) x %d thread(s), cache %s",
+        "serving %s (context %d) with %d worker(s) x %d thread(s) x %d request(s) at once, cache %s",
         server.model_id,
         n_ctx,
         pool.size,
         settings.threads_per_worker(),
+        settings.parallel,
         settings.cache,
     )
 
@@ -350,120 +397,44 @@ async def _job_result(
 # ------------------------------------------------------------------------------------ generation
 
 
-@dataclass(frozen=True)
-class _Ask:
-    """What one generation request asks of a worker."""
+class ClientStreams:
+    """Generations running per client address, bounded by `limit` (None: unbounded): past it, 429
+    with Retry-After, so one client cannot take every slot. Used on the event loop only."""
 
-    kind: str  # "chat" or "completion"
-    prompt: Prompt
-    max_tokens: int | None
-    n: int = 1
-    sampling: dict[str, Any] = field(default_factory=dict)  # more GenerationConfig fields
-    echo: bool = False
-    logprobs: int | None = None  # alternatives reported per token; None: no logprobs
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
 
+    def acquire(self, client: str) -> None:
+        n = self._open.get(client, 0)
+        if self.limit is not None and n >= self.limit:
+            raise ApiError(
+                429,
+                f"this client already runs {n} generation(s), the most one client may run at once; "
+                "retry when one ends",
+                type="rate_limit_error",
+                code="too_many_streams",
+                headers={"Retry-After": "1"},
+            )
+        self._open[client] = n + 1
 
-def _choice_config(ask: _Ask, index: int, n_new: int, stops: list[str]) -> GenerationConfig:
-    sampling = dict(ask.sampling)
-    if index and sampling.get("seed") is not None:
-        sampling["seed"] += index  # a seeded request's choices differ, and each is reproducible
-    return GenerationConfig(max_tokens=n_new, stop=stops or None, logprobs=ask.logprobs, **sampling)
-
-
-def _generation_job(server: _Server, endpoint: str, ask: _Ask) -> Callable[[LLM, Job], None]:
-    """The worker's part: prompt tokens, the echo (prompt logprobs), then each of the n choices in
-    turn. The prompt is evaluated once, by the first choice (or the echo); the others restore it
-    from the live context, evaluating only the last exact_batch tokens again. Emits ("start", n),
-    ("piece", index, text, logprobs), ("done", index, finish_reason) and ("usage", usage)."""
-
-    def run(llm: LLM, job: Job) -> None:
-        tokens, stops = prompt_tokens(llm, ask.prompt)
-        room = server.n_ctx - len(tokens)
-        if ask.max_tokens is not None:
-            n_new = ask.max_tokens
-        else:
-            default = room if ask.prompt.messages is not None else COMPLETION_DEFAULT_MAX_TOKENS
-            n_new = min(default, room, server.max_tokens)
-        if n_new > room or (n_new < 1 and not (ask.echo and ask.max_tokens == 0)):
-            raise context_error(server.n_ctx, len(tokens), max(n_new, 1), ask.prompt.param)
-        job.emit("start", len(tokens))
-        piece = llm.token_to_piece
-        first: RunStats | None = None
-        echo_text, echo_logprobs = "", None
-        if ask.echo:
-            entries = llm.prompt_logprobs(tokens, ask.logprobs or 0)
-            first = llm.last_stats
-            server.metrics.generation(endpoint, first, job.queue_seconds)
-            text = ask.prompt.text
-            echo_text = text if text is not None else llm.detokenize(tokens)
-            if ask.logprobs is not None:
-                echo_logprobs = completion_logprobs(entries, tokens, piece, 0)
-        completion_tokens = 0
-        # A chat's reply comes back in its next turn: keep the reply's KV reusable (one reply only).
-        keep = (
-            list(ask.prompt.messages) if ask.prompt.messages is not None and ask.n == 1 else False
-        )
-        for index in range(ask.n):
-            offset = len(echo_text)
-            if ask.echo:
-                job.emit("piece", index, echo_text, echo_logprobs)
-            finish = "length"
-            if n_new > 0 and not job.cancelled:
-                config = _choice_config(ask, index, n_new, stops)
-                steps = llm.stream_steps(tokens, config, keep_reply=keep)
-                try:
-                    for step in steps:
-                        if job.cancelled:
-                            break
-                        if step.finish_reason is not None:
-                            finish = step.finish_reason
-                        elif step.text:
-                            logprobs = None
-                            if ask.logprobs is not None and ask.kind == "chat":
-                                logprobs = chat_logprobs(step.logprobs, piece)
-                            elif ask.logprobs is not None:
-                                ids = [e.token for e in step.logprobs]
-                                logprobs = completion_logprobs(step.logprobs, ids, piece, offset)
-                            offset += len(step.text)
-                            job.emit("piece", index, step.text, logprobs)
-                finally:
-                    steps.close()  # the engine's clean-up: the prompt's state goes into the shared cache
-                stats = llm.last_stats
-                first = first or stats
-                completion_tokens += stats.tokens_generated
-                server.metrics.generation(endpoint, stats, job.queue_seconds)
-            job.emit("done", index, finish)
-        server.metrics.request(endpoint, "cancelled" if job.cancelled else "ok")
-        cached = first.tokens_reused if first is not None else 0
-        job.emit("usage", usage(len(tokens), completion_tokens, cached))
-
-    return run
+    def release(self, client: str) -> None:
+        n = self._open.pop(client, 0) - 1
+        if n > 0:
+            self._open[client] = n
 
 
-def _sampling(req: CompletionRequest | ChatCompletionRequest, n_vocab: int) -> dict[str, Any]:
-    """The request's sampling fields as GenerationConfig's (400 for a bad logit_bias or response_format)."""
-    names = (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-    out = {name: getattr(req, name) for name in names if getattr(req, name) is not None}
-    bias = logit_bias(req, n_vocab)
-    if bias:
-        out["logit_bias"] = bias
-    grammar = response_grammar(req.response_format)
-    if grammar is not None:
-        out["grammar"] = grammar
-    return out
+async def _released(stream: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        release()
 
 
-async def _generate(request: Request, server: _Server, ask: _Ask, req: Any) -> Response:
-    """Queue the generation, wait for it to start (so errors before the first token are plain 4xx
-    answers), then answer as one JSON body or as server-sent events."""
+def _check_ask(server: _Server, ask: Ask) -> None:
+    """400 for what no worker could serve: max_tokens past the server's limit or 0 without echo,
+    n past the sequences a batching worker holds."""
     if ask.max_tokens is not None and ask.max_tokens > server.max_tokens:
         raise ApiError(
             400,
@@ -478,8 +449,43 @@ async def _generate(request: Request, server: _Server, ask: _Ask, req: Any) -> R
             param="max_tokens",
             code="invalid_value",
         )
+    if server.batched and ask.n > server.pool.engines[0].n_seq:
+        raise ApiError(
+            400,
+            f"n is too large: {ask.n}; this server batches at most {server.pool.engines[0].n_seq} "
+            "sequences per worker (--parallel)",
+            param="n",
+            code="invalid_value",
+        )
+
+
+async def _generate(request: Request, server: _Server, ask: Ask, req: Any) -> Response:
+    """Check the request and the client's running generations, then run it (_run_generation);
+    the client's count is released when the answer (or its stream) ends."""
+    _check_ask(server, ask)
+    client = request.client.host if request.client is not None else "unknown"
+    server.streams.acquire(client)
+    handed = False
+    try:
+        response = await _run_generation(request, server, ask, req)
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _released(
+                response.body_iterator, lambda: server.streams.release(client)
+            )
+            handed = True
+        return response
+    finally:
+        if not handed:
+            server.streams.release(client)
+
+
+async def _run_generation(request: Request, server: _Server, ask: Ask, req: Any) -> Response:
+    """Queue the generation, wait for it to start (so errors before the first token are plain 4xx
+    answers), then answer as one JSON body or as server-sent events."""
     endpoint = request.scope["route"].path
-    job = _submit(server, _generation_job(server, endpoint, ask))
+    make = batched_job if server.batched else generation_job
+    job = _submit(server, make(server.limits, server.metrics, endpoint, ask))
+    job.slots = ask.n
     events = _job_events(request, job)
     first = await anext(events, None)
     if first is None or first[0] != "start":
@@ -573,7 +579,7 @@ def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        special = server.tokenizer._model  # LlamaModel: the vocabulary's special tokens
+        special = server.tokenizer.model  # LlamaModel: the vocabulary's special tokens
 
         def text(token: int) -> str | None:
             return special.token_get_text(token) if token >= 0 else None
@@ -617,6 +623,7 @@ def _install_status_routes(app: FastAPI, server: _Server) -> None:
             "status": "ok",
             "model": server.model_id,
             "workers": server.pool.size,
+            "parallel": server.pool.slots // server.pool.size,
             "busy": server.pool.busy,
             "waiting": server.pool.waiting,
         }
@@ -646,7 +653,14 @@ def _install_status_routes(app: FastAPI, server: _Server) -> None:
             "model": server.model_id,
             "fingerprint": server.fingerprint,
             "context_length": server.n_ctx,
-            "workers": {"size": server.pool.size, "busy": server.pool.busy},
+            "workers": {
+                "size": server.pool.size,
+                "parallel": server.pool.slots // server.pool.size,
+                "slots": server.pool.slots,
+                "busy": server.pool.busy,
+                "kv_bytes": server.pool.kv_bytes,
+                "batching": server.pool.engine_stats(),
+            },
             "queue": {"waiting": server.pool.waiting, "capacity": server.pool.max_queue},
             "cache": cache,
             "tiers": tier_stats(server.cache) if server.cache is not None else [],
@@ -669,12 +683,12 @@ def _install_generation_routes(app: FastAPI, server: _Server) -> None:
         server.check_model(req.model)
         _unsupported(req.best_of not in (None, 1, req.n), "best_of", "best_of other than n")
         _unsupported(req.suffix, "suffix", "suffix")
-        ask = _Ask(
+        ask = Ask(
             "completion",
             completion_prompt(req, server.n_vocab),
             req.max_tokens,
             n=req.n,
-            sampling=_sampling(req, server.n_vocab),
+            sampling=sampling(req, server.n_vocab),
             echo=req.echo,
             logprobs=req.logprobs,
         )
@@ -695,12 +709,12 @@ def _install_generation_routes(app: FastAPI, server: _Server) -> None:
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
-        ask = _Ask(
+        ask = Ask(
             "chat",
             Prompt(messages=chat_messages(req), stops=req.stops(), param="messages"),
             max_tokens,
             n=req.n,
-            sampling=_sampling(req, server.n_vocab),
+            sampling=sampling(req, server.n_vocab),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         return await _generate(request, server, ask, req)

@@ -64,7 +64,9 @@ class _CacheCollector(Collector):
         if pool is not None:
             for name, doc, value in (
                 ("promptcache_workers", "LLM worker threads.", pool.size),
-                ("promptcache_workers_busy", "Workers running a request now.", pool.busy),
+                ("promptcache_slots", "Requests served at once (workers x parallel).", pool.slots),
+                ("promptcache_workers_busy", "Requests running now.", pool.busy),
+                ("promptcache_kv_cache_bytes", "KV cache bytes of the workers' contexts.", pool.kv_bytes),
                 ("promptcache_queue_waiting", "Requests waiting for a worker.", pool.waiting),
                 (
                     "promptcache_queue_capacity",

@@ -42,6 +42,7 @@ class Job:
         self._cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self.started: float | None = None
+        self.slots = 1  # sequences it holds at once in a BatchPool (a request's n choices)
 
     @property
     def cancelled(self) -> bool:
@@ -84,18 +85,42 @@ class WorkerPool:
         self._busy = 0
         self._mean_job_s = 1.0
         self._running: set[Job] = set()
+        self._kv_per_token: int | None = None
         self._threads = [
             threading.Thread(
-                target=self._work, args=(llm,), name=f"promptcache-worker-{i}", daemon=True
+                target=self._work, args=(unit,), name=f"promptcache-worker-{i}", daemon=True
             )
-            for i, llm in enumerate(llms)
+            for i, unit in enumerate(self._units())
         ]
         for t in self._threads:
             t.start()
 
+    def _units(self) -> list[Any]:
+        """What each worker thread owns (an LLM here)."""
+        return list(self.llms)
+
     @property
     def size(self) -> int:
+        """Worker threads."""
         return len(self.llms)
+
+    @property
+    def slots(self) -> int:
+        """Requests served at once (one per worker here)."""
+        return self.size
+
+    def engine_stats(self) -> dict[str, int] | None:
+        """Counters of a batching engine (None: workers run one request at a time)."""
+        return None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache the workers' contexts hold now (a context grows with its prompts)."""
+        from promptcache.engines.sequences import kv_bytes_per_token
+
+        if self._kv_per_token is None:
+            self._kv_per_token = kv_bytes_per_token(self.llms[0].model)
+        return sum(llm.context_size for llm in self.llms) * self._kv_per_token
 
     @property
     def busy(self) -> int:
@@ -109,10 +134,10 @@ class WorkerPool:
     def submit(self, job: Job) -> None:
         """Queue `job`. Raises QueueFullError when all workers are busy and max_queue jobs already wait."""
         with self._lock:
-            if self._in_flight >= self.size + self.max_queue:
+            if self._in_flight >= self.slots + self.max_queue:
                 waiting = self._in_flight - self._busy
                 raise QueueFullError(
-                    max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.size)))
+                    max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.slots)))
                 )
             self._in_flight += 1
         self._queue.put(job)
@@ -143,23 +168,33 @@ class WorkerPool:
             job = self._queue.get()
             if job is None:
                 return
-            with self._lock:
-                self._busy += 1
-                self._running.add(job)
-            job.started = time.perf_counter()
+            self._began(job)
             try:
                 if not job.cancelled:
                     job.fn(llm, job)
             except Exception as exc:  # noqa: BLE001 - a worker must survive anything a request does
-                if not isinstance(exc, self.expected):
-                    log.exception("a request failed inside a worker; resetting its context")
-                    llm.reset_context()
-                job.emit("error", exc)
+                self._failed(job, exc, llm.reset_context)
             finally:
-                elapsed = time.perf_counter() - job.started
-                with self._lock:
-                    self._busy -= 1
-                    self._running.discard(job)
-                    self._in_flight -= 1
-                    self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
-                job.emit(*END)
+                self._ended(job)
+
+    def _began(self, job: Job) -> None:
+        with self._lock:
+            self._busy += 1
+            self._running.add(job)
+        job.started = time.perf_counter()
+
+    def _failed(self, job: Job, exc: Exception, reset: Callable[[], None]) -> None:
+        """Hand the error to the client; an unexpected one also resets the worker's context."""
+        if not isinstance(exc, self.expected):
+            log.error("a request failed inside a worker; resetting its context", exc_info=exc)
+            reset()
+        job.emit("error", exc)
+
+    def _ended(self, job: Job) -> None:
+        elapsed = time.perf_counter() - (job.started or job.submitted)
+        with self._lock:
+            self._busy -= 1
+            self._running.discard(job)
+            self._in_flight -= 1
+            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+        job.emit(*END)

@@ -50,6 +50,25 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="CPU threads per worker (default: cores / workers, at least 1)."
     )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=255,
+        description="Requests each worker runs at once, batched in one context (continuous "
+        "batching; 1: one request at a time on the worker's own context).",
+    )
+    prefill_chunk: int = Field(
+        256,
+        ge=16,
+        description="With --parallel > 1: prompt tokens a new request evaluates per decode step of "
+        "the running ones.",
+    )
+    max_kv_bytes: int = Field(
+        4 << 30,
+        ge=1 << 20,
+        description="With --parallel > 1: refuse to start when the KV cache of parallel x n_ctx "
+        "tokens per worker would exceed this many bytes.",
+    )
     max_queue: int = Field(
         16,
         ge=0,
@@ -64,6 +83,12 @@ class ServerSettings(BaseSettings):
         None,
         ge=1,
         description="Largest max_tokens a request may ask for (default: the context limit).",
+    )
+    max_streams_per_client: int | None = Field(
+        None,
+        ge=1,
+        description="Generations one client address may run at once; more get 429 with "
+        "Retry-After (default: no limit).",
     )
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="Largest request body; larger ones get 413."

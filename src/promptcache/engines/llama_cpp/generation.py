@@ -302,7 +302,75 @@ class TextStream:
         return out
 
 
+Event = tuple[int, str, str | None, list[TokenLogprob]]  # (token or -1, text, finish_reason, logprobs)
+
+
+class TokenLoop:
+    """The token loop of one generation, fed the logits after each position: sampling, end of
+    generation, stop strings, max_tokens and log-probabilities. Knows nothing of how logits are
+    computed, so a single context (LLM) and a batch of many sequences (the server) share it.
+
+    feed(logits) returns the token to evaluate next (None once finished) and the events it completes:
+    (token, text, None, logprobs of the tokens the text completes), and last (-1, "", finish_reason, [])."""
+
+    def __init__(
+        self,
+        config: GenerationConfig,
+        max_new: int,
+        *,
+        is_eog: Any,
+        piece: Any,
+        grammar: Grammar | None = None,
+    ) -> None:
+        self.config = config
+        self.max_new = max_new
+        self.sampler = Sampler(config, np.random.default_rng(config.seed), grammar)
+        self.text = TextStream(config.stops)
+        self.generated: list[int] = []
+        self.finish: str | None = None
+        self._is_eog = is_eog
+        self._piece = piece
+        self._pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
+
+    def feed(self, logits: np.ndarray) -> tuple[int | None, list[Event]]:
+        if self.finish is not None:
+            raise RuntimeError("the generation has finished")
+        token = self.sampler(logits)
+        if self._is_eog(token):
+            return None, self._end("stop")
+        self.generated.append(token)
+        if self.config.logprobs is not None:
+            self._pending.append(token_logprob(logits, token, self.config.logprobs))
+        events: list[Event] = []
+        piece = self.text.push(self._piece(token))
+        if piece:
+            events.append((token, piece, None, self._pending))
+            self._pending = []
+        if self.text.stopped:
+            return None, events + self._end("stop")
+        if len(self.generated) >= self.max_new:
+            return None, events + self._end("length")
+        return token, events
+
+    def _end(self, finish: str) -> list[Event]:
+        self.finish = finish
+        events: list[Event] = []
+        rest = self.text.flush(final=finish == "length")
+        if rest:
+            events.append((self.generated[-1] if self.generated else -1, rest, None, self._pending))
+        self._pending = []
+        events.append((-1, "", finish, []))
+        return events
+
+    def close(self) -> None:
+        """Free the grammar (idempotent)."""
+        if self.sampler.grammar is not None:
+            self.sampler.grammar.close()
+
+
 __all__ = [
+    "Event",
+    "TokenLoop",
     "GenerationConfig",
     "Grammar",
     "RunStats",

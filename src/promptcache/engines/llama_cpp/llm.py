@@ -37,14 +37,14 @@ from promptcache.engines.llama_cpp.context import Closing, Context, bindings
 from promptcache.engines.llama_cpp.generation import (
     TOP_LOGPROBS_MAX,
     Completion,
+    Event,
     GenerationConfig,
     Grammar,
     KeepReply,
     RunStats,
-    Sampler,
     Step,
-    TextStream,
     TokenLogprob,
+    TokenLoop,
     token_logprob,
 )
 from promptcache.engines.llama_cpp.plan import LiveSequence, ReuseRules, common_prefix
@@ -54,9 +54,6 @@ from promptcache.files import atomic_write
 from promptcache.model import default_model_path, file_identity
 
 log = logging.getLogger(__name__)
-
-# (token or -1, new text, finish_reason or None, logprobs of the tokens this text completes)
-Event = tuple[int, str, str | None, list[TokenLogprob]]
 
 
 def _resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
@@ -350,8 +347,20 @@ class LLM(Closing):
                 return buf.raw[:n]
             size = -n
 
-    def _is_eog(self, token: int) -> bool:
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends a generation (end of text, end of turn)."""
         return bool(bindings().llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def model(self) -> Any:
+        """llama-cpp-python's LlamaModel of the GGUF (metadata, vocabulary); other engines on the
+        same model (SequenceEngine) share this handle rather than load the file again."""
+        return self._model
+
+    @property
+    def vocab(self) -> Any:
+        """The model's llama_vocab pointer (for llama.cpp samplers such as grammars)."""
+        return self._vocab
 
     def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
         if isinstance(tokens, (str, bytes)):
@@ -570,42 +579,24 @@ class LLM(Closing):
                 f"the prompt has {len(prompt)} tokens and the model's context holds {self.n_ctx_train}"
             )
         grammar = Grammar(self._vocab, config.grammar) if config.grammar else None
-        logits = self._prefill(prompt, max_new, stats)
-        sampler = Sampler(config, np.random.default_rng(config.seed), grammar)
-        text = TextStream(config.stops)
-        generated: list[int] = []
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
-        finish = "length"
+        loop = TokenLoop(
+            config, max_new, is_eog=self.is_eog, piece=self.token_to_piece, grammar=grammar
+        )
         try:
-            while len(generated) < max_new:
-                token = sampler(logits)
-                if not generated:
+            logits = self._prefill(prompt, max_new, stats)
+            while True:
+                token, events = loop.feed(logits)
+                if len(loop.generated) <= 1 and not stats.ttft_ms:
                     stats.ttft_ms = (time.perf_counter() - t_start) * 1000
-                if self._is_eog(token):
-                    finish = "stop"
+                stats.tokens_generated = len(loop.generated)
+                yield from events
+                if token is None:
                     break
-                generated.append(token)
-                if config.logprobs is not None:
-                    pending.append(token_logprob(logits, token, config.logprobs))
-                piece = text.push(self.token_to_piece(token))
-                if piece:
-                    yield token, piece, None, pending
-                    pending = []
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if len(generated) < max_new:
-                    logits = self._decode_generated(token)
-            rest = text.flush(final=finish == "length")
-            if rest:
-                yield (generated[-1] if generated else -1), rest, None, pending
-            stats.tokens_generated = len(generated)
-            yield -1, "", finish, []
+                logits = self._decode_generated(token)
         finally:
-            if grammar is not None:
-                grammar.close()
-            stats.tokens_generated = len(generated)
-            self._remember(prompt, stats, keep_reply, text.text)
+            loop.close()
+            stats.tokens_generated = len(loop.generated)
+            self._remember(prompt, stats, keep_reply, loop.text.text)
             stats.total_ms = (time.perf_counter() - t_start) * 1000
 
     def _decode_generated(self, token: int) -> np.ndarray:
