@@ -737,7 +737,7 @@ def save(scenario: str, md: str, data: dict) -> None:
     saved = json.loads(path.read_text()) if path.exists() else {}
     if "setup" in saved:  # the file before scenarios held one sequential run
         old = (RESULTS / "server.md").read_text().split("\n", 1)[1].strip()
-        saved = {"sequential": {**saved, "markdown": "### Sequential users\n" + old}}
+        saved = {"sequential": {**saved, "markdown": "### Sequential users\n\n" + old}}
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     md = f"{md.rstrip()}\n\n_Measured {stamp} on {machine()}; load average at the end {load}._"
