@@ -353,7 +353,9 @@ def promptcache_commands(port: int, threads: int, users: int) -> dict[str, list[
         "--log-level",
         "warning",
     ]
-    return {PROMPTCACHE: serve, PROMPTCACHE_PARALLEL: [*serve, "--parallel", str(users)]}
+    # --n-ctx: the same context per user as llama-server's slots, so --max-kv-bytes admits U of them.
+    parallel = [*serve, "--parallel", str(users), "--n-ctx", str(CTX_PER_USER)]
+    return {PROMPTCACHE: serve, PROMPTCACHE_PARALLEL: parallel}
 
 
 def find_llama_server(given: str | None) -> str | None:
