@@ -33,11 +33,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def write_section(name: str, markdown: str, data: dict) -> None:
-    """Save one benchmark's section and rebuild BENCHMARKS.md from every section present."""
+def write_section(name: str, markdown: str, data: dict, *, stamp: bool = True) -> None:
+    """Save one benchmark's section and rebuild BENCHMARKS.md from every section present. With
+    stamp=False the markdown carries its own "Measured" lines (a section made of several runs)."""
     RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (RESULTS / f"{name}.md").write_text(f"{markdown.rstrip()}\n\n_Measured {stamp} on {machine()}._\n")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    tail = f"\n\n_Measured {when} on {machine()}._" if stamp else ""
+    (RESULTS / f"{name}.md").write_text(f"{markdown.rstrip()}{tail}\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
     rebuild()
 

@@ -1,13 +1,23 @@
-"""Server benchmark: several users over one shared ~1,000-token system prompt, each conversation
-growing turn by turn, streamed through the official openai client, against `python -m llama_cpp.server`
-(cache off, cache on) and `promptcache serve`, one after the other in one run.
+"""Server benchmark: users over one shared ~1,000-token system prompt, each conversation growing turn
+by turn, streamed through the official openai client. Two scenarios, each a subsection of
+bench/results/server.{md,json} (running one keeps the other's saved results):
 
-Measures time to first token (p50/p95) and tokens/s per server; writes bench/results/server.{md,json}
-and BENCHMARKS.md. `--quick` is a short smoke run that prints and writes nothing.
+- sequential: one request at a time, users interleaved turn by turn, against `python -m llama_cpp.server`
+  (cache off, cache on) and `promptcache serve` (exact, --no-exact).
+- concurrent (issue 13): U users (2, 8, 16) and every turn ALL users send at once; against llama-server
+  (continuous batching, U slots), `python -m llama_cpp.server --cache true` (one request at a time),
+  `promptcache serve` (sequential) and `promptcache serve --parallel U`. A contender whose command does
+  not start is skipped with its reason.
 
-    python bench/server_bench.py            # the full run (a few minutes on 2 cores)
-    python bench/server_bench.py --quick    # smoke run, about a minute
+Measures time to first token (p50/p95), decode tokens/s and wall time per server; writes
+bench/results/server.{md,json} and BENCHMARKS.md. `--quick` is a short smoke run that writes nothing.
 
+    python bench/server_bench.py --scenario concurrent    # issue 13's run (long: tens of minutes on 2 cores)
+    python bench/server_bench.py --scenario sequential    # the earlier run (a few minutes)
+    python bench/server_bench.py --scenario concurrent --quick   # smoke run, about 2 minutes
+
+llama-server comes from --llama-server, $LLAMA_SERVER or PATH (build it from llama.cpp's source:
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF && cmake --build build --target llama-server).
 llama_cpp.server needs its extras: pip install sse-starlette starlette-context
 """
 
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -253,9 +264,9 @@ def _ms(x: object) -> str:
 
 def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> str:
     lines = [
-        "## server",
+        "### Sequential users",
         "",
-        f"`bench/server_bench.py`: {setup['users']} users share one system prompt of {setup['system_tokens']:,} tokens; "
+        f"`bench/server_bench.py --scenario sequential`: {setup['users']} users share one system prompt of {setup['system_tokens']:,} tokens; "
         f"each has a {setup['turns']}-turn conversation that the client resends whole every turn "
         f"(streamed chat completions, max_tokens {setup['max_tokens']}, temperature 0, "
         + (
@@ -316,56 +327,369 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="Smoke run: 2 users, 2 turns, a short prompt; writes nothing.",
-    )
-    parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument(
-        "--rules",
-        type=int,
-        default=20,
-        help="Policy lines in the system prompt (20: about 1,000 tokens).",
-    )
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--concurrent", action="store_true", help="Users talk at the same time instead of in turn."
-    )
-    parser.add_argument(
-        "--servers",
-        default="off,on,promptcache,fast",
-        help="Which to run: off, on, promptcache, fast (--no-exact).",
-    )
-    parser.add_argument(
-        "--no-write", action="store_true", help="Print the section only; leave bench/results alone."
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.users, args.turns, args.max_tokens, args.rules = 2, 2, 8, 6
-    try:
-        import llama_cpp.server.app  # noqa: F401
-    except ImportError as exc:
-        print(
-            f"llama_cpp.server cannot start ({exc}): pip install sse-starlette starlette-context",
-            file=sys.stderr,
+# ------------------------------------------------------------ concurrent users (issue 13's scenario)
+
+CTX_PER_USER = 2048  # llama-server's -c is split among its slots: the longest conversation here is ~1,400 tokens
+LLAMA_CPP_SERVER = "llama_cpp.server --cache true"
+LLAMA_SERVER = "llama-server"
+PROMPTCACHE = "promptcache serve"
+PROMPTCACHE_PARALLEL = "promptcache serve --parallel U"
+
+
+def promptcache_commands(port: int, threads: int, users: int) -> dict[str, list[str]]:
+    """promptcache's contenders in the concurrent scenario: the one place to adjust their flags."""
+    serve = [
+        sys.executable,
+        "-m",
+        "promptcache.server",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--threads",
+        str(threads),
+        "--max-queue",
+        str(4 * users),
+        "--log-level",
+        "warning",
+    ]
+    # --n-ctx: the same context per user as llama-server's slots, so --max-kv-bytes admits U of them.
+    parallel = [*serve, "--parallel", str(users), "--n-ctx", str(CTX_PER_USER)]
+    return {PROMPTCACHE: serve, PROMPTCACHE_PARALLEL: parallel}
+
+
+def find_llama_server(given: str | None) -> str | None:
+    """The llama-server binary: --llama-server, then $LLAMA_SERVER, then PATH."""
+    for candidate in (given, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def llama_server_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    return next((ln.strip() for ln in lines if ln.startswith("version")), " ".join(lines)[-200:])
+
+
+def llama_server_command(binary: str, port: int, threads: int, users: int) -> list[str]:
+    """llama-server with U slots batched continuously and its host-memory prompt cache where it has one."""
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60)
+    flags = help_text.stdout + help_text.stderr
+    command = [
+        binary,
+        "-m",
+        str(default_model_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        str(users * CTX_PER_USER),
+        "-np",
+        str(users),
+        "--cont-batching",
+    ]
+    if "--cache-ram" in flags:
+        # MiB of prompt cache in host memory (its default, made explicit)
+        command += ["--cache-ram", "8192"]
+    if "--no-webui" in flags:
+        command.append("--no-webui")
+    return command
+
+
+def concurrent_commands(
+    port: int, threads: int, users: int, llama_server: str | None
+) -> dict[str, list[str] | str]:
+    """Every contender's command for U users; a string instead says why the contender cannot run."""
+    llama_cpp_server = [
+        *server_commands(port, threads)["llama_cpp.server, cache off"][:-2],
+        "--cache",
+        "true",
+        "--interrupt_requests",
+        "false",  # its default lets a new request cut the streaming one short; serve one at a time instead
+    ]
+    commands: dict[str, list[str] | str] = {
+        LLAMA_SERVER: llama_server_command(llama_server, port, threads, users)
+        if llama_server
+        else "no llama-server binary: pass --llama-server PATH or set LLAMA_SERVER",
+        LLAMA_CPP_SERVER: llama_cpp_server,
+    }
+    commands.update(promptcache_commands(port, threads, users))
+    return commands
+
+
+def run_rounds(
+    name: str,
+    url: str,
+    *,
+    users: int,
+    turns: int,
+    max_tokens: int,
+    system: str,
+    tokenizer: object,
+) -> tuple[list[Turn], list[str], float]:
+    """Every turn, all users send at once (a barrier releases them together) and the next turn starts
+    when every reply is in. Returns the requests, the errors and the wall time."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    # Warm-up, sharing nothing with the workload.
+    ask(client, [{"role": "user", "content": "Hello!"}], 4)
+    conversations = [[{"role": "system", "content": system}] for _ in range(users)]
+    results: list[Turn] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one_turn(user: int, turn: int, barrier: threading.Barrier) -> None:
+        messages = conversations[user]
+        messages.append(
+            {
+                "role": "user",
+                "content": f"I am customer {user + 1}. {QUESTIONS[turn % len(QUESTIONS)]}",
+            }
         )
-        return 2
+        barrier.wait()
+        try:
+            reply, ttft, total, _ = ask(client, messages, max_tokens)
+        except Exception as exc:  # a refused or broken request is a result to report, not a crash
+            with lock:
+                errors.append(
+                    f"user {user + 1}, turn {turn + 1}: {type(exc).__name__}: {exc}"[:300]
+                )
+            messages.append({"role": "assistant", "content": ""})
+            return
+        messages.append({"role": "assistant", "content": reply})
+        n = _count_tokens(tokenizer, reply)
+        rate = n / (total - ttft) if n and total > ttft else None
+        with lock:
+            results.append(Turn(name, user, turn, ttft, total, n, rate))
+
+    t0 = time.perf_counter()
+    for turn in range(turns):
+        barrier = threading.Barrier(users)
+        threads = [threading.Thread(target=one_turn, args=(u, turn, barrier)) for u in range(users)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results, errors, time.perf_counter() - t0
+
+
+def _ratio(ours: object, theirs: object) -> float | None:
+    if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs:
+        return ours / theirs
+    return None
+
+
+def _x(r: float | None) -> str:
+    return f"{r:.2f}x" if r is not None else "-"
+
+
+def _rate(x: object) -> str:
+    return f"{x:,.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def concurrent_markdown(rows: list[dict], skipped: list[dict], setup: dict) -> str:
+    lines = [
+        "### Concurrent users (issue 13)",
+        "",
+        f"`bench/server_bench.py --scenario concurrent`: U users share one system prompt of "
+        f"{setup['system_tokens']:,} tokens; each has its own {setup['turns']}-turn conversation, resent "
+        f"whole every turn, and every turn all U users send at once (one thread each, official openai client, "
+        f"streamed chat completions, max_tokens {setup['max_tokens']}, temperature 0); the next turn starts "
+        f"when every reply is in. Every server runs {setup['threads']} threads on the default model and is "
+        f"started afresh for each U. Decode tokens/s is the median over requests of completion tokens / "
+        f"(total - time to first token); aggregate is all completion tokens / wall. Ratios are against "
+        f"llama-server at the same U. Versions: {setup['versions']}. Load average (1 min) before / after: "
+        f"{setup['load_before']:.2f} / {setup['load_after']:.2f}.",
+        "",
+        "| users | server | TTFT p50 | TTFT p95 | p50 / llama-server | p95 / llama-server | decode tokens/s (p50) "
+        "| / llama-server | aggregate tokens/s | wall | errors |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    ref = {r["users"]: r for r in rows if r["server"] == LLAMA_SERVER}
+    for r in rows:
+        base = ref.get(r["users"], {})
+        lines.append(
+            f"| {r['users']} | {r['server']} | {_ms(r['ttft_p50_ms'])} | {_ms(r['ttft_p95_ms'])} "
+            f"| {_x(_ratio(r['ttft_p50_ms'], base.get('ttft_p50_ms')))} "
+            f"| {_x(_ratio(r['ttft_p95_ms'], base.get('ttft_p95_ms')))} "
+            f"| {_rate(r['decode_tokens_per_s_p50'])} "
+            f"| {_x(_ratio(r['decode_tokens_per_s_p50'], base.get('decode_tokens_per_s_p50')))} "
+            f"| {_rate(r['end_to_end_tokens_per_s'])} | {r['wall_s']:,.1f} s | {r['errors']} |"
+        )
+    lines += [
+        "",
+        "Issue 13's targets against llama-server (TTFT p50 <= 0.5x, p95 <= 0.2x, decode tokens/s >= 1x):",
+        "",
+    ]
+    for r in (r for r in rows if r["server"].startswith("promptcache")):
+        base = ref.get(r["users"])
+        if not base:
+            lines.append(f"- U={r['users']}, {r['server']}: no llama-server run to compare with.")
+            continue
+        checks = [
+            ("TTFT p50", _ratio(r["ttft_p50_ms"], base["ttft_p50_ms"]), lambda x: x <= 0.5),
+            ("TTFT p95", _ratio(r["ttft_p95_ms"], base["ttft_p95_ms"]), lambda x: x <= 0.2),
+            (
+                "decode tokens/s",
+                _ratio(r["decode_tokens_per_s_p50"], base["decode_tokens_per_s_p50"]),
+                lambda x: x >= 1.0,
+            ),
+        ]
+        parts = [
+            f"{label} {_x(x)} ({'met' if x is not None and ok(x) else 'not met'})"
+            for label, x, ok in checks
+        ]
+        lines.append(f"- U={r['users']}, {r['server']}: " + ", ".join(parts) + ".")
+    for s in skipped:
+        lines.append(f"- skipped: U={s['users']}, {s['server']}: {s['reason']}")
+    if setup.get("commands"):
+        lines += [
+            "",
+            f"Commands for U = {setup['commands_users']} (-c, -np, --max-queue and --parallel scale with U; "
+            "MODEL: promptcache.default_model_path(); port elided):",
+            "",
+        ]
+        for name, cmd in setup["commands"].items():
+            lines.append(f"- {name}: `{_shown(cmd)}`")
+    return "\n".join(lines)
+
+
+def _shown(cmd: list[str]) -> str:
+    python = cmd[0] == sys.executable
+    model_flags = ("--model",) if python else ("--model", "-m")
+    shown = ["python" if python else Path(cmd[0]).name]
+    for prev, arg in zip(cmd, cmd[1:]):
+        if prev in model_flags:
+            shown.append("MODEL")
+        elif arg != "--port" and prev != "--port":
+            shown.append(arg)
+    return " ".join(shown)
+
+
+def _why(exc: Exception) -> str:
+    """The last lines of a failed start (the log's error, not its usage text)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return " / ".join(lines[-2:])[-400:]
+
+
+def run_concurrent(args: argparse.Namespace, tokenizer: object, system: str) -> tuple[str, dict]:
+    users_list = args.users or [2, 8, 16]
+    llama_server = find_llama_server(args.llama_server)
+    versions = {
+        "llama-server": llama_server_version(llama_server) if llama_server else "not found",
+        "llama-cpp-python": _llama_cpp_version(),
+        "promptcache": _git_rev(),
+    }
+    wanted = {
+        "llama-server": LLAMA_SERVER,
+        "on": LLAMA_CPP_SERVER,
+        "promptcache": PROMPTCACHE,
+        "parallel": PROMPTCACHE_PARALLEL,
+    }
+    picks = [
+        wanted[s.strip()]
+        for s in (args.servers or ",".join(wanted)).split(",")
+        if s.strip() in wanted
+    ]
+    setup = {
+        "users": users_list,
+        "turns": args.turns,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "system_tokens": len(tokenizer.tokenize(system.encode(), add_bos=False)),  # type: ignore[attr-defined]
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "load_before": os.getloadavg()[0],
+    }
+    rows, skipped, turns_all = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for users in users_list:
+            port = _free_port()
+            commands = concurrent_commands(port, args.threads, users, llama_server)
+            setup["commands"] = {
+                n: c for n, c in commands.items() if n in picks and isinstance(c, list)
+            }
+            setup["commands_users"] = users
+            for name in picks:
+                command = commands[name]
+                print(f"--- U={users} {name}", file=sys.stderr, flush=True)
+                if isinstance(command, str):
+                    skipped.append({"users": users, "server": name, "reason": command})
+                    print(f"skipped: {command}", file=sys.stderr, flush=True)
+                    continue
+                log = Path(tmp) / f"{users}-{len(rows) + len(skipped)}.log"
+                server = Server(command, port, log)
+                try:
+                    try:
+                        server.wait_ready()
+                    except RuntimeError as exc:
+                        reason = _why(exc)
+                        skipped.append({"users": users, "server": name, "reason": reason})
+                        print(f"skipped: {reason}", file=sys.stderr, flush=True)
+                        continue
+                    turns, errors, wall = run_rounds(
+                        name,
+                        server.url,
+                        users=users,
+                        turns=args.turns,
+                        max_tokens=args.max_tokens,
+                        system=system,
+                        tokenizer=tokenizer,
+                    )
+                finally:
+                    server.stop()
+                if not turns:
+                    skipped.append(
+                        {"users": users, "server": name, "reason": "; ".join(errors[:3])}
+                    )
+                    continue
+                row = {"users": users, **summarize(name, turns, wall), "errors": len(errors)}
+                row["error_messages"] = errors[:5]
+                rows.append(row)
+                turns_all += [{"users": users, **asdict(t)} for t in turns]
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    setup["load_after"] = os.getloadavg()[0]
+    md = concurrent_markdown(rows, skipped, setup)
+    return md, {"setup": setup, "summary": rows, "skipped": skipped, "turns": turns_all}
+
+
+def _llama_cpp_version() -> str:
     import llama_cpp
 
-    tokenizer = llama_cpp.Llama(str(default_model_path()), vocab_only=True, verbose=False)
-    system = system_prompt(args.rules)
+    return llama_cpp.__version__
+
+
+def _git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ main
+
+SCENARIOS = ("sequential", "concurrent")
+
+
+def run_sequential(args: argparse.Namespace, tokenizer: object, system: str) -> tuple[str, dict]:
     setup = {
-        "users": args.users,
+        "users": args.users[0] if args.users else 4,
         "turns": args.turns,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "concurrent": args.concurrent,
-        "system_tokens": len(tokenizer.tokenize(system.encode(), add_bos=False)),
+        "system_tokens": len(tokenizer.tokenize(system.encode(), add_bos=False)),  # type: ignore[attr-defined]
     }
     wanted = {
         "off": "llama_cpp.server, cache off",
@@ -373,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         "promptcache": "promptcache serve",
         "fast": "promptcache serve --no-exact",
     }
-    picks = {wanted[s.strip()] for s in args.servers.split(",") if s.strip() in wanted}
+    servers = args.servers or "off,on,promptcache,fast"
+    picks = {wanted[s.strip()] for s in servers.split(",") if s.strip() in wanted}
     rows, turns_all = [], []
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()
@@ -386,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                 turns, wall = run_workload(
                     name,
                     server.url,
-                    users=args.users,
+                    users=setup["users"],
                     turns=args.turns,
                     max_tokens=args.max_tokens,
                     system=system,
@@ -403,11 +728,88 @@ def main(argv: list[str] | None = None) -> int:
             turns_all += turns
             print(json.dumps(row), file=sys.stderr, flush=True)
     md = markdown(rows, setup, commands)
+    return md, {"setup": setup, "summary": rows, "turns": [asdict(t) for t in turns_all]}
+
+
+def save(scenario: str, md: str, data: dict) -> None:
+    """Store one scenario's results beside the other's, then rebuild server.{md,json} and BENCHMARKS.md."""
+    from common import RESULTS, machine
+
+    path = RESULTS / "server.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if "setup" in saved:  # the file before scenarios held one sequential run
+        old = (RESULTS / "server.md").read_text().split("\n", 1)[1].strip()
+        saved = {"sequential": {**saved, "markdown": "### Sequential users\n\n" + old}}
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    md = f"{md.rstrip()}\n\n_Measured {stamp} on {machine()}; load average at the end {load}._"
+    saved[scenario] = {**data, "markdown": md}
+    body = "\n\n".join(saved[s]["markdown"] for s in SCENARIOS if s in saved)
+    write_section("server", "## server\n\n" + body, saved, stamp=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=SCENARIOS, default="concurrent")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smoke run: few users, 2 turns, a shorter prompt; writes nothing.",
+    )
+    parser.add_argument(
+        "--users",
+        type=lambda s: [int(u) for u in s.split(",")],
+        default=None,
+        help="Users: sequential one number (default 4); concurrent a list (default 2,8,16).",
+    )
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--rules",
+        type=int,
+        default=20,
+        help="Policy lines in the system prompt (20: about 1,000 tokens).",
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="Sequential scenario only: users talk at the same time instead of in turn.",
+    )
+    parser.add_argument(
+        "--servers",
+        default=None,
+        help="Which to run. sequential: off, on, promptcache, fast (--no-exact); "
+        "concurrent: llama-server, on, promptcache, parallel (default: all).",
+    )
+    parser.add_argument(
+        "--llama-server", default=None, help="llama-server binary (default: $LLAMA_SERVER, PATH)."
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="Print the section only; leave bench/results alone."
+    )
+    args = parser.parse_args(argv)
+    if args.quick and args.scenario == "sequential":
+        args.users, args.turns, args.max_tokens, args.rules = [2], 2, 8, 6
+    elif args.quick:
+        args.users, args.turns, args.max_tokens, args.rules = args.users or [2, 4], 2, 16, 10
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"llama_cpp.server cannot start ({exc}): pip install sse-starlette starlette-context",
+            file=sys.stderr,
+        )
+        return 2
+    import llama_cpp
+
+    tokenizer = llama_cpp.Llama(str(default_model_path()), vocab_only=True, verbose=False)
+    system = system_prompt(args.rules)
+    run = run_sequential if args.scenario == "sequential" else run_concurrent
+    md, data = run(args, tokenizer, system)
     print(md)
     if not (args.quick or args.no_write):
-        write_section(
-            "server", md, {"setup": setup, "summary": rows, "turns": [asdict(t) for t in turns_all]}
-        )
+        save(args.scenario, md, data)
     return 0
 
 
