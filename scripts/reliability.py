@@ -25,6 +25,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +47,21 @@ PREFIXES = [
 WORDS = "red blue green apple pear fox owl boat tide harbour north south east west".split()
 
 
-def _record(
-    results: dict[str, Any], name: str, tally: Counter[str], t0: float, command: str, **extra: Any
-) -> None:
+def _run(results: dict[str, Any], name: str, scenario: Callable[[], Any]) -> None:
+    """Run one fault scenario, timed, into results["scenarios"][name]. `scenario` returns its tally,
+    or its tally and figures to record next to it."""
+    t0 = time.monotonic()
+    outcome = scenario()
+    tally, figures = outcome if isinstance(outcome, tuple) else (outcome, {})
     verdicts = {k: v for k, v in tally.items() if k != "detected"}
     results["scenarios"][name] = {
         "runs": sum(verdicts.values()),
         "verdicts": dict(sorted(verdicts.items())),
         "passed": S.passed(tally),
         "seconds": round(time.monotonic() - t0, 1),
-        "command": command,
+        "command": "--only faults",
         **({"corrupt_detected": tally["detected"]} if "detected" in tally else {}),
-        **extra,
+        **figures,
     }
     log.info("%s: %s", name, results["scenarios"][name])
 
@@ -67,41 +72,26 @@ def run_faults(results: dict[str, Any], work: Path, runs: int) -> None:
     redis.start()
     try:
         for tier in ("disk", "redis", "tiered"):
-            t0 = time.monotonic()
-            tally = S.corruption(tier, 25 * runs, work / "c", redis_url=redis.url, seed=11)
-            _record(
+            _run(
                 results,
                 f"stored bytes damaged, {tier} tier (cache layer)",
-                tally,
-                t0,
-                "--only faults",
+                partial(S.corruption, tier, 25 * runs, work / "c", redis_url=redis.url, seed=11),
             )
-        t0 = time.monotonic()
-        _record(
+        _run(
             results,
             "3 disk writers killed -9 at random points",
-            S.killed_writers(8 * runs, work / "k", seed=12),
-            t0,
-            "--only faults",
+            partial(S.killed_writers, 8 * runs, work / "k", seed=12),
         )
         if _can_mount():
-            t0 = time.monotonic()
-            _record(
+            _run(
                 results,
                 "disk full (2 MiB tmpfs), ENOTDIR writes, EISDIR/ENOENT reads",
-                S.disk_faults(3 * runs, work / "f", seed=13),
-                t0,
-                "--only faults",
+                partial(S.disk_faults, 3 * runs, work / "f", seed=13),
             )
-        t0 = time.monotonic()
-        tally, figures = S.redis_chaos(600 * runs, redis, seed=14)
-        _record(
+        _run(
             results,
             "Redis delayed, dropped, cut, killed, restarted, flushed",
-            tally,
-            t0,
-            "--only faults",
-            **figures,
+            partial(S.redis_chaos, 600 * runs, redis, seed=14),
         )
 
         from promptcache import LLM
@@ -109,42 +99,36 @@ def run_faults(results: dict[str, Any], work: Path, runs: int) -> None:
         oracle = S.Oracle()
         llm = LLM(n_ctx=512, cache=None)
         for tier in ("disk", "redis", "tiered"):
-            t0 = time.monotonic()
-            tally = S.llm_corruption(
-                llm, oracle, tier, 3 * runs, work / "lc", redis_url=redis.url, seed=15
-            )
-            _record(
+            _run(
                 results,
                 f"model states damaged, {tier} tier (SmolLM2, logits + greedy)",
-                tally,
-                t0,
-                "--only faults",
+                partial(
+                    S.llm_corruption,
+                    llm,
+                    oracle,
+                    tier,
+                    3 * runs,
+                    work / "lc",
+                    redis_url=redis.url,
+                    seed=15,
+                ),
             )
         if _can_mount():
-            t0 = time.monotonic()
-            _record(
+            _run(
                 results,
                 "model caching onto a full disk (1 MiB tmpfs)",
-                S.llm_disk_full(llm, oracle, 2 * runs, work / "lf"),
-                t0,
-                "--only faults",
+                partial(S.llm_disk_full, llm, oracle, 2 * runs, work / "lf"),
             )
-        t0 = time.monotonic()
-        _record(
+        _run(
             results,
             "sessions: byte flipped or cut",
-            S.session_corruption(llm, oracle, 100 * runs, seed=16),
-            t0,
-            "--only faults",
+            partial(S.session_corruption, llm, oracle, 100 * runs, seed=16),
         )
         llm.close()
-        t0 = time.monotonic()
-        _record(
+        _run(
             results,
             "server killed -9 mid-stream, restarted on its disk cache",
-            S.server_killed_mid_stream(4 * runs, work / "sk", oracle, seed=17),
-            t0,
-            "--only faults",
+            partial(S.server_killed_mid_stream, 4 * runs, work / "sk", oracle, seed=17),
         )
     finally:
         redis.stop()

@@ -11,7 +11,6 @@ one) or "crash" (any other exception, or a process that did not fail dying). Onl
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -36,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import faults  # noqa: E402
+from server_process import ServerProcess, env_with_src  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -499,69 +499,7 @@ def run_with_timeout(fn: Callable[[], Any], seconds: float) -> Any:
     return box.get("value")
 
 
-def env_with_src() -> dict[str, str]:
-    src = str(HERE.parent / "src")
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 # ------------------------------------------------------------------ 6. the server, as a process on loopback
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m promptcache.server` on a free loopback port, its output in `log`."""
-
-    def __init__(self, log_path: Path, *flags: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_path
-        self.flags = flags
-        with log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "promptcache.server", "--port", str(self.port), *flags],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**env_with_src(), "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s: {self.log.read_text()[-3000:]}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def server_answer(url: str, prompt: str, key: str, max_tokens: int = GEN) -> tuple[str, int]:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
-from test_server import _Server
+from server_process import ServerProcess, cached_and_uncached, serving
 
 PREAMBLE = (
     "The following are questions about farm animals, answered by a careful farmer who has kept "
@@ -57,7 +57,7 @@ def _write_task(tmp: Path) -> Path:
     return tasks
 
 
-def _run_lm_eval(server: _Server, tasks: Path, out: Path) -> list[list[float]]:
+def _run_lm_eval(server: ServerProcess, tasks: Path, out: Path) -> list[list[float]]:
     """Each request's log-likelihood, in document and choice order."""
     env = {
         **os.environ,
@@ -100,14 +100,7 @@ def test_lm_eval_scores_equal_uncached_while_the_cache_serves_most_tokens(
     tmp_path: Path,
 ) -> None:
     tasks = _write_task(tmp_path)
-    common = ["--n-ctx", "512", "--workers", "1"]
-    servers = {
-        "cached": _Server(tmp_path / "cached.log", "--cache", "ram", *common),
-        "none": _Server(tmp_path / "none.log", "--cache", "none", *common),
-    }
-    try:
-        for s in servers.values():
-            s.wait_ready()
+    with serving(cached_and_uncached(tmp_path, "--n-ctx", "512", "--workers", "1")) as servers:
         scores = {
             name: _run_lm_eval(s, tasks, tmp_path / f"out-{name}") for name, s in servers.items()
         }
@@ -115,9 +108,6 @@ def test_lm_eval_scores_equal_uncached_while_the_cache_serves_most_tokens(
             name: httpx.get(f"{s.url}/v1/cache/stats", timeout=30).json()
             for name, s in servers.items()
         }
-    finally:
-        for s in servers.values():
-            s.stop()
     assert len(scores["cached"]) == len(QUESTIONS)
     assert all(len(row) == 3 and all(x < 0 for x in row) for row in scores["cached"])
     assert scores["cached"] == scores["none"]  # bit for bit: floats compared with ==

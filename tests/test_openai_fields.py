@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from test_server import _Server
+from server_process import cached_and_uncached, serving
 
 PROMPT = "Question: which animal says moo? Answer:"
 
@@ -20,26 +20,16 @@ PROMPT = "Question: which animal says moo? Answer:"
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, openai.OpenAI]]:
     """`cached`: a RAM prefix cache; `none`: no cache (every echo evaluates its whole prompt)."""
     tmp = tmp_path_factory.mktemp("fields")
-    common = ["--n-ctx", "512", "--workers", "1"]
-    servers = {
-        "cached": _Server(tmp / "cached.log", "--cache", "ram", *common),
-        "none": _Server(tmp / "none.log", "--cache", "none", *common),
-    }
-    try:
-        for s in servers.values():
-            s.wait_ready()
+    with serving(cached_and_uncached(tmp, "--n-ctx", "512", "--workers", "1")) as servers:
         yield {
             name: openai.OpenAI(
                 base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=300
             )
             for name, s in servers.items()
         }
-    finally:
-        for s in servers.values():
-            s.stop()
-        for s in servers.values():
-            log = s.log.read_text()
-            assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    for s in servers.values():
+        log = s.log.read_text()
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
 
 
 def test_completion_logprobs_streaming_equals_whole(pair: dict[str, openai.OpenAI]) -> None:

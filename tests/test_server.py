@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +14,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from server_process import ServerProcess as _Server  # the name the tests below use
+from server_process import serving
 
 from promptcache.model import default_model_path
 
@@ -24,56 +23,6 @@ API_KEY = "test-key-123"
 N_CTX = 1024
 MAX_BODY = 65536
 SYSTEM = "You are a terse assistant for the Northwind test suite. Answer in a few words."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, log: Path, *flags: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "promptcache.server",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                    *flags,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +38,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Ser
     )
     tiered = ["--cache", "tiered", "--config", str(config)]
     common = [
+        "--log-level",
+        "warning",
         "--n-ctx",
         str(N_CTX),
         "--max-body-bytes",
@@ -110,12 +61,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Ser
             *common,
         ),
     }
-    try:
-        for s in started.values():
-            s.wait_ready()
+    with serving(started):
         yield started
-    finally:
-        codes = {name: s.stop() for name, s in started.items()}
+    codes = {name: s.proc.returncode for name, s in started.items()}
     # A clean shutdown after everything the tests threw at them: nothing hung (uvicorn re-raises the
     # SIGTERM it caught once it has shut down gracefully) and nothing was logged as an error.
     for name, s in started.items():

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from promptcache.artefacts.base import KeyedHousekeeping, open_store
+from promptcache.artefacts.base import KeyedHousekeeping
 from promptcache.artefacts.identity import artefact_key, function_identity, value_identity
 from promptcache.artefacts.stream import BatchStream
 
@@ -108,6 +108,8 @@ class DatasetCache(KeyedHousekeeping):
     Artefacts live in an ArtefactStore (placed atomically; see its docstring for crash safety).
     """
 
+    default_dir = "datasets"
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -129,21 +131,11 @@ class DatasetCache(KeyedHousekeeping):
             raise ValueError(f"batch_buffer must be an int >= 1, got {batch_buffer!r}")
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
-        self.store = open_store(
-            path,
-            "datasets",
-            capacity_bytes,
-            policy=policy,
-            max_age=max_age,
-            eviction_threshold=eviction_threshold,
-            fsync=fsync,
-            **store_options,
+        super().__init__(
+            path, capacity_bytes, policy, max_age, eviction_threshold, fsync, store_options
         )
         self.batch_buffer = batch_buffer
         self.prefetch = prefetch
-
-    def __repr__(self) -> str:
-        return f"DatasetCache({self.store!r})"
 
     # -- keys -----------------------------------------------------------------------------------
 

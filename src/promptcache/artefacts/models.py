@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from promptcache.artefacts.base import KeyedHousekeeping, open_store
+from promptcache.artefacts.base import KeyedHousekeeping
 from promptcache.artefacts.identity import artefact_key
 from promptcache.errors import CorruptEntryError, PromptCacheError
 from promptcache.model import file_identity
@@ -55,6 +55,8 @@ class ModelCache(KeyedHousekeeping):
     `compression: true` is not offered: a compressed file cannot be memory-mapped.
     """
 
+    default_dir = "models"
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -67,19 +69,9 @@ class ModelCache(KeyedHousekeeping):
         **store_options: Any,
     ) -> None:
         """Open the cache at `path` (default: the user cache dir / "models"). Raises ValueError, StoreUnavailableError."""
-        self.store = open_store(
-            path,
-            "models",
-            capacity_bytes,
-            policy=policy,
-            max_age=max_age,
-            eviction_threshold=eviction_threshold,
-            fsync=fsync,
-            **store_options,
+        super().__init__(
+            path, capacity_bytes, policy, max_age, eviction_threshold, fsync, store_options
         )
-
-    def __repr__(self) -> str:
-        return f"ModelCache({self.store!r})"
 
     # -- generic --------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from promptcache.artefacts.base import StoreHousekeeping, open_store
+from promptcache.artefacts.base import StoreHousekeeping
 
 
 class SystemCache(StoreHousekeeping):
@@ -21,6 +21,8 @@ class SystemCache(StoreHousekeeping):
     "time" (under pressure the oldest written goes first). Names are 1 to 200 characters of
     [0-9a-z_.:-]; storing under a name that is taken replaces the old artefact.
     """
+
+    default_dir = "temp"
 
     def __init__(
         self,
@@ -34,15 +36,8 @@ class SystemCache(StoreHousekeeping):
         **store_options: Any,
     ) -> None:
         """Open the cache at `temp_dir` (default: the user cache dir / "temp"). Raises ValueError, StoreUnavailableError."""
-        self.store = open_store(
-            temp_dir,
-            "temp",
-            capacity_bytes,
-            policy=policy,
-            max_age=max_age,
-            eviction_threshold=eviction_threshold,
-            fsync=fsync,
-            **store_options,
+        super().__init__(
+            temp_dir, capacity_bytes, policy, max_age, eviction_threshold, fsync, store_options
         )
 
     def __repr__(self) -> str:

@@ -74,6 +74,24 @@ def _splitting_codec() -> StateCodec:
         return OpaqueCodec()
 
 
+def _check_arguments(
+    n_ctx: int, n_batch: int, exact: bool, exact_batch: int | None, exact_chunk: int | None
+) -> None:
+    """LLM's numeric arguments checked before anything is loaded. Raises ValueError."""
+    if not isinstance(n_ctx, int) or n_ctx < 16:
+        raise ValueError("n_ctx must be an int >= 16")
+    if not isinstance(n_batch, int) or n_batch < 64:
+        raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
+    if exact_batch is not None and (not isinstance(exact_batch, int) or not 1 <= exact_batch <= 32):
+        raise ValueError("exact_batch must be an int in [1, 32] or None (probe it)")
+    if exact_chunk is not None and (
+        not isinstance(exact_chunk, int) or not 1 <= exact_chunk <= n_batch or not exact
+    ):
+        raise ValueError(
+            "exact_chunk must be an int in [1, n_batch] (exact mode) or None (measure it)"
+        )
+
+
 class LLM(Closing):
     """A llama.cpp model with automatic prefix caching (cyllama-style API).
 
@@ -101,46 +119,15 @@ class LLM(Closing):
         whole_states: bool = False,
         verbose: bool = False,
     ) -> None:
-        if not isinstance(n_ctx, int) or n_ctx < 16:
-            raise ValueError("n_ctx must be an int >= 16")
-        if not isinstance(n_batch, int) or n_batch < 64:
-            raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
-        if exact_batch is not None and (
-            not isinstance(exact_batch, int) or not 1 <= exact_batch <= 32
-        ):
-            raise ValueError("exact_batch must be an int in [1, 32] or None (probe it)")
-        if exact_chunk is not None and (
-            not isinstance(exact_chunk, int) or not 1 <= exact_chunk <= n_batch or not exact
-        ):
-            raise ValueError(
-                "exact_chunk must be an int in [1, n_batch] (exact mode) or None (measure it)"
-            )
-        llama_cpp = bindings()
-        from llama_cpp._internals import LlamaModel
-
-        self.model_path = str(model_path) if model_path is not None else str(default_model_path())
-        if not Path(self.model_path).is_file():
-            raise FileNotFoundError(f"no model file at {self.model_path}")
+        _check_arguments(n_ctx, n_batch, exact, exact_batch, exact_chunk)
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
         self.exact = exact
         self.flash_attn = flash_attn
         self.verbose = verbose
-        self._model = LlamaModel(
-            path_model=self.model_path,
-            params=llama_cpp.llama_model_default_params(),
-            verbose=verbose,
-        )
-        self._vocab = self._model.vocab
-        self.n_vocab = self._model.n_vocab()
-        self.n_ctx_train = self._model.n_ctx_train()
-        self.cache = _resolve_cache(cache)
-        self.codec: StateCodec = OpaqueCodec() if whole_states else _splitting_codec()
-        self._probed: probe.ProbeResult | None = (
-            probe.ProbeResult(exact_batch, True) if exact_batch is not None else None
-        )
-        self._chunk_override = exact_chunk
+        self._load_model(model_path)
+        self._set_up_caching(cache, whole_states, exact_batch, exact_chunk)
         self._fingerprint: str | None = None
         self._context: Context | None = None
         self._live = LiveSequence()
@@ -149,6 +136,38 @@ class LLM(Closing):
         self._chat_formatter: Any = None
         self.contexts_created = 0
         self.last_stats = RunStats()
+
+    def _load_model(self, model_path: str | os.PathLike[str] | None) -> None:
+        """Load the GGUF weights (no context yet). Raises FileNotFoundError when there is no file."""
+        llama_cpp = bindings()
+        from llama_cpp._internals import LlamaModel
+
+        self.model_path = str(model_path) if model_path is not None else str(default_model_path())
+        if not Path(self.model_path).is_file():
+            raise FileNotFoundError(f"no model file at {self.model_path}")
+        self._model = LlamaModel(
+            path_model=self.model_path,
+            params=llama_cpp.llama_model_default_params(),
+            verbose=self.verbose,
+        )
+        self._vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab()
+        self.n_ctx_train = self._model.n_ctx_train()
+
+    def _set_up_caching(
+        self,
+        cache: PromptCache | str | None,
+        whole_states: bool,
+        exact_batch: int | None,
+        exact_chunk: int | None,
+    ) -> None:
+        """The prompt cache, the codec that cuts states into it and the exactness overrides."""
+        self.cache = _resolve_cache(cache)
+        self.codec: StateCodec = OpaqueCodec() if whole_states else _splitting_codec()
+        self._probed: probe.ProbeResult | None = (
+            probe.ProbeResult(exact_batch, True) if exact_batch is not None else None
+        )
+        self._chunk_override = exact_chunk
         # Prompt log-probabilities for echo, next to the KV cache (prompt_logprobs.py says why);
         # a server's workers share one. Unused without a cache: then echo evaluates every prompt.
         self.prompt_logprob_memo = PromptLogprobs()
