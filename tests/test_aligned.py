@@ -67,7 +67,8 @@ def test_gemma_uses_the_aligned_schedule_with_a_measured_chunk(gemma_path, llm):
         assert plain.exact_chunk in probe.CHUNKS
         kept = [r for r in probe.records().values() if r.get("model") == Path(gemma_path).name]
         assert any(r["chunk"] == plain.exact_chunk and r["strategy"] == "aligned" for r in kept)
-        assert plain.fingerprint != llm.fingerprint  # another C: another schedule, never shared
+    with LLM(gemma_path, cache=None, n_ctx=512, exact_chunk=2 * C) as other:
+        assert other.fingerprint != llm.fingerprint  # another C: another schedule, never shared
     assert llm.exact_strategy == "aligned" and llm.exact_chunk == C
     assert not llm.codec.splittable  # sliding-window layers: whole states at checkpoints
 
