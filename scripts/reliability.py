@@ -281,7 +281,12 @@ def _spot_checks(url: str, n: int, seed: int) -> Counter[str]:
 
 
 def run_load(
-    results: dict[str, Any], work: Path, minutes: float, soak_requests: int, workers: int
+    results: dict[str, Any],
+    work: Path,
+    minutes: float,
+    soak_requests: int,
+    workers: int,
+    parallel: int = 1,
 ) -> None:
     import psutil  # noqa: F401 - fail early when missing
 
@@ -295,11 +300,12 @@ def run_load(
     server = S.ServerProcess(
         work / "load-server.log", "--workers", str(workers), "--max-queue", str(4 * workers), "--n-ctx", str(n_ctx),
         "--max-tokens", "4", "--api-key", KEY, "--cache", "tiered", "--config", str(config), "--log-level", "warning",
+        "--parallel", str(parallel),
     )  # fmt: skip
     server.wait_ready()
     sampler = Sampler(server)
     sampler.start()
-    load: dict[str, Any] = {"workers": workers, "phases": []}
+    load: dict[str, Any] = {"workers": workers, "parallel": parallel, "phases": []}
     try:
         phase_s = minutes * 60 / 4
         for mult in (2, 8):
@@ -328,7 +334,9 @@ def run_load(
         alive = server.alive()
         server.stop()
     model_bytes = os.path.getsize(default_model_path())
-    context_bytes = workers * n_ctx * 23_100  # about 23 KB of f16 KV a token (DESIGN.md)
+    # about 23 KB of f16 KV a token (DESIGN.md); a batching worker holds parallel sequences of n_ctx
+    # (rounded up to 256 cells) and its LLM keeps a context for session and echo jobs
+    context_bytes = workers * ((parallel + 1) * n_ctx if parallel > 1 else n_ctx) * 23_100
     memo = min(256 << 20, memory_size // 4)
     margin = (
         400 << 20
@@ -339,7 +347,7 @@ def run_load(
         "first_mb": round(sampler.rss[0] / 2**20, 1) if sampler.rss else None,
         "samples": len(sampler.rss),
         "bound_mb": round(bound / 2**20, 1),
-        "bound": "model file + workers x n_ctx x 23 KB + RAM tier + memo + 400 MiB margin",
+        "bound": "model file + workers x (parallel + 1) x n_ctx x 23 KB + RAM tier + memo + 400 MiB margin",
     }
     load["cache_over_capacity_samples"] = len(sampler.over_capacity)
     load["max_tier_fill"] = {k: round(v, 3) for k, v in sampler.max_tier_fill.items()}
@@ -367,6 +375,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="minutes for load + soak")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="requests each worker batches (serve --parallel)"
+    )
     parser.add_argument("--only", choices=["faults", "load"], default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "reliability.json")
     args = parser.parse_args()
@@ -389,7 +400,14 @@ def main() -> int:
             run_faults(results, work / "faults", args.runs)
         if args.only in (None, "load"):
             (work / "load").mkdir()
-            run_load(results, work / "load", args.duration, args.soak_requests, args.workers)
+            run_load(
+                results,
+                work / "load",
+                args.duration,
+                args.soak_requests,
+                args.workers,
+                args.parallel,
+            )
     results["load_average_end"] = os.getloadavg()
     ok = all(s["passed"] for s in results["scenarios"].values()) and results.get("load", {}).get(
         "passed", True
