@@ -17,6 +17,7 @@ import pytest
 
 from promptcache import LLM, CachedCausalLM, GenerationConfig, PromptCache
 from promptcache.engines.llama_cpp import probe
+from promptcache.engines.sequences import SequenceEngine
 from promptcache.store.disk import DiskStore
 
 C = 32  # a test-only override of the measured chunk keeps gemma3's prompts short
@@ -207,6 +208,94 @@ def test_default_model_on_the_aligned_schedule_cuts_states_at_multiples_of_c():
         assert np.array_equal(again, fresh_logits(fresh, long))
     with LLM(cache=None, n_ctx=512) as default:
         assert default.exact_strategy == "token" and default.exact_chunk == 0
+
+
+def top(logits: np.ndarray, k: int) -> list[int]:
+    return [int(t) for t in np.argsort(-logits, kind="stable")[:k]]
+
+
+def test_gemma_sequence_engine_particles_equal_single_sequence_prefills(gemma_path, ref):
+    """Particles on the aligned schedule: each step cuts its sequence back to the last multiple of C
+    and re-reads from there, one sequence per llama_decode (grouping sequences' equal chunks in one
+    batch drifted up to 0.89 here: see engines/sequences.py), bit-exact against lone prefills."""
+    engine = SequenceEngine(LLM(gemma_path, cache=None, exact_chunk=C), n_seq=5, n_ctx=512)
+    assert engine.shares and engine.chunk == C
+    prompt = engine.llm.tokenize(DOC + "Question: do gift cards expire? Answer:")
+    (first,) = engine.evaluate([prompt])
+    assert np.array_equal(first, fresh_logits(ref, prompt))
+    particles = [prompt + [t] for t in top(first, 4)]
+    for step in range(3):
+        if step == 1:  # a resample: particle 3 dies, particle 0 is cloned in its place
+            particles[3] = list(particles[0])
+        before = engine.stats.tokens_reused
+        out = engine.evaluate(particles)
+        for p, logits in zip(particles, out, strict=True):
+            assert np.array_equal(logits, fresh_logits(ref, p)), f"step {step}"
+        distinct = {tuple(p) for p in particles}
+        # Every particle reuses its prefix up to the last multiple of C below its length.
+        assert engine.stats.tokens_reused - before == sum((len(p) - 1) // C * C for p in distinct)
+        particles = [
+            p + [top(x, 4)[i]] for i, (p, x) in enumerate(zip(particles, out, strict=True))
+        ]
+    s = engine.stats
+    assert s.peak_sequences == 1 and s.forks >= 3 and s.rows_reread > 0
+    assert s.tokens_evaluated < len(prompt) + 4 * 3 * C  # nothing is prefilled twice
+
+
+def test_gemma_sequence_engine_extends_live_sequences_and_restores_from_disk(
+    tmp_path, gemma_path, ref
+):
+    """A query extending a live sequence reuses all but its last partial chunk; the engine caches
+    whole states at multiples of C (gemma3's cannot be cut), so a fresh engine on the same disk
+    cache, and a plain LLM, restore one there and stay exact; a long prompt under a budget advances
+    to multiples of C."""
+    writer = SequenceEngine(
+        LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C),
+        n_seq=3,
+        n_ctx=512,
+    )
+    tokenize = writer.llm.tokenize
+    prompt = tokenize(DOC * 3 + "Question: do gift cards expire?")
+    writer.prefill(prompt)
+    assert writer.stats.inserts >= 1
+    longer = prompt + tokenize(" Answer: no, gift cards never expire.", add_bos=False)
+    before = writer.stats.tokens_reused
+    (out,) = writer.evaluate([longer])
+    assert writer.stats.tokens_reused - before == (len(longer) - 1) // C * C >= len(longer) - C
+    assert np.array_equal(out, fresh_logits(ref, longer))
+    (seq,) = [s for s, t in writer.sequences.items() if list(t) == longer]
+    child = writer.fork(seq, 50)  # a fork anywhere; the query cuts it back to 32 and re-reads
+    query = longer[:50] + tokenize(" Stoves", add_bos=False)
+    (out,) = writer.evaluate([query])
+    assert np.array_equal(out, fresh_logits(ref, query))
+    assert writer.sequences[child] == tuple(query)
+
+    reader = SequenceEngine(
+        LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C),
+        n_seq=2,
+        n_ctx=512,
+    )
+    other = tokenize(DOC * 3 + "Question: can I return damaged boots?")
+    shared = next(i for i, (x, y) in enumerate(zip(prompt, other, strict=False)) if x != y)
+    (out,) = reader.evaluate([other])
+    restored = reader.stats.tokens_restored
+    assert reader.stats.restores == 1 and restored % C == 0 and shared - 3 * C < restored <= shared
+    assert np.array_equal(out, fresh_logits(ref, other))
+    with LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), n_ctx=512, exact_chunk=C) as llm:
+        out = llm.logits(longer)  # the engine's states are an LLM's: restored at a multiple of C
+        assert llm.last_stats.source == "disk" and llm.last_stats.tokens_reused % C == 0
+        assert llm.last_stats.tokens_reused >= len(prompt) - C
+    assert np.array_equal(out, fresh_logits(ref, longer))
+
+    unseen = tokenize("Tents and stoves ship free. " * 12)  # nothing cached: evaluated in rounds
+    rounds = []
+    while True:
+        (adv,) = reader.advance([unseen], budget=40)
+        if adv.logits is not None:
+            break
+        rounds.append(len(reader.sequences[adv.seq]))
+    assert len(rounds) >= 2 and all(n % C == 0 for n in rounds)
+    assert np.array_equal(adv.logits, fresh_logits(ref, unseen))
 
 
 def test_server_serves_gemma_exactly_with_cached_tokens(tmp_path, gemma_path):

@@ -3,9 +3,9 @@
 Owns one multi-sequence context, which tokens each sequence id holds and how queries become batch rows;
 never lays out state bytes (PromptCache and its codec do) and never samples (callers do).
 
-A sequence forks from another (`llama_memory_seq_cp`) and is freed (`llama_memory_seq_rm`). A query whose prefix is not live
-is fed from the prefix cache (`llama_state_seq_set_data` into a free sequence id), so a prompt another
-process cached on disk or in Redis is restored, not prefilled.
+A sequence forks from another (`llama_memory_seq_cp`) and is freed (`llama_memory_seq_rm`). A query whose
+prefix is not live is fed from the prefix cache (`llama_state_seq_set_data` into a free sequence id), so
+a prompt another process cached on disk or in Redis is restored, not prefilled.
 
 Exactness, measured on this machine by bench/multiseq_exactness.py (SmolLM2 Q4_1, flash attention off;
 max |logit difference| against an uncached single-sequence prefill, 4 particles x 8 steps with a
@@ -27,8 +27,17 @@ kernels a prefill runs. Hence two modes:
   LLM's (an uncached single-sequence prefill) bit for bit, batched or not.
 - exact=False: a unified KV; a fork shares its parent's cells (`llama_memory_seq_cp`, no copy) and a
   step evaluates only the new token: cheaper, and the logits drift (about 1.0 above).
-Where the model has no exact batch size at all (LLM.may_reuse is False in exact mode), or runs on the
-aligned schedule (LLM.exact_strategy "aligned", which this engine does not follow yet), nothing is reused
+On the aligned schedule (LLM.exact_strategy "aligned": gemma3-270m, whose kernels round by batch size,
+README "Exactness"), exact mode follows the LLM's schedule of chunk C: a query reuses a live or cached
+prefix only up to the last multiple of C below its length (a particle's step cuts its sequence back
+there and re-reads up to C rows; a fork copies there), evaluates the rest in chunks [kC, (k+1)C) at
+absolute positions, each chunk a llama_decode of that one sequence, and caches whole states only at
+multiples of C (states of sliding-window layers cannot be cut: up to max_checkpoints of them per
+prompt, as LLM's prefill). Grouping several sequences' equal-length aligned chunks in one batch is not
+exact there: measured 2026-11-26 on gemma3 Q4_K_M, C = 32, 4 particles x 4 steps over a 70-token
+prompt, max |logit difference| 0.44 to 0.89 for 6 of 16 rows; 4 distinct 71-token prompts, 0.68 for
+one. So no rows of two sequences share a batch there, and every logit equals a lone prefill's.
+Where the model has no exact strategy at all (LLM.may_reuse is False in exact mode), nothing is reused
 or batched together: each query is evaluated alone from its first token.
 """
 
@@ -40,7 +49,7 @@ import os
 import struct
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +59,7 @@ from promptcache.engines.llama_cpp.context import Closing
 from promptcache.errors import CodecError, ContextOverflowError, PromptCacheError
 
 if TYPE_CHECKING:
-    from promptcache.cache import PromptCache
+    from promptcache.cache import Hit, PromptCache
     from promptcache.engines.llama_cpp import LLM
 
 log = logging.getLogger(__name__)
@@ -175,10 +184,15 @@ class SequenceEngine(Closing):
         self.n_vocab = llm.n_vocab
         b = llm.exact_batch  # probes once per model and machine (kept in the user cache dir)
         self.exact_batch = b if self.exact else 1
-        # In exact mode a model without an exact batch size reuses nothing and batches nothing together;
-        # nor does one on the aligned schedule (LLM.exact_strategy "aligned"): this engine does not
-        # evaluate in chunks aligned to multiples of C yet, so a reused prefix would not be exact.
-        self.shares = (llm.may_reuse and llm.exact_strategy == "token") or not self.exact
+        # The aligned schedule's C (0 off it): the LLM's, so that both build and serve the same states.
+        self.chunk = llm.rules.chunk if self.exact and llm.exact_strategy == "aligned" else 0
+        if self.chunk > n_batch:
+            raise ValueError(
+                f"n_batch must be at least the aligned schedule's chunk ({self.chunk})"
+            )
+        self.max_checkpoints = llm.rules.max_checkpoints
+        # In exact mode a model without an exact batch size or schedule reuses and batches nothing.
+        self.shares = llm.may_reuse or not self.exact
         self.codec = llm.codec
         self.fingerprint = (
             llm.fingerprint
@@ -193,6 +207,9 @@ class SequenceEngine(Closing):
         self._tick = 0
         self._lock = threading.RLock()
         self.model = llm.model  # the LLM's handle on the GGUF: the weights are loaded once
+        from promptcache.engines.llama_cpp.context import bindings as _llama
+
+        self._n_swa = int(_llama().llama_model_n_swa(self.model.model))
         self._ctx: Any = None
         self._batch: Any = None
 
@@ -407,19 +424,23 @@ class SequenceEngine(Closing):
     ) -> list[_Step]:
         """Assign each query a sequence; forks and cuts are applied, restores loaded, rows not yet run.
 
-        A query reuses at most len - exact_batch live tokens (the rest is evaluated in one step)."""
+        A query reuses at most len - exact_batch live tokens (the rest is evaluated in one step); on the
+        aligned schedule, the last multiple of C below its length (the rest in chunks aligned to C)."""
         steps: list[_Step] = []
         claimed: set[int] = set()  # sequences a step of this round writes to
         sources: set[int] = set()  # sequences a fork of this round reads from
         hinted = {h for h in hints if h is not None and h in self._live}
-        prefills: list[list[int]] = []  # queries of this round that evaluate a prefix others may share
+        prefills: list[
+            list[int]
+        ] = []  # queries of this round that evaluate a prefix others may share
         b = self.exact_batch
         for i in todo:
             q = unique[i]
-            limit = max(0, len(q) - b)
+            limit = self._limit(len(q))
             best, best_len, best_full = self._best_live(q, limit, hints[i], claimed)
             if any(
-                min(_common_prefix(p, q), limit) - best_len >= RESTORE_MIN_TOKENS for p in prefills
+                self._align(min(_common_prefix(p, q), limit)) - best_len >= RESTORE_MIN_TOKENS
+                for p in prefills
             ):
                 continue  # another query of this round evaluates what this one needs: fork it next round
             keep = claimed | sources
@@ -443,7 +464,9 @@ class SequenceEngine(Closing):
                     seq = self._free_slot(keep | {best.seq_id}, hinted)
                     sources.add(best.seq_id)
                     step = _Step(i, q, seq, best_len, fork=best.seq_id, source="live")
-                    self._live[seq] = _Live(seq, [], self._next_tick())  # placeholder until the fork
+                    self._live[seq] = _Live(
+                        seq, [], self._next_tick()
+                    )  # placeholder until the fork
                 self.stats.tokens_reused += best_len
                 self.stats.rows_reread += (
                     max(0, min(len(best.tokens), len(q) - 1) - best_len) if best_full else 0
@@ -454,9 +477,15 @@ class SequenceEngine(Closing):
                 step = _Step(i, q, seq, 0)
             step.reused = step.start
             if budget is not None and len(q) - step.start > budget:
-                # Evaluate `budget` tokens now and leave at least exact_batch for the last round.
-                n = min(budget, len(q) - step.start - b)
-                step.tokens, step.partial = q[: step.start + n], True
+                # Evaluate `budget` tokens now and leave at least exact_batch for the last round
+                # (aligned: stop at a multiple of C, at least the next one, so the next round goes on there).
+                if self.chunk:
+                    end = self._align(step.start + budget)
+                    end = min(max(end, step.start + self.chunk), limit)
+                else:
+                    end = step.start + min(budget, len(q) - step.start - b)
+                if end > step.start:
+                    step.tokens, step.partial = q[:end], True
             claimed.add(step.seq)
             steps.append(step)
             if len(q) - step.start >= RESTORE_MIN_TOKENS:
@@ -485,17 +514,46 @@ class SequenceEngine(Closing):
             and live.tokens[-1] == q[len(live.tokens) - 1]
             and live.tokens == q[: len(live.tokens)]
         ):
-            return live, min(len(live.tokens), limit), True
+            return live, self._usable(live, min(len(live.tokens), limit)), True
         best, best_len, best_full = None, 0, False
         best_rank: tuple[int, bool, bool, bool] = (0, False, False, False)
         for live in self._live.values():
             common = _common_prefix(live.tokens, q)
             full = common == len(live.tokens)
             # Longest reuse first; then a sequence free to extend in place, one it extends, unpinned.
-            rank = (min(common, limit), live.seq_id not in claimed, full, not live.pinned)
+            rank = (
+                self._usable(live, min(common, limit)),
+                live.seq_id not in claimed,
+                full,
+                not live.pinned,
+            )
             if rank[0] and rank > best_rank:
                 best, best_len, best_full, best_rank = live, rank[0], full, rank
         return best, best_len, best_full
+
+    def _align(self, n: int) -> int:
+        """n rounded down to a restore point: a multiple of C on the aligned schedule, else n."""
+        return n - n % self.chunk if self.chunk else n
+
+    def _limit(self, n: int) -> int:
+        """The most of an n-token query that may be reused (ReuseRules.limit): at least exact_batch
+        tokens are evaluated again, or on the aligned schedule everything from the last multiple of C
+        below n."""
+        return self._align(n - 1) if self.chunk else max(0, n - self.exact_batch)
+
+    def _usable(self, live: _Live, n: int) -> int:
+        """How many of `live`'s first n tokens a query may keep: n cut to a restore point, and 0 when
+        the sequence would have to be cut where a sliding-window cache dropped cells the next token
+        attends to (llama-server checks the same with llama_memory_seq_pos_min)."""
+        n = self._align(n)
+        if n == 0 or n >= len(live.tokens) or self._n_swa <= 0:
+            return n
+        from promptcache.engines.llama_cpp.context import bindings as _llama
+
+        llama_cpp = _llama()
+        memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        pos_min = llama_cpp.llama_memory_seq_pos_min(memory, live.seq_id)
+        return n if pos_min <= max(0, n - self._n_swa) else 0
 
     def _restore(
         self, q: list[int], live_len: int, limit: int, keep: set[int], spare: set[int]
@@ -505,11 +563,18 @@ class SequenceEngine(Closing):
         assert self.cache is not None
         try:
             hit = self.cache.lookup(
-                q, self.fingerprint, max_tokens=limit, min_tokens=live_len, codec=self.codec
+                q,
+                self.fingerprint,
+                max_tokens=limit,
+                min_tokens=live_len,
+                codec=self.codec,
+                align=self.chunk,
             )
         except PromptCacheError as exc:
             log.warning("cache lookup failed (%s); evaluating instead", exc)
             return None
+        if hit is not None and self._align(hit.tokens_reused) != hit.tokens_reused:
+            hit = self._aligned_hit(hit, live_len)
         if hit is None:
             return None
         seq = self._free_slot(keep, spare)
@@ -526,6 +591,20 @@ class SequenceEngine(Closing):
         self.stats.tokens_restored += hit.tokens_reused
         return seq, hit.source
 
+    def _aligned_hit(self, hit: Hit, live_len: int) -> Hit | None:
+        """`hit` cut to the last multiple of C in it, or None when that is no more than the `live_len`
+        tokens a live sequence supplies or the codec cannot cut states (whole entries are only ever
+        cached at multiples of C: see _checkpoints)."""
+        n = self._align(hit.tokens_reused)
+        if n <= live_len or not self.codec.splittable:
+            return None
+        try:
+            state = self.codec.join([self.codec.split(hit.state, [0, n])[0]])
+        except CodecError as exc:
+            log.warning("could not cut a cached state to %d tokens: %s", n, exc)
+            return None
+        return replace(hit, tokens_reused=n, state=state)
+
     # ------------------------------------------------------------ running
 
     def _chunks(self, steps: list[_Step]) -> list[list[tuple[int, int, int, int]]]:
@@ -536,6 +615,8 @@ class SequenceEngine(Closing):
         give some sequence a 1-row sub-batch. A step longer than n_batch goes alone, its last chunk
         holding at least exact_batch rows (as LLM schedules a prompt)."""
 
+        chunks: list[list[tuple[int, int, int, int]]] = []
+
         def rows(step: _Step, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
             last = -1 if step.partial else len(step.tokens) - 1
             return [
@@ -544,10 +625,19 @@ class SequenceEngine(Closing):
             ]
 
         cap, b = self._rows_max, self.exact_batch
+        if self.chunk:
+            # The aligned schedule: a step's rows in chunks at absolute multiples of C, each chunk a
+            # llama_decode of its own (grouped with other sequences, a chunk's matmuls would have more
+            # rows than a lone prefill's, and gemma3's kernels round by row count: see the docstring).
+            c = self.chunk
+            for step in steps:
+                end = len(step.tokens)
+                cuts = [step.start, *range(self._align(step.start) + c, end, c), end]
+                chunks.extend(rows(step, lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo)
+            return chunks
         if not self.exact:
             flat = [r for step in steps for r in rows(step, step.start, len(step.tokens))]
             return [flat[i : i + cap] for i in range(0, len(flat), cap)]
-        chunks: list[list[tuple[int, int, int, int]]] = []
         groups: dict[int, list[_Step]] = {}
         for step in steps:
             groups.setdefault(len(step.tokens) - step.start, []).append(step)
@@ -578,9 +668,14 @@ class SequenceEngine(Closing):
         """Decode every step's new tokens; returns the logits of each step's last token by query."""
         out: dict[int, np.ndarray] = {}
         busy = {s.seq for s in steps}
+        points = self._checkpoints(steps)
+        saved: list[tuple[list[int], bytes]] = []
         try:
             for chunk in self._chunks(steps):
                 out.update(self._decode(chunk, busy))
+                seq, end = chunk[-1][2], chunk[-1][1] + 1
+                if end in points.get(seq, ()):
+                    saved.append((points[seq][end], self._state(seq)))
         except BaseException:
             for seq in busy:  # their cells are partly written: forget them rather than trust them
                 if seq in self._live:
@@ -596,6 +691,26 @@ class SequenceEngine(Closing):
                 if self.cache is not None and live.pending >= KEEP_MIN_TOKENS:
                     self._insert(live)
                 live.pending = 0
+        for tokens, state in saved:
+            self._insert_state(tokens, state)
+        return out
+
+    def _checkpoints(self, steps: list[_Step]) -> dict[int, dict[int, list[int]]]:
+        """Where this round saves whole states, by sequence and position (with the tokens they hold):
+        on the aligned schedule, with a cache and states that cannot be cut, at the deepest
+        max_checkpoints multiples of C that a step evaluating at least KEEP_MIN_TOKENS tokens (or a
+        budget's share of a prompt) reaches, as LLM's prefill does, so a query sharing a prefix
+        restores one."""
+        if not self.chunk or self.cache is None or self.codec.splittable:
+            return {}
+        c, out = self.chunk, {}
+        for step in steps:
+            end = len(step.tokens)
+            if end - step.start < KEEP_MIN_TOKENS and not step.partial:
+                continue
+            deepest = range(self._align(end), step.start, -c)[: self.max_checkpoints]
+            if deepest:
+                out[step.seq] = {p: step.tokens[:p] for p in deepest}
         return out
 
     def _decode(
@@ -706,20 +821,28 @@ class SequenceEngine(Closing):
         return bool(_llama().llama_state_seq_set_data(self._ctx.ctx, src, len(state), seq_id))
 
     def _insert(self, live: _Live) -> int:
+        """Insert a live sequence's state; on the aligned schedule a state that cannot be cut only
+        where it ends at a multiple of C (a restore point: its checkpoints cover the rest)."""
         if self.cache is None or not live.tokens or not self.shares:
             return 0
-        key = tuple(live.tokens)
-        try:
-            if self.cache.contains(live.tokens, self.fingerprint):
-                self._inserted.add(key)
-                return 0
-            written = self.cache.insert(
-                live.tokens, self._state(live.seq_id), self.fingerprint, codec=self.codec
-            )
-        except PromptCacheError as exc:
-            log.warning("could not cache a %d-token state: %s", len(live.tokens), exc)
+        if not self.codec.splittable and self._align(len(live.tokens)) != len(live.tokens):
             return 0
-        self._inserted.add(key)
+        return self._insert_state(live.tokens, None, live.seq_id)
+
+    def _insert_state(self, tokens: list[int], state: bytes | None, seq_id: int = -1) -> int:
+        """Insert `state` (None: read it from sequence seq_id) for `tokens` unless it is cached."""
+        assert self.cache is not None
+        try:
+            if self.cache.contains(tokens, self.fingerprint):
+                self._inserted.add(tuple(tokens))
+                return 0
+            if state is None:
+                state = self._state(seq_id)
+            written = self.cache.insert(tokens, state, self.fingerprint, codec=self.codec)
+        except PromptCacheError as exc:
+            log.warning("could not cache a %d-token state: %s", len(tokens), exc)
+            return 0
+        self._inserted.add(tuple(tokens))
         self.stats.inserts += 1
         return written
 
@@ -734,11 +857,68 @@ class SequenceEngine(Closing):
         return out
 
 
-# A sequence's state (llama_state_seq_get_data) is an 8-byte header (magic, seq id), u32 n_stream, then
-# per KV stream u32 cell_count and, when it is not 0, that stream's cells and K/V rows
-# (vendor/llama.cpp/src/llama-kv-cache.cpp, state_write / state_read: an empty stream is skipped, and a
-# sequence is read into its own stream whichever stream it was written from).
+# A sequence's state (llama_state_seq_get_data) is an 8-byte header (magic, seq id), then each KV cache's
+# part (one cache; two for interleaved sliding-window models such as gemma3: the global layers', then the
+# window's): u32 n_stream, then per KV stream u32 cell_count and, when it is not 0, that stream's cells and
+# K/V rows (vendor/llama.cpp/src/llama-kv-cache.cpp, state_write / state_read: an empty stream is
+# skipped, and a sequence is read into its own stream whichever stream it was written from).
 _HEAD = struct.Struct("<IiI")
+_SEQ_HEAD = struct.Struct("<Ii")
+_U32 = struct.Struct("<I")
+_ROW = struct.Struct("<iQ")  # type, row size
+_VT = struct.Struct("<iII")  # type, element size, n_embd_v_gqa (V with v_trans)
+
+
+def _stream_end(state: memoryview, off: int, cells: int, ext: int) -> int:
+    """Where one stream's cells and K/V rows, starting at `off`, end."""
+    if off + 8 * cells > len(state):
+        raise CodecError("a KV stream's cells run past the state")
+    for _ in range(cells):
+        (n_seq,) = _U32.unpack_from(state, off + 4)
+        off += 8 + ext + 4 * n_seq
+    v_trans, n_layer = struct.unpack_from("<II", state, off)
+    off += 8
+    if v_trans > 1 or n_layer > 4096:
+        raise CodecError("not a KV stream")
+    for _ in range(n_layer):
+        off += _ROW.size + cells * _ROW.unpack_from(state, off)[1]
+    for _ in range(n_layer):
+        if v_trans:
+            _, el, embd = _VT.unpack_from(state, off)
+            off += _VT.size + el * embd * cells
+        else:
+            off += _ROW.size + cells * _ROW.unpack_from(state, off)[1]
+        if off > len(state):
+            raise CodecError("a KV stream runs past the state")
+    return off
+
+
+def _kv_caches(state: bytes) -> list[list[memoryview]]:
+    """Each KV cache's streams (a stream: its u32 cell_count and what follows). Raises CodecError
+    when the bytes do not parse to the last one (with any of the codec's cell-extension sizes)."""
+    from promptcache.codec.llama_state import CELL_EXT_SIZES
+
+    view = memoryview(state)
+    for ext in CELL_EXT_SIZES:
+        try:
+            off, caches = _SEQ_HEAD.size, []
+            while off < len(view):
+                (n_stream,) = _U32.unpack_from(view, off)
+                if not 1 <= n_stream <= _MAX_SEQ + 1 or len(caches) == 2:
+                    raise CodecError("not a KV cache")
+                off += 4
+                streams = []
+                for _ in range(n_stream):
+                    (cells,) = _U32.unpack_from(view, off)
+                    end = _stream_end(view, off + 4, cells, ext) if cells else off + 4
+                    streams.append(view[off:end])
+                    off = end
+                caches.append(streams)
+            if off == len(view) and caches:
+                return caches
+        except (struct.error, CodecError):
+            continue
+    raise CodecError("a sequence state's KV streams are not laid out as this engine expects")
 
 
 def single_stream(state: bytes) -> bytes:
@@ -747,16 +927,13 @@ def single_stream(state: bytes) -> bytes:
     magic, seq, n_stream = _HEAD.unpack_from(state)
     if n_stream == 1:
         return state
-    off = _HEAD.size
-    for k in range(n_stream):
-        (cells,) = struct.unpack_from("<I", state, off)
-        if cells:
-            tail = 4 * (n_stream - k - 1)
-            if any(state[len(state) - tail :]):
-                raise CodecError("a sequence state holds cells in more than one KV stream")
-            return _HEAD.pack(magic, seq, 1) + state[off : len(state) - tail]
-        off += 4
-    return _HEAD.pack(magic, seq, 1) + struct.pack("<I", 0)
+    parts: list[bytes | memoryview] = [_SEQ_HEAD.pack(magic, seq)]
+    for streams in _kv_caches(state):
+        held = [s for s in streams if _U32.unpack_from(s)[0]]
+        if len(held) > 1:
+            raise CodecError("a sequence state holds cells in more than one KV stream")
+        parts += [_U32.pack(1), held[0] if held else _U32.pack(0)]
+    return b"".join(parts)
 
 
 def stream_state(state: bytes, n_stream: int) -> bytes:
@@ -766,7 +943,10 @@ def stream_state(state: bytes, n_stream: int) -> bytes:
         return state
     if have != 1:
         raise CodecError(f"a state of {have} KV streams cannot load into a context of {n_stream}")
-    return _HEAD.pack(magic, seq, n_stream) + state[_HEAD.size :] + bytes(4 * (n_stream - 1))
+    parts: list[bytes | memoryview] = [_SEQ_HEAD.pack(magic, seq)]
+    for (stream,) in _kv_caches(state):
+        parts += [_U32.pack(n_stream), stream, bytes(4 * (n_stream - 1))]
+    return b"".join(parts)
 
 
 def kv_bytes_per_token(model: Any) -> int:
