@@ -227,7 +227,8 @@ class PersistedMerges:
         self.min_blocks = min_blocks
         self.every = every
         self.whole_bytes = whole_bytes
-        self._wholes: deque[tuple[str, int]] = deque()  # whole states this instance wrote, oldest first
+        # The whole states this instance wrote (key, bytes), oldest first.
+        self._wholes: deque[tuple[str, int]] = deque()
         self._whole_used = 0
 
     def depth(self, n_blocks: int) -> int:
