@@ -483,7 +483,7 @@ class PromptCache:
             match = index.match(tb[: 4 * limit])
             if match is not None and match.length >= limit:
                 blocks = [_hex(prefix[j + 1]) for j in range(limit // B)]
-                if self._memo.find(codec, blocks) is not None:
+                if self._memo.holds(codec, blocks):
                     return None  # in RAM: the memo's segment and a few blocks join faster
         view = memoryview(tb)
         candidates = []

@@ -119,6 +119,18 @@ class PrefixMemo:
                     return MemoHit(n_blocks, codec.cut(whole, n_blocks * self.block_size))
         return None
 
+    def holds(self, codec: StateCodec, block_keys: Sequence[str]) -> bool:
+        """Whether find() would answer for `block_keys`, without cutting or touching anything."""
+        if len(block_keys) < self.min_blocks or not self._segments:
+            return False
+        for i in range(len(block_keys) - 1, self.min_blocks - 2, -1):
+            key = memo_key(codec.name, block_keys[i])
+            if key in self._segments or any(
+                m in self._segments for m in self._alias.get(key, (0, []))[1]
+            ):
+                return True
+        return False
+
     def remember(self, codec: StateCodec, block_keys: Sequence[str], segment: bytes) -> bool:
         """Keep `segment`, the merged state of exactly `block_keys`; True if kept.
 
