@@ -184,7 +184,9 @@ class PromptCache:
     two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
     persist_merges: over a shared store, also write merged prefixes of long inserted sequences to the
     store (memo.PersistedMerges: bounded there, inside the store's capacity), so that a fresh
-    process's first hit reads one segment and a few blocks; default True (ignored unless shared).
+    process's first hit reads one segment and a few blocks, and the whole states of long inserted
+    sequences, so that a fresh process repeating one loads it with one mapped read and no join
+    (lookup's trim); default True (ignored unless shared).
     """
 
     def __init__(

@@ -133,10 +133,11 @@ class DiskStore(BaseStore):
     evicted until the total with the new one is at most t x capacity_bytes (1.0, the default, evicts
     only what the put needs), so that the next puts need no eviction.
 
-    use_mmap: accepted for LlamaHome configs and reported in stats(). It changes nothing in how an
-    entry is read: every read already takes the payload with one pread straight into the value
-    returned and checks the checksum where it lies (one copy, what a mapping would also need to
-    hand bytes to llama.cpp), so both settings read the same way.
+    use_mmap: accepted for LlamaHome configs and reported in stats(). It changes nothing in how get()
+    reads: one pread straight into the value returned, checked where it lies. get_view() is the
+    mapped read (large entries, no copy): PromptCache uses it for the whole states and merged
+    prefixes a fresh process loads, where a copy into new memory costs more than the rest of the
+    hit (measured: 20 ms of page faults for 30 MB against 3 ms to map and check it in place).
 
     Counters in stats() (hits, misses, puts, ...) are this instance's; entries and bytes are the index's.
     """
