@@ -198,7 +198,9 @@ def fresh_worker(name: str, cache_dir: str, doc_words: int) -> dict:
             source=s.source,
             restore_ms=s.restore_ms,  # lookup (plan, read, join) + llama_state_seq_set_data
             prefill_ms=s.prefill_ms,  # evaluating the last tokens
+            tokens_reused=s.tokens_reused,
             merges_read=cache["merges_read"],
+            wholes_read=cache["wholes_read"],
             store_reads=cache["store"]["hits"],
             **run.startup_ms,
         )
@@ -368,14 +370,26 @@ def report(results: dict) -> str:
         )
         fr = results["fresh"]["pc_disk"]
         if "restore_ms" in fr[0]:
+            f0 = fr[0]
+            if f0.get("wholes_read"):
+                read = (
+                    f"one whole state of the cached prompt, mapped from disk, checked, loaded as it "
+                    f"is and trimmed to {f0['tokens_reused']} tokens; {f0['store_reads']} store read"
+                    f"{'s' if f0['store_reads'] != 1 else ''}"
+                )
+            else:
+                read = (
+                    f"{f0['merges_read']} merged segment and "
+                    f"{f0['store_reads'] - f0['merges_read']} blocks read from disk, joined"
+                )
             lines.append(
                 f"- Where the fresh process's {fresh_pc:.0f} ms go (medians): lookup and restore "
-                f"{median([f['restore_ms'] for f in fr]):.1f} ms ({fr[0]['merges_read']} merged segment and "
-                f"{fr[0]['store_reads'] - fr[0]['merges_read']} blocks read from disk), evaluating the last tokens "
+                f"{median([f['restore_ms'] for f in fr]):.1f} ms ({read}), evaluating the last tokens "
                 f"{median([f['prefill_ms'] for f in fr]):.1f} ms, the rest is the first token's sampling and "
                 f"streaming. Process start-up, before the timer: model identity hash "
                 f"{median([f['fingerprint_ms'] for f in fr]):.1f} ms, numpy.random import "
-                f"{median([f['numpy_random_import_ms'] for f in fr]):.1f} ms."
+                f"{median([f['numpy_random_import_ms'] for f in fr]):.1f} ms; the context (KV buffers) "
+                "is created at start-up too (LLM.reserve, as llama_cpp.Llama does), also before the timer."
             )
     if conv.get("pc_ram"):
         c = conv["pc_ram"]

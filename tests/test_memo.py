@@ -191,3 +191,14 @@ def test_a_zero_byte_memo_keeps_nothing():
 def test_bad_bounds_are_a_clear_error(args):
     with pytest.raises(ValueError):
         PrefixMemo(*args)
+
+
+def test_holds_answers_as_find_does_without_cutting():
+    codec = FixedWidthCodec(4)
+    memo = PrefixMemo(1 << 20, 1, min_blocks=2, alias_every=2)
+    keys = [f"k{i}" for i in range(6)]
+    assert not memo.holds(codec, keys)
+    memo.remember(codec, keys[:4], b"x" * 16)
+    for n in range(7):
+        assert memo.holds(codec, keys[:n]) == (memo.find(codec, keys[:n]) is not None)
+    assert not memo.holds(codec, ["other", "keys", "here"])

@@ -41,12 +41,21 @@ WHOLE_PROBES = 8  # aligned whole entries probed per lookup in a shared store (o
 
 @dataclass(frozen=True)
 class Hit:
-    """A cached prefix: `state` covers exactly the first `tokens_reused` tokens of the prompt."""
+    """A cached prefix: `state` covers exactly the first `tokens_reused` tokens of the prompt, or,
+    for a lookup with trim=True, `state_tokens` tokens of which the first tokens_reused are the
+    prompt's (the caller drops the cells past them after loading). `state` may be a read-only
+    view of a mapped file (disk): load it, do not keep it past the next lookup."""
 
     tokens_reused: int
-    state: bytes
+    state: bytes | memoryview
     source: str
     fingerprint: str
+    state_tokens: int = 0  # 0: tokens_reused
+
+    @property
+    def trimmed(self) -> bool:
+        """Whether the state covers more than tokens_reused tokens (see trim in lookup)."""
+        return self.state_tokens > self.tokens_reused
 
 
 @dataclass
@@ -57,6 +66,7 @@ class _Record:
     keys: list[str]
     sizes: list[int]
     merged: tuple[str, str] | None = None
+    whole: str | None = None  # the key of its persisted whole state, if its insert wrote one
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,8 @@ class CacheStats:
     memo_hits: int = 0
     merges_read: int = 0
     merges_written: int = 0
+    wholes_read: int = 0
+    wholes_written: int = 0
     hits_by_tier: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -172,7 +184,9 @@ class PromptCache:
     two segments instead of hundreds), outside capacity_bytes; default min(256 MiB, capacity / 4).
     persist_merges: over a shared store, also write merged prefixes of long inserted sequences to the
     store (memo.PersistedMerges: bounded there, inside the store's capacity), so that a fresh
-    process's first hit reads one segment and a few blocks; default True (ignored unless shared).
+    process's first hit reads one segment and a few blocks, and the whole states of long inserted
+    sequences, so that a fresh process repeating one loads it with one mapped read and no join
+    (lookup's trim); default True (ignored unless shared).
     """
 
     def __init__(
@@ -233,8 +247,14 @@ class PromptCache:
         min_tokens: int = 0,
         codec: StateCodec | None = None,
         align: int = 0,
+        trim: bool = False,
     ) -> Hit | None:
         """The longest cached prefix of `tokens` (at most `max_tokens` long), or None.
+
+        With trim, the caller drops the state's cells past hit.tokens_reused itself (an engine
+        truncates its context after loading), so a longer state may answer (Hit.state_tokens):
+        over a shared store, the whole state of a cached sequence of max_tokens to len(tokens)
+        tokens is read as it is, one file and no join (PersistedMerges, "Whole states").
 
         With min_tokens, a prefix of at most that many tokens is not fetched (the caller holds as
         much already) and None is returned without counting a lookup. With align, whole entries a
@@ -253,10 +273,12 @@ class PromptCache:
             hit = None
             try:
                 if codec.splittable and limit:
-                    plan = self._plan(tb, limit, fingerprint, codec)
-                    if 0 < plan.tokens(self.block_size) <= min_tokens:
-                        return None  # the caller already holds as much (its live context): fetch nothing
-                    hit = self._read(plan, fingerprint, codec)
+                    hit = self._whole_hit(tb, limit, fingerprint, codec) if trim else None
+                    if hit is None:
+                        plan = self._plan(tb, limit, fingerprint, codec)
+                        if 0 < plan.tokens(self.block_size) <= min_tokens:
+                            return None  # the caller already holds as much (its live context): fetch nothing
+                        hit = self._read(plan, fingerprint, codec)
                 elif limit:
                     hit = self._lookup_whole(tb, limit, fingerprint, codec, align)
             except CodecError as exc:
@@ -392,6 +414,8 @@ class PromptCache:
                 "memo_hits": s.memo_hits,
                 "merges_read": s.merges_read,
                 "merges_written": s.merges_written,
+                "wholes_read": s.wholes_read,
+                "wholes_written": s.wholes_written,
                 "memo_bytes": self._memo.nbytes,
                 "hits_by_tier": dict(s.hits_by_tier),
             }
@@ -447,6 +471,34 @@ class PromptCache:
         return bounds, self._chunk_keys(tb, fingerprint, bounds)
 
     # ---------------------------------------------------------------- lookup: plan, read, merge
+
+    def _whole_hit(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> Hit | None:
+        """A persisted whole state of a sequence the prompt repeats up to `limit` or further (the
+        longest first), for a caller that trims; None where this process's RAM serves the prefix
+        (its index and memo) or the store holds no such state."""
+        if self._merges is None or not self._merges.whole_bytes:
+            return None
+        B, n = self.block_size, len(tb) // 4
+        prefix = self._block_keys(fingerprint, tb, n // B)
+        index = self._indexes.get(fingerprint)
+        if index is not None:
+            match = index.match(tb[: 4 * limit])
+            if match is not None and match.length >= limit:
+                blocks = [_hex(prefix[j + 1]) for j in range(limit // B)]
+                if self._memo.holds(codec, blocks):
+                    return None  # in RAM: the memo's segment and a few blocks join faster
+        view = memoryview(tb)
+        candidates = []
+        for length in range(n, limit - 1, -1):
+            j = length // B
+            key = prefix[j] if length % B == 0 else K.chain(prefix[j], view[4 * j * B : 4 * length])
+            candidates.append((length, _hex(key)))
+        found = self._merges.find_whole(codec, candidates, fingerprint)
+        if found is None:
+            return None
+        length, state, tier = found
+        self._stats.wholes_read += 1
+        return Hit(limit, state, tier, fingerprint, state_tokens=length)
 
     def _plan(self, tb: bytes, limit: int, fingerprint: str, codec: StateCodec) -> _ChunkPlan:
         """The chunks that hold the longest known prefix of tb[:limit] (index, then a persisted
@@ -698,6 +750,11 @@ class PromptCache:
                 return merged
             return codec.split(bytes(state), [0, n_tokens])[0]
 
+        whole = self._merges.persist_whole(codec, chunk_keys[-1], state, n, fingerprint)
+        if whole is not None:
+            record.whole = whole[0]
+            self._stats.wholes_written += whole[1] > 0
+            self._stats.bytes_written += whole[1]
         persisted = self._merges.persist(codec, chunk_keys[:n_full], cut, fingerprint)
         if persisted is not None:
             key, written = persisted
@@ -741,6 +798,8 @@ class PromptCache:
         for key in self._chunks.release(record.keys):
             if not self._probe_store:
                 self.store.delete(key)
+        if record.whole is not None and self._merges is not None:
+            self._merges.drop(record.whole, "its sequence was evicted")
         if record.merged is not None and self._merges is not None:
             merge_key, last_block = record.merged
             if last_block not in self._chunks:  # no sequence of this process reads it any more

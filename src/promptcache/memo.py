@@ -13,7 +13,7 @@ only: that is the seam where a store could later back them (issue 15), keyed by 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,12 +32,20 @@ PERSIST_EVERY = (
     16  # persisted merges end at multiples of 16 blocks: sequences that share them share one
 )
 
+WHOLE_BYTES = 256 << 20  # whole states a PromptCache keeps in a shared store (its own writes, FIFO)
+
 # A merged segment's name: codec name and its last block's key. A str, so a store could hold it.
 MemoKey = str
 
 
 def memo_key(codec_name: str, block_key: str) -> MemoKey:
     return f"memo-{codec_name}-{block_key}"
+
+
+def whole_key(codec_name: str, chunk_key: str) -> str:
+    """The name of a sequence's whole state: codec name and the key of the sequence's last chunk
+    (the hash chain names every token before it, the tail's too)."""
+    return f"whole-{codec_name}-{chunk_key}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,18 @@ class PrefixMemo:
                 if whole is not None:
                     return MemoHit(n_blocks, codec.cut(whole, n_blocks * self.block_size))
         return None
+
+    def holds(self, codec: StateCodec, block_keys: Sequence[str]) -> bool:
+        """Whether find() would answer for `block_keys`, without cutting or touching anything."""
+        if len(block_keys) < self.min_blocks or not self._segments:
+            return False
+        for i in range(len(block_keys) - 1, self.min_blocks - 2, -1):
+            key = memo_key(codec.name, block_keys[i])
+            if key in self._segments or any(
+                m in self._segments for m in self._alias.get(key, (0, []))[1]
+            ):
+                return True
+        return False
 
     def remember(self, codec: StateCodec, block_keys: Sequence[str], segment: bytes) -> bool:
         """Keep `segment`, the merged state of exactly `block_keys`; True if kept.
@@ -192,6 +212,15 @@ class PersistedMerges:
     merge instead of one each; and it counts toward the store's capacity like any entry, so the
     store's eviction holds the total (a merge no later prompt reads ages out first under LRU, and
     PromptCache deletes a merge when it forgets the last sequence using its last block).
+
+    Whole states. A merge still leaves a fresh process a join (the merge, the blocks after it,
+    a copy of the whole state into new memory: 20 ms of page faults for 30 MB here). So each
+    long inserted sequence's state is also kept whole, in the engine's own format, named by its
+    last chunk's key (whole_key): a fresh process asking for that sequence again (or for all but
+    its last tokens, which an engine re-evaluates) maps that one file and loads it as it is.
+    These duplicate their sequence's blocks, so they are bounded apart: the whole states one
+    PromptCache wrote stay within `whole_bytes` (WHOLE_BYTES), its oldest deleted first, and
+    inside the store's capacity like any entry.
     """
 
     def __init__(
@@ -201,13 +230,18 @@ class PersistedMerges:
         *,
         min_blocks: int = PERSIST_MIN_BLOCKS,
         every: int = PERSIST_EVERY,
+        whole_bytes: int = WHOLE_BYTES,
     ) -> None:
-        if block_size <= 0 or min_blocks <= 0 or every <= 0:
-            raise ValueError("block_size, min_blocks and every must be > 0")
+        if block_size <= 0 or min_blocks <= 0 or every <= 0 or whole_bytes < 0:
+            raise ValueError("block_size, min_blocks and every must be > 0, whole_bytes >= 0")
         self.store = store
         self.block_size = block_size
         self.min_blocks = min_blocks
         self.every = every
+        self.whole_bytes = whole_bytes
+        # The whole states this instance wrote (key, bytes), oldest first.
+        self._wholes: deque[tuple[str, int]] = deque()
+        self._whole_used = 0
 
     def depth(self, n_blocks: int) -> int:
         """Blocks of the merge kept for a prefix of n_blocks full blocks (0: none)."""
@@ -222,21 +256,87 @@ class PersistedMerges:
         A merge whose bytes do not hold exactly its tokens is deleted and skipped (never raises)."""
         for d in range(self.depth(len(block_keys)), self.min_blocks - 1, -self.every):
             key = memo_key(codec.name, block_keys[d - 1])
-            try:
-                segment, tier = self.store.get_with_tier(key, fingerprint=fingerprint)
-            except PromptCacheError as exc:
-                log.warning("cannot read merged prefix %s (%s); reading its blocks", key, exc)
+            found = self._load(codec, key, d * self.block_size, fingerprint)
+            if found is False:
                 return None
-            if segment is None:
+            if found is not None:
+                return MemoHit(d, found[0]), found[1]
+        return None
+
+    def _load(
+        self, codec: StateCodec, key: str, n_tokens: int, fingerprint: str
+    ) -> tuple[bytes | memoryview, str] | None | bool:
+        """(value, tier) of key if it holds exactly n_tokens; None if absent or dropped (it held
+        another count); False if the store cannot be read. A store with get_view (disk) maps a
+        large value instead of copying it: a fresh process's first hit pays no page faults for it."""
+        try:
+            get_view = getattr(self.store, "get_view", None)
+            if get_view is not None:
+                value = get_view(key, fingerprint=fingerprint)
+                tier = self.store.name
+            else:
+                value, tier = self.store.get_with_tier(key, fingerprint=fingerprint)
+        except PromptCacheError as exc:
+            log.warning("cannot read merged prefix %s (%s); reading its blocks", key, exc)
+            return False
+        if value is None:
+            return None
+        try:
+            covers = codec.n_tokens(value)
+        except CodecError:
+            covers = -1
+        if covers != n_tokens:
+            self.drop(key, f"it holds {covers} tokens, not {n_tokens}")
+            return None
+        return value, tier
+
+    # ------------------------------------------------ whole states (a fresh process's repeat)
+
+    def persist_whole(
+        self, codec: StateCodec, chunk_key: str, state: bytes, n_tokens: int, fingerprint: str
+    ) -> tuple[str, int] | None:
+        """Write `state`, the engine's own state of a whole n_tokens-token sequence whose last
+        chunk is `chunk_key`, as it is (no split, no copy): a fresh process that asks for this
+        sequence again loads it in one read, with no join, and drops the cells past its prefix.
+        Only sequences of at least min_blocks blocks; the whole states this instance wrote stay
+        within whole_bytes (oldest deleted first). Returns (key, bytes written) or None."""
+        if n_tokens < self.min_blocks * self.block_size or len(state) > self.whole_bytes:
+            return None
+        key = whole_key(codec.name, chunk_key)
+        try:
+            if self.store.contains(key):
+                return key, 0
+            self.store.put(key, state, fingerprint=fingerprint)
+        except PromptCacheError as exc:
+            log.info("whole state %s not persisted: %s", key, exc)
+            return None
+        self._wholes.append((key, len(state)))
+        self._whole_used += len(state)
+        while self._whole_used > self.whole_bytes:
+            old, size = self._wholes.popleft()
+            self._whole_used -= size
+            self.drop(old, "newer whole states took its room")
+        return key, len(state)
+
+    def find_whole(
+        self, codec: StateCodec, candidates: Sequence[tuple[int, str]], fingerprint: str
+    ) -> tuple[int, bytes | memoryview, str] | None:
+        """(tokens, state, tier) of the first persisted whole state among `candidates` ((sequence
+        length, key of its last chunk), preferred first) that holds its tokens, or None."""
+        for n_tokens, chunk_key in candidates:
+            if n_tokens < self.min_blocks * self.block_size:
                 continue
+            key = whole_key(codec.name, chunk_key)
             try:
-                covers = codec.n_tokens(segment)
-            except CodecError:
-                covers = -1
-            if covers != d * self.block_size:
-                self.drop(key, f"it holds {covers} tokens, not {d * self.block_size}")
-                continue
-            return MemoHit(d, segment), tier
+                if not self.store.contains(key):
+                    continue
+            except PromptCacheError:
+                return None
+            found = self._load(codec, key, n_tokens, fingerprint)
+            if found is False:
+                return None
+            if found is not None:
+                return n_tokens, found[0], found[1]
         return None
 
     def persist(
@@ -279,6 +379,8 @@ __all__ = [
     "MemoHit",
     "MemoKey",
     "memo_key",
+    "whole_key",
+    "WHOLE_BYTES",
     "MEMO_MIN_BLOCKS",
     "MEMO_ALIAS_EVERY",
     "PERSIST_MIN_BLOCKS",

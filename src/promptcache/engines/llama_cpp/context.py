@@ -139,13 +139,19 @@ class Context:
         written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, buf, n, _SEQ)
         return bytes(memoryview(buf)[:written])
 
-    def load_state(self, state: bytes) -> bool:
-        """Replace the KV cache with `state`; False (and an empty cache) when llama.cpp refuses it."""
+    def load_state(self, state: bytes | memoryview) -> bool:
+        """Replace the KV cache with `state` (any contiguous buffer: bytes, or a read-only view of
+        a mapped file); False (and an empty cache) when llama.cpp refuses it."""
         llama_cpp = bindings()
-        self._ctx.kv_cache_clear()
-        # Pass the bytes' own buffer: no copy of a state that can be tens of MB.
-        src = ctypes.cast(ctypes.c_char_p(bytes(state)), ctypes.POINTER(ctypes.c_uint8))
-        ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, src, len(state), _SEQ)
+        # Metadata only: llama.cpp zeroes the buffers when it creates them and set_data overwrites
+        # every cell it loads; a cell left over is masked out of attention (as after truncate()).
+        # Clearing the data too would write the whole KV buffer (94 MB at n_ctx 4096) per load.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), False)
+        # The buffer's own memory, never a copy of a state that can be tens of MB (a mapped file's
+        # view is read-only, which ctypes.from_buffer refuses and numpy does not).
+        view = np.frombuffer(state, dtype=np.uint8)
+        src = view.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, src, view.size, _SEQ)
         if not ok:
             self._ctx.kv_cache_clear()
         return bool(ok)

@@ -404,6 +404,7 @@ class LLM(Closing):
                 min_tokens=have,
                 codec=self.codec,
                 align=align,
+                trim=True,  # _restore truncates a longer state to hit.tokens_reused
             )
         except PromptCacheError as exc:
             log.warning("cache lookup failed (%s); evaluating the whole prompt", exc)
@@ -431,6 +432,8 @@ class LLM(Closing):
             hit = self._aligned_hit(hit, rules.align(hit.tokens_reused), reused)
         if hit is not None:
             if context.load_state(hit.state):
+                if hit.trimmed:  # the cells past the prefix are another sequence's: exact to drop
+                    context.truncate(hit.tokens_reused)
                 self._live.set(prompt[: hit.tokens_reused])
                 return hit.tokens_reused, hit.source
             log.warning(
@@ -452,7 +455,7 @@ class LLM(Closing):
         except CodecError as exc:
             log.warning("could not cut a cached state to %d tokens: %s", n, exc)
             return None
-        return Hit(n, state, hit.source, hit.fingerprint)
+        return Hit(n, state, hit.source, hit.fingerprint)  # cut to n: nothing left to trim
 
     def _evaluate(
         self,
