@@ -46,8 +46,10 @@ def write_section(name: str, markdown: str, data: dict, *, stamp: bool = True) -
 
 def rebuild() -> None:
     """BENCHMARKS.md as the concatenation of every section in bench/results (no benchmark runs)."""
-    parts = ["# promptcache benchmarks\n",
-             "Every figure below was measured by the script named in its section; rerun it to refresh.\n"]
+    parts = [
+        "# promptcache benchmarks\n",
+        "Every figure below was measured by the script named in its section; rerun it to refresh.\n",
+    ]
     names = ORDER + sorted(p.stem for p in RESULTS.glob("*.md") if p.stem not in ORDER)
     for n in names:
         path = RESULTS / f"{n}.md"

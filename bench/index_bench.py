@@ -59,14 +59,18 @@ def lookup_scaling(sizes: list[int], prompt_len: int, rng: random.Random) -> lis
         lookup_s = timeit(lambda p=prompt: cache.lookup(p, FP), 50)
         hit = cache.lookup(prompt, FP)
         assert hit is not None and hit.tokens_reused == 2000
-        rows.append({
-            "entries": target,
-            "index_match_ms": match_s * 1e3,
-            "cache_lookup_ms": lookup_s * 1e3,
-            "insert_seq_per_s": added / insert_s if added else None,
-            "insert_tokens_per_s": added * prompt_len / insert_s if added else None,
-        })
-        print(f"  {target:>6} entries: match {match_s * 1e3:.3f} ms, PromptCache.lookup {lookup_s * 1e3:.3f} ms")
+        rows.append(
+            {
+                "entries": target,
+                "index_match_ms": match_s * 1e3,
+                "cache_lookup_ms": lookup_s * 1e3,
+                "insert_seq_per_s": added / insert_s if added else None,
+                "insert_tokens_per_s": added * prompt_len / insert_s if added else None,
+            }
+        )
+        print(
+            f"  {target:>6} entries: match {match_s * 1e3:.3f} ms, PromptCache.lookup {lookup_s * 1e3:.3f} ms"
+        )
     return rows
 
 
@@ -101,8 +105,17 @@ def disk_mbps(sizes: list[int]) -> list[dict]:
             for k in keys:
                 assert store.get(k, fingerprint=FP) is not None
             get_s = time.perf_counter() - t0
-            rows.append({"value_bytes": size, "n": n, "put_MBps": n * size / put_s / 1e6, "get_MBps": n * size / get_s / 1e6})
-            print(f"  disk {size:>9} B: put {rows[-1]['put_MBps']:.0f} MB/s, get {rows[-1]['get_MBps']:.0f} MB/s")
+            rows.append(
+                {
+                    "value_bytes": size,
+                    "n": n,
+                    "put_MBps": n * size / put_s / 1e6,
+                    "get_MBps": n * size / get_s / 1e6,
+                }
+            )
+            print(
+                f"  disk {size:>9} B: put {rows[-1]['put_MBps']:.0f} MB/s, get {rows[-1]['get_MBps']:.0f} MB/s"
+            )
     return rows
 
 
@@ -110,19 +123,32 @@ def block_size_tradeoff(blocks: list[int]) -> list[dict]:
     """Per block size: lookup+join of a 2,000-token hit with real-sized KV rows, and the bytes stored by
     100 conversations over one 2,000-token system prompt (20-token question, 30-token reply each)."""
     rng = random.Random(1)
-    system = [rng.randrange(49152) for _ in range(2013)]  # a chat template never lands on a block boundary
+    system = [
+        rng.randrange(49152) for _ in range(2013)
+    ]  # a chat template never lands on a block boundary
     convs = [system + [rng.randrange(49152) for _ in range(50)] for _ in range(100)]
     unique_tokens = len(system) + 100 * 50
     rows = []
     for b in blocks:
-        cache = PromptCache(codec=FixedWidthCodec(KV_BYTES_PER_TOKEN), block_size=b, capacity_bytes=1 << 34)
+        cache = PromptCache(
+            codec=FixedWidthCodec(KV_BYTES_PER_TOKEN), block_size=b, capacity_bytes=1 << 34
+        )
         for conv in convs:
             cache.insert(conv, bytes(len(conv) * KV_BYTES_PER_TOKEN), FP)
         prompt = system + [7, 8, 9]
         join_s = timeit(lambda c=cache, p=prompt: c.lookup(p, FP), 9)
         ratio = cache.nbytes / (unique_tokens * KV_BYTES_PER_TOKEN)
-        rows.append({"block_size": b, "lookup_join_2000_ms": join_s * 1e3, "chunks": cache.stats()["chunks"], "stored_over_unique": ratio})
-        print(f"  block {b:>4}: lookup+join of 2000 tokens {join_s * 1e3:.1f} ms, stored/unique {ratio:.3f}")
+        rows.append(
+            {
+                "block_size": b,
+                "lookup_join_2000_ms": join_s * 1e3,
+                "chunks": cache.stats()["chunks"],
+                "stored_over_unique": ratio,
+            }
+        )
+        print(
+            f"  block {b:>4}: lookup+join of 2000 tokens {join_s * 1e3:.1f} ms, stored/unique {ratio:.3f}"
+        )
     return rows
 
 
@@ -157,7 +183,9 @@ def main() -> None:
     ]
     for r in scaling:
         ins = f"{r['insert_seq_per_s']:,.0f}" if r["insert_seq_per_s"] else "-"
-        lines.append(f"| {r['entries']:,} | {r['index_match_ms']:.3f} ms | {r['cache_lookup_ms']:.3f} ms | {ins} |")
+        lines.append(
+            f"| {r['entries']:,} | {r['index_match_ms']:.3f} ms | {r['cache_lookup_ms']:.3f} ms | {ins} |"
+        )
     met = "met" if last["index_match_ms"] < 1 else "NOT met"
     lines += [
         "",
@@ -174,7 +202,9 @@ def main() -> None:
         "| ---: | ---: | ---: |",
     ]
     for r in disk:
-        lines.append(f"| {r['value_bytes'] / 1024:,.0f} KB | {r['put_MBps']:,.0f} MB/s | {r['get_MBps']:,.0f} MB/s |")
+        lines.append(
+            f"| {r['value_bytes'] / 1024:,.0f} KB | {r['put_MBps']:,.0f} MB/s | {r['get_MBps']:,.0f} MB/s |"
+        )
     lines += [
         "",
         "Block size: lookup and join of a 2,000-token hit with 23,040-byte rows (the default model's KV per token), "
@@ -185,9 +215,20 @@ def main() -> None:
         "| ---: | ---: | ---: | ---: |",
     ]
     for r in blocks:
-        lines.append(f"| {r['block_size']} | {r['lookup_join_2000_ms']:.1f} ms | {r['chunks']:,} | {r['stored_over_unique']:.3f} |")
-    write_section("index", "\n".join(lines), {"scaling": scaling, "llama_cpp_scan_s": scan_s, "scan_entries": scan_n,
-                                             "disk": disk, "blocks": blocks})
+        lines.append(
+            f"| {r['block_size']} | {r['lookup_join_2000_ms']:.1f} ms | {r['chunks']:,} | {r['stored_over_unique']:.3f} |"
+        )
+    write_section(
+        "index",
+        "\n".join(lines),
+        {
+            "scaling": scaling,
+            "llama_cpp_scan_s": scan_s,
+            "scan_entries": scan_n,
+            "disk": disk,
+            "blocks": blocks,
+        },
+    )
 
 
 if __name__ == "__main__":

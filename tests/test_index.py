@@ -43,7 +43,9 @@ def test_remove_keeps_match_exact(cached, data):
     assert len(index) == len(left)
     for query in cached:
         assert index.match(token_bytes(query)).length == brute_force(left, query)
-    assert sorted(index.tokens_of(n) for n in index.sequences()) == sorted(token_bytes(s) for s in left)
+    assert sorted(index.tokens_of(n) for n in index.sequences()) == sorted(
+        token_bytes(s) for s in left
+    )
 
 
 def test_match_ends_inside_an_edge_and_reports_terminals():
@@ -71,5 +73,3 @@ def test_lru_evicts_leaves_before_the_prefix_they_share():
     assert index.lru_leaf() is b
     index.remove(b)
     assert index.lru_leaf() is prefix
-
-

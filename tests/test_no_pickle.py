@@ -22,7 +22,11 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
         elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "__import__":
-            names.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+            names.update(
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
     return names
 
 

@@ -118,7 +118,9 @@ def test_concurrent_answers_equal_greedy_over_uncached_prefills(server, client, 
 
 def test_n_choices_fork_one_prompt(client, reference):
     prompt = SHARED + QUESTIONS[0]
-    r = client.completions.create(model="default", prompt=prompt, max_tokens=GEN, temperature=0, n=2)
+    r = client.completions.create(
+        model="default", prompt=prompt, max_tokens=GEN, temperature=0, n=2
+    )
     tokens, _ = greedy_over_prefills(reference, prompt, GEN)
     assert [c.text for c in r.choices] == [reference.detokenize(tokens)] * 2
     assert r.usage.completion_tokens == 2 * len(tokens)

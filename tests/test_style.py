@@ -1,5 +1,5 @@
 """Lint as CI enforces it: the pinned ruff, with pyproject.toml's [tool.ruff], over src, tests, bench
-and scripts. (Formatting is checked by `ruff format --check`, run by hand before a commit.)
+and scripts, and its formatter's verdict (`ruff format --check`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ def test_ruff_is_the_version_the_test_extra_pins() -> None:
 
 def test_ruff_check_is_clean() -> None:
     done = _ruff("check", *LINTED)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+def test_ruff_format_is_clean() -> None:
+    done = _ruff("format", "--check", *LINTED)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 
 

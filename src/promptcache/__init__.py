@@ -45,6 +45,7 @@ def __getattr__(name: str) -> object:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'promptcache' has no attribute {name!r}")
 
+
 __all__ = [
     "LLM",
     "GenerationConfig",

@@ -77,7 +77,9 @@ class FixedWidthCodec:
     def n_tokens(self, state: bytes) -> int:
         n, rest = divmod(len(state), self.bytes_per_token)
         if rest:
-            raise CodecError(f"state of {len(state)} bytes is not a multiple of {self.bytes_per_token}")
+            raise CodecError(
+                f"state of {len(state)} bytes is not a multiple of {self.bytes_per_token}"
+            )
         return n
 
     def split(self, state: bytes, bounds: Sequence[int]) -> list[bytes]:

@@ -377,7 +377,9 @@ def _join_bodies(parts: Sequence[_SegmentBody]) -> bytes:
             j += 1
         run, m = parts[i:j], parts[i].n
         S = len(run)
-        X = (np.concatenate([p.body for p in run]) if S > 1 else run[0].body).reshape(S, m * lay.bytes_per_token)
+        X = (np.concatenate([p.body for p in run]) if S > 1 else run[0].body).reshape(
+            S, m * lay.bytes_per_token
+        )
         off = 0
         cells_out[tok * cb : (tok + S * m) * cb].reshape(S, m * cb)[:] = X[:, off : off + m * cb]
         off += m * cb
@@ -387,8 +389,12 @@ def _join_bodies(parts: Sequence[_SegmentBody]) -> bytes:
         for il, (dst, r) in enumerate(zip(v_out, lay.v_row_sizes, strict=True)):
             if lay.v_trans:  # row j of the result is row j of every segment, in order
                 e, el = lay.n_embd_v_gqa[il], lay.v_el_sizes[il]
-                block = dst.reshape(e, n * el)[:, tok * el : (tok + S * m) * el].reshape(e, S, m * el)
-                if not np.shares_memory(block, out):  # numpy made a copy: writing to it would be lost
+                block = dst.reshape(e, n * el)[:, tok * el : (tok + S * m) * el].reshape(
+                    e, S, m * el
+                )
+                if not np.shares_memory(
+                    block, out
+                ):  # numpy made a copy: writing to it would be lost
                     raise CodecError("internal: V block is not a view of the output")
                 block[:] = X[:, off : off + m * r].reshape(S, e, m * el).transpose(1, 0, 2)
             else:

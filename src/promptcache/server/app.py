@@ -192,7 +192,10 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
     if engines:
         n_ctx = engines[0].n_ctx
         pool = BatchPool(
-            engines, max_queue=settings.max_queue, expected=(ApiError,), budget=settings.prefill_chunk
+            engines,
+            max_queue=settings.max_queue,
+            expected=(ApiError,),
+            budget=settings.prefill_chunk,
         )
     else:
         pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
@@ -424,7 +427,9 @@ class ClientStreams:
             self._open[client] = n
 
 
-async def _released(stream: AsyncIterator[bytes], release: Callable[[], None]) -> AsyncIterator[bytes]:
+async def _released(
+    stream: AsyncIterator[bytes], release: Callable[[], None]
+) -> AsyncIterator[bytes]:
     try:
         async for chunk in stream:
             yield chunk
@@ -611,7 +616,9 @@ def _install_tokenizer_routes(app: FastAPI, server: _Server) -> None:
             raise ApiError(
                 400, f"send {{'tokens': [ids in [0, {server.n_vocab})]}}", param="tokens"
             )
-        return {"prompt": await asyncio.to_thread(server.tokenizer.detokenize, tokens, special=True)}
+        return {
+            "prompt": await asyncio.to_thread(server.tokenizer.detokenize, tokens, special=True)
+        }
 
 
 def _install_status_routes(app: FastAPI, server: _Server) -> None:

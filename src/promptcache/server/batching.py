@@ -70,7 +70,11 @@ class BatchPool(WorkerPool):
         out: dict[str, int] = {}
         for engine in self.engines:
             for name, value in engine.stats.as_dict().items():
-                out[name] = max(out.get(name, 0), value) if name == "peak_sequences" else out.get(name, 0) + value
+                out[name] = (
+                    max(out.get(name, 0), value)
+                    if name == "peak_sequences"
+                    else out.get(name, 0) + value
+                )
         return out
 
     def close(self, timeout: float = 10.0) -> None:

@@ -66,7 +66,11 @@ class _CacheCollector(Collector):
                 ("promptcache_workers", "LLM worker threads.", pool.size),
                 ("promptcache_slots", "Requests served at once (workers x parallel).", pool.slots),
                 ("promptcache_workers_busy", "Requests running now.", pool.busy),
-                ("promptcache_kv_cache_bytes", "KV cache bytes of the workers' contexts.", pool.kv_bytes),
+                (
+                    "promptcache_kv_cache_bytes",
+                    "KV cache bytes of the workers' contexts.",
+                    pool.kv_bytes,
+                ),
                 ("promptcache_queue_waiting", "Requests waiting for a worker.", pool.waiting),
                 (
                     "promptcache_queue_capacity",

@@ -302,7 +302,9 @@ class TextStream:
         return out
 
 
-Event = tuple[int, str, str | None, list[TokenLogprob]]  # (token or -1, text, finish_reason, logprobs)
+Event = tuple[
+    int, str, str | None, list[TokenLogprob]
+]  # (token or -1, text, finish_reason, logprobs)
 
 
 class TokenLoop:
