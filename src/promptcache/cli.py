@@ -218,6 +218,47 @@ def _fmt_age(seconds: float | None) -> str:
     return f"{seconds:.0f} s"
 
 
+def _tier_table(name: str, tier: dict) -> Table:
+    table = Table(title=f"{name} tier", show_header=False, title_justify="left")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    if tier.get("error"):
+        table.add_row("error", str(tier["error"]))
+        return table
+    nbytes = int(tier.get("bytes", 0))
+    table.add_row("entries", str(tier["entries"]) if int(tier["entries"]) >= 0 else "unknown")
+    table.add_row("bytes", _fmt_bytes(nbytes) if nbytes >= 0 else "unknown")
+    table.add_row("capacity", _fmt_bytes(int(tier["capacity_bytes"])))
+    table.add_row("usage", f"{tier['usage']:.1%}")
+    table.add_row("policy", str(tier.get("policy", "-")))
+    table.add_row("evictions (this process)", str(tier["eviction_count"]))
+    for extra in ("compression", "path", "url", "namespace"):
+        if extra in tier:
+            table.add_row(extra, str(tier[extra]))
+    if name == "redis":
+        table.add_row("reachable", "yes" if tier.get("available") else "[red]no[/red]")
+    if name == "memory":
+        table.caption = "RAM is per process: a new process starts empty"
+    return table
+
+
+def _artefact_table(name: str, row: dict) -> Table:
+    table = Table(title=name, show_header=False, title_justify="left")
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    if row.get("error"):
+        table.add_row("error", str(row["error"]))
+    else:
+        table.add_row("entries", str(row["entries"]))
+        table.add_row("bytes", _fmt_bytes(int(row["bytes"])))
+        table.add_row("capacity", _fmt_bytes(int(row["capacity_bytes"])))
+        table.add_row("usage", f"{row['usage']:.1%}")
+        table.add_row("policy", str(row.get("policy", "-")))
+        table.add_row("evictions (this process)", str(row["eviction_count"]))
+    table.add_row("path", str(row.get("path", "-")))
+    return table
+
+
 @app.command()
 def stats(
     config: _ConfigOption = None,
@@ -239,43 +280,9 @@ def stats(
         console.print_json(json.dumps(report, default=str))
         return
     for name, tier in report["tiers"].items():
-        table = Table(title=f"{name} tier", show_header=False, title_justify="left")
-        table.add_column("setting")
-        table.add_column("value", justify="right")
-        if tier.get("error"):
-            table.add_row("error", str(tier["error"]))
-            console.print(table)
-            continue
-        nbytes = int(tier.get("bytes", 0))
-        table.add_row("entries", str(tier["entries"]) if int(tier["entries"]) >= 0 else "unknown")
-        table.add_row("bytes", _fmt_bytes(nbytes) if nbytes >= 0 else "unknown")
-        table.add_row("capacity", _fmt_bytes(int(tier["capacity_bytes"])))
-        table.add_row("usage", f"{tier['usage']:.1%}")
-        table.add_row("policy", str(tier.get("policy", "-")))
-        table.add_row("evictions (this process)", str(tier["eviction_count"]))
-        for extra in ("compression", "path", "url", "namespace"):
-            if extra in tier:
-                table.add_row(extra, str(tier[extra]))
-        if name == "redis":
-            table.add_row("reachable", "yes" if tier.get("available") else "[red]no[/red]")
-        if name == "memory":
-            table.caption = "RAM is per process: a new process starts empty"
-        console.print(table)
+        console.print(_tier_table(name, tier))
     for name, row in report["artefacts"].items():
-        table = Table(title=name, show_header=False, title_justify="left")
-        table.add_column("setting")
-        table.add_column("value", justify="right")
-        if row.get("error"):
-            table.add_row("error", str(row["error"]))
-        else:
-            table.add_row("entries", str(row["entries"]))
-            table.add_row("bytes", _fmt_bytes(int(row["bytes"])))
-            table.add_row("capacity", _fmt_bytes(int(row["capacity_bytes"])))
-            table.add_row("usage", f"{row['usage']:.1%}")
-            table.add_row("policy", str(row.get("policy", "-")))
-            table.add_row("evictions (this process)", str(row["eviction_count"]))
-        table.add_row("path", str(row.get("path", "-")))
-        console.print(table)
+        console.print(_artefact_table(name, row))
     if report["exact"]:
         table = Table(title="exact mode on this machine (probed per model)", title_justify="left")
         for column in ("model", "strategy", "exact batch", "chunk C"):

@@ -13,7 +13,6 @@ convert_ids_to_tokens, eos/bos ids, all_special_ids).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import string
@@ -74,15 +73,9 @@ class GGUFTokenizer:
         return [self._model.token_get_text(i) for i in range(self.vocab_size)]
 
     def _piece(self, token: int) -> bytes:
-        import llama_cpp
+        from promptcache.engines.llama_cpp.context import token_piece
 
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, True)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        return token_piece(self._vocab, token, True)
 
     @cached_property
     def _pieces(self) -> list[bytes]:

@@ -163,12 +163,7 @@ class SequenceEngine(Closing):
     ) -> None:
         from promptcache.engines.llama_cpp import LLM
 
-        if not isinstance(n_seq, int) or not 1 <= n_seq <= _MAX_SEQ:
-            raise ValueError(f"n_seq must be an int in [1, {_MAX_SEQ}]")
-        if not isinstance(n_ctx, int) or n_ctx < 64:
-            raise ValueError("n_ctx must be an int >= 64 (tokens one sequence may hold)")
-        if not isinstance(n_batch, int) or n_batch < 64:
-            raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
+        _check_sizes(n_seq, n_ctx, n_batch)
         if not isinstance(llm, LLM):
             llm = LLM(
                 llm, exact=True if exact is None else exact, cache="ram" if cache is True else cache
@@ -194,12 +189,9 @@ class SequenceEngine(Closing):
         # In exact mode a model without an exact batch size or schedule reuses and batches nothing.
         self.shares = llm.may_reuse or not self.exact
         self.codec = llm.codec
+        # A state built in the other mode than the LLM's is never served to it.
         self.fingerprint = (
-            llm.fingerprint
-            if self.exact == llm.exact
-            else blake2b(
-                f"{llm.fingerprint}\x00exact={self.exact}".encode(), digest_size=16
-            ).hexdigest()
+            llm.fingerprint if self.exact == llm.exact else _mode_fingerprint(llm, self.exact)
         )
         self.stats = EngineStats()
         self._live: dict[int, _Live] = {}
@@ -433,7 +425,6 @@ class SequenceEngine(Closing):
         prefills: list[
             list[int]
         ] = []  # queries of this round that evaluate a prefix others may share
-        b = self.exact_batch
         for i in todo:
             q = unique[i]
             limit = self._limit(len(q))
@@ -451,41 +442,14 @@ class SequenceEngine(Closing):
                     seq, source = restored
                     step = _Step(i, q, seq, len(self._live[seq].tokens), source=source)
             if step is None and best is not None and best_len > 0:
-                in_place = (
-                    best.seq_id not in claimed and best.seq_id not in sources and not best.pinned
-                )
-                if in_place and not best_full and self._has_free_slot():
-                    in_place = False  # keep its tail (another particle may come back to it) while slots are free
-                if in_place:
-                    step = _Step(
-                        i, q, best.seq_id, best_len, cut=best_len < len(best.tokens), source="live"
-                    )
-                else:
-                    seq = self._free_slot(keep | {best.seq_id}, hinted)
-                    sources.add(best.seq_id)
-                    step = _Step(i, q, seq, best_len, fork=best.seq_id, source="live")
-                    self._live[seq] = _Live(
-                        seq, [], self._next_tick()
-                    )  # placeholder until the fork
-                self.stats.tokens_reused += best_len
-                self.stats.rows_reread += (
-                    max(0, min(len(best.tokens), len(q) - 1) - best_len) if best_full else 0
-                )
+                step = self._reuse_live(i, q, best, best_len, best_full, claimed, sources, hinted)
             if step is None:
                 seq = self._free_slot(keep, hinted)
                 self._live[seq] = _Live(seq, [], self._next_tick())
                 step = _Step(i, q, seq, 0)
             step.reused = step.start
             if budget is not None and len(q) - step.start > budget:
-                # Evaluate `budget` tokens now and leave at least exact_batch for the last round
-                # (aligned: stop at a multiple of C, at least the next one, so the next round goes on there).
-                if self.chunk:
-                    end = self._align(step.start + budget)
-                    end = min(max(end, step.start + self.chunk), limit)
-                else:
-                    end = step.start + min(budget, len(q) - step.start - b)
-                if end > step.start:
-                    step.tokens, step.partial = q[:end], True
+                self._cut_to_budget(step, budget, limit)
             claimed.add(step.seq)
             steps.append(step)
             if len(q) - step.start >= RESTORE_MIN_TOKENS:
@@ -498,6 +462,52 @@ class SequenceEngine(Closing):
             if step.cut:
                 self._ctx.kv_cache_seq_rm(step.seq, step.start, -1)
         return steps
+
+    def _reuse_live(
+        self,
+        i: int,
+        q: list[int],
+        best: _Live,
+        best_len: int,
+        best_full: bool,
+        claimed: set[int],
+        sources: set[int],
+        hinted: set[int],
+    ) -> _Step:
+        """Query i's step on the live sequence `best`: extended in place, or forked into a free one
+        when another query of the round or a pin holds it (or, while slots are free, to keep a tail
+        that is not a prefix of q)."""
+        in_place = best.seq_id not in claimed and best.seq_id not in sources and not best.pinned
+        if in_place and not best_full and self._has_free_slot():
+            in_place = (
+                False  # keep its tail (another particle may come back to it) while slots are free
+            )
+        if in_place:
+            step = _Step(
+                i, q, best.seq_id, best_len, cut=best_len < len(best.tokens), source="live"
+            )
+        else:
+            seq = self._free_slot(claimed | sources | {best.seq_id}, hinted)
+            sources.add(best.seq_id)
+            step = _Step(i, q, seq, best_len, fork=best.seq_id, source="live")
+            self._live[seq] = _Live(seq, [], self._next_tick())  # placeholder until the fork
+        self.stats.tokens_reused += best_len
+        self.stats.rows_reread += (
+            max(0, min(len(best.tokens), len(q) - 1) - best_len) if best_full else 0
+        )
+        return step
+
+    def _cut_to_budget(self, step: _Step, budget: int, limit: int) -> None:
+        """Evaluate `budget` tokens of the step now and leave at least exact_batch for the last round
+        (aligned: stop at a multiple of C, at least the next one, so the next round goes on there)."""
+        q = step.tokens
+        if self.chunk:
+            end = self._align(step.start + budget)
+            end = min(max(end, step.start + self.chunk), limit)
+        else:
+            end = step.start + min(budget, len(q) - step.start - self.exact_batch)
+        if end > step.start:
+            step.tokens, step.partial = q[:end], True
 
     def _best_live(
         self, q: list[int], limit: int, hint: int | None, claimed: set[int]
@@ -847,14 +857,9 @@ class SequenceEngine(Closing):
         return written
 
     def _check(self, tokens: Sequence[int]) -> list[int]:
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
-            raise TypeError("a query is a sequence of int token ids")
-        out = [int(t) for t in tokens]
-        if not out:
-            raise ValueError("a query is empty: give at least one token")
-        if min(out) < 0 or max(out) >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
-        return out
+        from promptcache.engines.llama_cpp.plan import check_token_ids
+
+        return check_token_ids(tokens, self.n_vocab, "a query")
 
 
 # A sequence's state (llama_state_seq_get_data) is an 8-byte header (magic, seq id), then each KV cache's
@@ -947,6 +952,19 @@ def stream_state(state: bytes, n_stream: int) -> bytes:
     for (stream,) in _kv_caches(state):
         parts += [_U32.pack(n_stream), stream, bytes(4 * (n_stream - 1))]
     return b"".join(parts)
+
+
+def _check_sizes(n_seq: int, n_ctx: int, n_batch: int) -> None:
+    if not isinstance(n_seq, int) or not 1 <= n_seq <= _MAX_SEQ:
+        raise ValueError(f"n_seq must be an int in [1, {_MAX_SEQ}]")
+    if not isinstance(n_ctx, int) or n_ctx < 64:
+        raise ValueError("n_ctx must be an int >= 64 (tokens one sequence may hold)")
+    if not isinstance(n_batch, int) or n_batch < 64:
+        raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
+
+
+def _mode_fingerprint(llm: LLM, exact: bool) -> str:
+    return blake2b(f"{llm.fingerprint}\x00exact={exact}".encode(), digest_size=16).hexdigest()
 
 
 def kv_bytes_per_token(model: Any) -> int:

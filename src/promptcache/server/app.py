@@ -161,6 +161,26 @@ def batch_engines(settings: ServerSettings, llms: list[LLM], n_ctx: int) -> list
     return engines
 
 
+def make_pool(settings: ServerSettings, llms: list[LLM], n_ctx: int) -> tuple[WorkerPool, int]:
+    """The workers: a BatchPool of SequenceEngines with --parallel > 1 (when the model reuses
+    between sequences in its mode), else a WorkerPool of the LLMs; and the context of one request."""
+    engines = batch_engines(settings, llms, n_ctx) if settings.parallel > 1 else []
+    if engines and not engines[0].shares:
+        log.warning(
+            "--parallel %d ignored: in exact mode this model reuses nothing between sequences "
+            "(strategy %r), so requests run one at a time on each worker's own context",
+            settings.parallel,
+            llms[0].exact_strategy,
+        )
+        engines = []
+    if not engines:
+        return WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,)), n_ctx
+    pool = BatchPool(
+        engines, max_queue=settings.max_queue, expected=(ApiError,), budget=settings.prefill_chunk
+    )
+    return pool, engines[0].n_ctx
+
+
 def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None = None) -> FastAPI:
     """The server application. Loads `settings.workers` LLMs unless `llms` are given (they must share
     one PromptCache and one model). Raises ConfigError for bad settings and FileNotFoundError for no model."""
@@ -179,26 +199,7 @@ def create_app(settings: ServerSettings | None = None, *, llms: list[LLM] | None
         )
     pool_ref: list[WorkerPool] = []
     metrics = Metrics(cache, lambda: pool_ref[0] if pool_ref else None)
-    pool: WorkerPool
-    engines = batch_engines(settings, llms, n_ctx) if settings.parallel > 1 else []
-    if engines and not engines[0].shares:
-        log.warning(
-            "--parallel %d ignored: in exact mode this model reuses nothing between sequences "
-            "(strategy %r), so requests run one at a time on each worker's own context",
-            settings.parallel,
-            first.exact_strategy,
-        )
-        engines = []
-    if engines:
-        n_ctx = engines[0].n_ctx
-        pool = BatchPool(
-            engines,
-            max_queue=settings.max_queue,
-            expected=(ApiError,),
-            budget=settings.prefill_chunk,
-        )
-    else:
-        pool = WorkerPool(llms, max_queue=settings.max_queue, expected=(ApiError,))
+    pool, n_ctx = make_pool(settings, llms, n_ctx)
     pool_ref.append(pool)
     server = _Server(
         settings=settings,

@@ -187,6 +187,55 @@ def generation_job(
 BatchedRun = Generator[list[tuple[int, list[int]]], dict[int, "Advance"], int | None]
 
 
+def _token_loops(llm: LLM, ask: Ask, n_new: int, stops: list[str]) -> dict[int, TokenLoop]:
+    """One token loop per choice (none for an echo with max_tokens 0)."""
+    loops: dict[int, TokenLoop] = {}
+    for index in range(ask.n if n_new > 0 else 0):
+        config = _choice_config(ask, index, n_new, stops)
+        grammar = Grammar(llm.vocab, config.grammar) if config.grammar else None
+        loops[index] = TokenLoop(
+            config, n_new, is_eog=llm.is_eog, piece=llm.token_to_piece, grammar=grammar
+        )
+    return loops
+
+
+def _decode_choices(
+    loops: dict[int, TokenLoop],
+    prompt: list[int],
+    out: _Emitter,
+    finish: dict[int, str],
+    stats: RunStats,
+    t0: float,
+) -> BatchedRun:
+    """The choices' decode steps: ask for the prompt's logits once, then for each live choice's
+    tokens so far, sampling from what comes back until every choice has finished."""
+    got = yield [(0, prompt)]
+    if not stats.tokens_reused:
+        stats.tokens_reused, stats.source = got[0].reused, got[0].source
+        stats.tokens_evaluated = len(prompt) - got[0].reused
+    logits = {index: got[0].logits for index in loops}
+    seqs = {index: list(prompt) for index in loops}
+    while logits:
+        asks: list[tuple[int, list[int]]] = []
+        for index, x in logits.items():
+            token, events = loops[index].feed(x)
+            for _token, text, reason, entries in events:
+                if reason is not None:
+                    finish[index] = reason
+                out.event(index, text, entries)
+            if token is not None:
+                seqs[index].append(token)
+                asks.append((index, seqs[index]))
+        if not stats.ttft_ms:
+            stats.ttft_ms = (time.perf_counter() - t0) * 1000
+        if not asks:
+            return None
+        got = yield asks
+        stats.tokens_evaluated += len(asks)
+        logits = {index: got[index].logits for index, _ in asks}
+    return None
+
+
 def batched_job(
     limits: Limits, metrics: Metrics, endpoint: str, ask: Ask
 ) -> Callable[[LLM, Job], BatchedRun]:
@@ -207,41 +256,11 @@ def batched_job(
             stats.tokens_evaluated = echo_stats.tokens_evaluated
         for index in range(ask.n):
             out.begin(index)
-        loops: dict[int, TokenLoop] = {}
-        if n_new > 0:
-            for index in range(ask.n):
-                config = _choice_config(ask, index, n_new, stops)
-                grammar = Grammar(llm.vocab, config.grammar) if config.grammar else None
-                loops[index] = TokenLoop(
-                    config, n_new, is_eog=llm.is_eog, piece=llm.token_to_piece, grammar=grammar
-                )
+        loops = _token_loops(llm, ask, n_new, stops)
         finish = {index: "length" for index in range(ask.n)}
         try:
             if loops:
-                got = yield [(0, tokens)]
-                if not ask.echo:
-                    stats.tokens_reused, stats.source = got[0].reused, got[0].source
-                    stats.tokens_evaluated = len(tokens) - got[0].reused
-                logits = {index: got[0].logits for index in loops}
-                seqs = {index: list(tokens) for index in loops}
-                while logits:
-                    asks: list[tuple[int, list[int]]] = []
-                    for index, x in logits.items():
-                        token, events = loops[index].feed(x)
-                        for _token, text, reason, entries in events:
-                            if reason is not None:
-                                finish[index] = reason
-                            out.event(index, text, entries)
-                        if token is not None:
-                            seqs[index].append(token)
-                            asks.append((index, seqs[index]))
-                    if not stats.ttft_ms:
-                        stats.ttft_ms = (time.perf_counter() - t0) * 1000
-                    if not asks:
-                        break
-                    got = yield asks
-                    stats.tokens_evaluated += len(asks)
-                    logits = {index: got[index].logits for index, _ in asks}
+                yield from _decode_choices(loops, tokens, out, finish, stats, t0)
         except GeneratorExit:  # the pool closed it: the client left or the server stops
             metrics.request(endpoint, "cancelled")
             raise

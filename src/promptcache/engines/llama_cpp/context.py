@@ -49,6 +49,18 @@ def bindings() -> Any:
     return llama_cpp
 
 
+def token_piece(vocab: Any, token: int, special: bool = False) -> bytes:
+    """The bytes of one token under a llama_vocab (may be part of a UTF-8 character)."""
+    llama_cpp = bindings()
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
+
+
 class Context:
     """A llama.cpp context of `n_ctx` tokens over `model` (a llama_cpp._internals.LlamaModel).
 
@@ -165,4 +177,4 @@ class Context:
         self._batch = self._ctx = None
 
 
-__all__ = ["Context", "bindings"]
+__all__ = ["Context", "bindings", "token_piece"]

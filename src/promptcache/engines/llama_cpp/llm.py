@@ -17,7 +17,6 @@ multiples of C) so repeats hit.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
@@ -33,7 +32,7 @@ import numpy as np
 from promptcache.cache import Hit, PromptCache
 from promptcache.codec import OpaqueCodec, StateCodec
 from promptcache.engines.llama_cpp import probe, session
-from promptcache.engines.llama_cpp.context import Closing, Context, bindings
+from promptcache.engines.llama_cpp.context import Closing, Context, bindings, token_piece
 from promptcache.engines.llama_cpp.generation import (
     TOP_LOGPROBS_MAX,
     Completion,
@@ -47,7 +46,12 @@ from promptcache.engines.llama_cpp.generation import (
     TokenLoop,
     token_logprob,
 )
-from promptcache.engines.llama_cpp.plan import LiveSequence, ReuseRules, common_prefix
+from promptcache.engines.llama_cpp.plan import (
+    LiveSequence,
+    ReuseRules,
+    check_token_ids,
+    common_prefix,
+)
 from promptcache.engines.llama_cpp.prompt_logprobs import PromptLogprobs, position_keys
 from promptcache.errors import CodecError, ContextOverflowError, CorruptEntryError, PromptCacheError
 from promptcache.files import atomic_write
@@ -357,14 +361,7 @@ class LLM(Closing):
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""
-        llama_cpp = bindings()
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
+        return token_piece(self._vocab, token, special)
 
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends a generation (end of text, end of turn)."""
@@ -382,14 +379,7 @@ class LLM(Closing):
         return self._vocab
 
     def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
-        if isinstance(tokens, (str, bytes)):
-            raise TypeError("tokens must be a sequence of int token ids")
-        out = [int(t) for t in tokens]
-        if not out:
-            raise ValueError("the prompt is empty: give at least one token")
-        if min(out) < 0 or max(out) >= self.n_vocab:
-            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
-        return out
+        return check_token_ids(tokens, self.n_vocab)
 
     # ------------------------------------------------------------ prefill and remember
 

@@ -279,4 +279,25 @@ class ReuseRules:
         return Finish(keep, read, len(read), self.batches(keep, len(read)), points)
 
 
-__all__ = ["LiveSequence", "ReuseRules", "Prefill", "Finish", "common_prefix", "MAX_CHECKPOINTS"]
+__all__ = [
+    "LiveSequence",
+    "ReuseRules",
+    "Prefill",
+    "Finish",
+    "common_prefix",
+    "check_token_ids",
+    "MAX_CHECKPOINTS",
+]
+
+
+def check_token_ids(tokens: Sequence[int], n_vocab: int, what: str = "the prompt") -> list[int]:
+    """`tokens` as a list of ints in [0, n_vocab). Raises TypeError for a str, bytes or non-sequence
+    and ValueError for an empty list or an id out of range."""
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of int token ids")
+    out = [int(t) for t in tokens]
+    if not out:
+        raise ValueError(f"{what} is empty: give at least one token")
+    if min(out) < 0 or max(out) >= n_vocab:
+        raise ValueError(f"token ids must be in [0, {n_vocab})")
+    return out
