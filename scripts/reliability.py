@@ -258,8 +258,24 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)
 
 
-def _spot_checks(url: str, n: int, seed: int) -> Counter[str]:
-    """n prompts answered by the loaded server (greedy, from its warm cache) and by an uncached LLM."""
+def _greedy_over_prefills(llm: Any, prompt: str, n: int) -> str:
+    """What a batching server (--parallel > 1) answers: each token the argmax of an uncached prefill
+    of everything before it (its steps re-read the previous token; README, continuous batching)."""
+    import numpy as np
+
+    tokens, out = llm.tokenize(prompt), []
+    for _ in range(n):
+        llm.reset_context()
+        token = int(np.argmax(llm.logits(tokens + out)))
+        if llm.is_eog(token):
+            break
+        out.append(token)
+    return llm.detokenize(out)
+
+
+def _spot_checks(url: str, n: int, seed: int, parallel: int = 1) -> Counter[str]:
+    """n prompts answered by the loaded server (greedy, from its warm cache) and by an uncached LLM
+    decoding as the server does (one row per token, or greedy over prefills when it batches)."""
     import openai
 
     from promptcache import LLM
@@ -270,7 +286,10 @@ def _spot_checks(url: str, n: int, seed: int) -> Counter[str]:
     with LLM(n_ctx=512, cache=None) as oracle:
         for _ in range(n):
             prompt = _prompt(rng)
-            want = oracle.complete(prompt, max_tokens=4, temperature=0).text
+            if parallel > 1:
+                want = _greedy_over_prefills(oracle, prompt, 4)
+            else:
+                want = oracle.complete(prompt, max_tokens=4, temperature=0).text
             out = client.completions.create(
                 model="default", prompt=prompt, max_tokens=4, temperature=0
             )
@@ -326,7 +345,7 @@ def run_load(
             "outcomes": dict(outcomes), "ttft_p50_ms": _pct(ttfts, 0.5), "ttft_p99_ms": _pct(ttfts, 0.99),
         }  # fmt: skip
         log.info("soak %s", load["soak"])
-        spot = _spot_checks(server.url, 20, seed=5)
+        spot = _spot_checks(server.url, 20, seed=5, parallel=parallel)
         load["spot_checks"] = dict(spot)
     finally:
         sampler.stop.set()
