@@ -57,6 +57,16 @@ class Hit:
         """Whether the state covers more than tokens_reused tokens (see trim in lookup)."""
         return self.state_tokens > self.tokens_reused
 
+    def cut(self, n: int, codec: StateCodec) -> Hit | None:
+        """This hit cut to its first n tokens with `codec` (which must be splittable), or None,
+        logged, when its state does not cut."""
+        try:
+            state = codec.join([codec.split(self.state, [0, n])[0]])
+        except CodecError as exc:
+            log.warning("could not cut a cached state to %d tokens: %s", n, exc)
+            return None
+        return Hit(n, state, self.source, self.fingerprint)
+
 
 @dataclass
 class _Record:

@@ -49,7 +49,7 @@ import os
 import struct
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
@@ -608,12 +608,7 @@ class SequenceEngine(Closing):
         n = self._align(hit.tokens_reused)
         if n <= live_len or not self.codec.splittable:
             return None
-        try:
-            state = self.codec.join([self.codec.split(hit.state, [0, n])[0]])
-        except CodecError as exc:
-            log.warning("could not cut a cached state to %d tokens: %s", n, exc)
-            return None
-        return replace(hit, tokens_reused=n, state=state)
+        return hit.cut(n, self.codec)
 
     # ------------------------------------------------------------ running
 

@@ -440,12 +440,7 @@ class LLM(Closing):
         that is no more than the `have` tokens the live context holds or the codec cannot cut it."""
         if n <= have or not self.codec.splittable:
             return None
-        try:
-            state = self.codec.join([self.codec.split(hit.state, [0, n])[0]])
-        except CodecError as exc:
-            log.warning("could not cut a cached state to %d tokens: %s", n, exc)
-            return None
-        return Hit(n, state, hit.source, hit.fingerprint)  # cut to n: nothing left to trim
+        return hit.cut(n, self.codec)  # cut to n: nothing left to trim
 
     def _evaluate(
         self,
