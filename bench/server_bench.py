@@ -94,19 +94,7 @@ def server_commands(port: int, threads: int) -> dict[str, list[str]]:
         "--verbose",
         "false",
     ]
-    promptcache = [
-        sys.executable,
-        "-m",
-        "promptcache.server",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--threads",
-        str(threads),
-        "--log-level",
-        "warning",
-    ]
+    promptcache = promptcache_serve(port, threads)
     return {
         "llama_cpp.server, cache off": [*llama, "--cache", "false"],
         "llama_cpp.server, cache on (LlamaRAMCache)": [
@@ -336,23 +324,17 @@ PROMPTCACHE = "promptcache serve"
 PROMPTCACHE_PARALLEL = "promptcache serve --parallel U"
 
 
+def promptcache_serve(port: int, threads: int, *flags: str) -> list[str]:
+    """`python -m promptcache.server` on one worker of `threads` threads, with `flags`."""
+    return [
+        *[sys.executable, "-m", "promptcache.server", "--port", str(port)],
+        *["--workers", "1", "--threads", str(threads), *flags, "--log-level", "warning"],
+    ]
+
+
 def promptcache_commands(port: int, threads: int, users: int) -> dict[str, list[str]]:
     """promptcache's contenders in the concurrent scenario: the one place to adjust their flags."""
-    serve = [
-        sys.executable,
-        "-m",
-        "promptcache.server",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--threads",
-        str(threads),
-        "--max-queue",
-        str(4 * users),
-        "--log-level",
-        "warning",
-    ]
+    serve = promptcache_serve(port, threads, "--max-queue", str(4 * users))
     # --n-ctx: the same context per user as llama-server's slots, so --max-kv-bytes admits U of them.
     parallel = [*serve, "--parallel", str(users), "--n-ctx", str(CTX_PER_USER)]
     return {PROMPTCACHE: serve, PROMPTCACHE_PARALLEL: parallel}
