@@ -162,3 +162,15 @@ def test_states_are_written_in_the_single_stream_layout_of_an_llm(prompt):
         cells[:, :2], np.frombuffer(theirs[16:meta], dtype="<i4").reshape(n, 3)[:, :2]
     )
     assert single_stream(stream_state(mine, 3)) == mine
+
+
+def test_a_short_prompt_is_cached_only_when_kept(prompt):
+    """Particles' steps add few tokens and are not inserted; a scheduler's prompt is, however short."""
+    engine = SequenceEngine(LLM(cache=PromptCache()), n_seq=2, n_ctx=256)
+    short = prompt[:20]
+    engine.advance([short])
+    assert engine.stats.inserts == 0
+    engine.advance([prompt[:24]], keep=[True])
+    assert engine.stats.inserts == 1
+    hit = engine.cache.lookup(prompt[:24], engine.fingerprint, codec=engine.codec)
+    assert hit is not None and hit.tokens_reused > 16

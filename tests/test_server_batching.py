@@ -142,6 +142,17 @@ def test_a_chat_turn_reuses_the_previous_reply(client):
     assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
 
 
+def test_a_short_prompt_reaches_the_shared_cache(server, client):
+    """A prompt shorter than a particle-step threshold (KEEP_MIN_TOKENS) is still cached, as the
+    one-at-a-time server caches every prompt: another worker or process restores it."""
+    before = httpx.get(f"{server.url}/v1/cache/stats").json()
+    r = client.completions.create(model="default", prompt="Tents or boots?", max_tokens=2)
+    assert 0 < r.usage.prompt_tokens < 32
+    after = httpx.get(f"{server.url}/v1/cache/stats").json()
+    assert after["workers"]["batching"]["inserts"] == before["workers"]["batching"]["inserts"] + 1
+    assert after["cache"]["bytes"] > before["cache"]["bytes"]
+
+
 def test_full_slots_answer_503_and_a_disconnect_frees_its_sequence(server, client):
     long = SHARED + " Write a long story about tents."
     streams = [

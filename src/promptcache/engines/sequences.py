@@ -128,6 +128,7 @@ class _Step:
     source: str = "none"  # where the reused tokens came from: live, memory, disk, redis or none
     reused: int = 0
     partial: bool = False  # tokens is cut short of the query (a budget): no logits yet
+    keep: bool = False  # insert the state in the prefix cache however few tokens this step adds
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -363,6 +364,7 @@ class SequenceEngine(Closing):
         *,
         hints: Sequence[int | None] | None = None,
         budget: int | None = None,
+        keep: Sequence[bool] | None = None,
     ) -> list[Advance]:
         """One round of `evaluate` for a scheduler: every query moves forward, some not to its end.
 
@@ -372,7 +374,9 @@ class SequenceEngine(Closing):
         its tokens remain to evaluate (a long prompt is evaluated `budget` tokens per round, so the
         others' steps keep coming). `hints[i]`: the sequence query i extended last round (a scheduler
         knows it), which saves comparing the query with every live sequence; a hinted sequence is not
-        evicted by this round's other queries. Asking the same list again continues where it stopped."""
+        evicted by this round's other queries. `keep[i]`: query i is a prompt, inserted in the prefix
+        cache when evaluated even if it adds fewer than KEEP_MIN_TOKENS tokens (as LLM caches every
+        prompt). Asking the same list again continues where it stopped."""
         if budget is not None and (not isinstance(budget, int) or budget < 2 * self.exact_batch):
             raise ValueError(f"budget must be an int >= {2 * self.exact_batch}")
         checked = [self._check(q) for q in queries]
@@ -388,11 +392,14 @@ class SequenceEngine(Closing):
                 first.append(i)
         unique = [checked[i] for i in first]
         hint_of = [hints[i] if hints is not None else None for i in first]
+        keep_of = [bool(keep[i]) if keep is not None else False for i in first]
         with self._lock:
             self._ensure_context()
             per_round = self.n_seq if self.shares else 1
             todo = list(range(min(per_round, len(unique))))
             steps = self._plan(todo, unique, hint_of, budget)
+            for step in steps:
+                step.keep = keep_of[step.query]
             found = self._run(steps)
             self.stats.queries += sum(1 for s in steps if not s.partial)
             done = {s.query: s for s in steps}
@@ -693,7 +700,7 @@ class SequenceEngine(Closing):
             live.tokens, live.last_used = step.tokens, tick
             live.pending += len(step.tokens) - step.start
             if not step.partial:
-                if self.cache is not None and live.pending >= KEEP_MIN_TOKENS:
+                if self.cache is not None and (live.pending >= KEEP_MIN_TOKENS or step.keep):
                     self._insert(live)
                 live.pending = 0
         for tokens, state in saved:
@@ -711,7 +718,7 @@ class SequenceEngine(Closing):
         c, out = self.chunk, {}
         for step in steps:
             end = len(step.tokens)
-            if end - step.start < KEEP_MIN_TOKENS and not step.partial:
+            if end - step.start < KEEP_MIN_TOKENS and not (step.partial or step.keep):
                 continue
             deepest = range(self._align(end), step.start, -c)[: self.max_checkpoints]
             if deepest:

@@ -34,6 +34,7 @@ class _Live:
     got: dict[int, Advance] = field(default_factory=dict)
     first: dict[int, Advance] = field(default_factory=dict)  # the round that first placed each key
     seqs: dict[int, int] = field(default_factory=dict)
+    prompted: bool = False  # its first asks (the prompt) have been answered
 
 
 class BatchPool(WorkerPool):
@@ -151,6 +152,9 @@ class BatchPool(WorkerPool):
                 [q for _, _, q in wanted],
                 hints=[item.seqs.get(key) for item, key, _ in wanted],
                 budget=self.budget,
+                keep=[
+                    not item.prompted for item, _, _ in wanted
+                ],  # cache every prompt, as LLM does
             )
         except Exception as exc:  # noqa: BLE001 - fail this round's jobs, keep the worker
             for item in live:
@@ -169,7 +173,7 @@ class BatchPool(WorkerPool):
             if any(key not in item.got for key, _ in item.asks):
                 still.append(item)
                 continue
-            got, item.got, item.first = item.got, {}, {}
+            got, item.got, item.first, item.prompted = item.got, {}, {}, True
             try:
                 item.asks = item.run.send(got)
                 still.append(item)
