@@ -87,3 +87,25 @@ def test_a_damaged_redis_byte_counter_is_rebuilt_not_a_crash(redis_url: str) -> 
     store.put("b", b"y" * 100)  # was: every write refused by the Lua script
     assert store.size() == 2 * size and store.get("a") == b"x" * 100
     store.close()
+
+
+def test_a_writer_that_never_looks_up_stores_a_flushed_prefix_again(redis_url: str) -> None:
+    """Redis FLUSHALL under a pre-warming writer: re-inserting a sequence writes every chunk the
+    store lost, those it shares with its other sequences too (was: only the chunks it alone used,
+    so no reader ever found the shared prefix again)."""
+    import redis
+
+    from promptcache.store.redis import RedisStore
+
+    writer = S._cache(RedisStore(redis_url, 1 << 20, namespace="flush"))
+    a = list(range(1, 41))
+    b = a[:16] + [99] * 8  # shares two blocks with a
+    for seq in (a, b):
+        writer.insert(seq, S.synthetic_state(seq), S.FP)
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()
+    writer.insert(a, S.synthetic_state(a), S.FP)
+    reader = S._cache(RedisStore(redis_url, 1 << 20, namespace="flush"))
+    assert S.judge_lookup(reader, a) == "cache"
+    hit = reader.lookup(a, S.FP)
+    assert hit is not None and hit.tokens_reused == len(a)

@@ -321,7 +321,7 @@ class PromptCache:
         bounds, chunk_keys = self._insert_keys(tb, state, fingerprint, codec)
         with self._lock:
             index = self._indexes.setdefault(fingerprint, RadixIndex())
-            if self._still_cached(index, tb):
+            if self._still_cached(index, tb, fingerprint):
                 return 0
             new = [i for i, k in enumerate(chunk_keys) if k not in self._chunks]
             segments, sizes = self._segments_and_sizes(state, codec, bounds, chunk_keys, new)
@@ -710,16 +710,19 @@ class PromptCache:
 
     # ---------------------------------------------------------------- insert, forget, evict
 
-    def _still_cached(self, index: RadixIndex, tb: bytes) -> bool:
-        """Whether exactly tb is cached with every chunk in the store (touched if so); an entry
-        whose chunks the store lost is forgotten, so it can be inserted again."""
+    def _still_cached(self, index: RadixIndex, tb: bytes, fingerprint: str) -> bool:
+        """Whether exactly tb is cached with every chunk in the store (touched if so). When the store
+        lost chunks of it (flushed, or evicted by another process), every sequence using them is
+        forgotten, so all of them are written again, those shared with other sequences too."""
         existing = index.find(tb)
         if existing is None or existing.value is None:
             return False
         index.touch(existing)
-        if all(self.store.contains(k) for k in existing.value.keys):
+        lost = [k for k in existing.value.keys if not self.store.contains(k)]
+        if not lost:
             return True
-        self._forget(index, existing)
+        for key in lost:
+            self._drop_missing(fingerprint, key)
         return False
 
     def _segments_and_sizes(
