@@ -113,6 +113,11 @@ def run_faults(results: dict[str, Any], work: Path, runs: int) -> None:
                     seed=15,
                 ),
             )
+        _run(
+            results,
+            "long model states damaged, disk tier (whole states and segments read as mapped views)",
+            partial(S.llm_long_state_corruption, llm, oracle, 6 * runs, work / "ll", seed=18),
+        )
         if _can_mount():
             _run(
                 results,
@@ -129,6 +134,13 @@ def run_faults(results: dict[str, Any], work: Path, runs: int) -> None:
             results,
             "server killed -9 mid-stream, restarted on its disk cache",
             partial(S.server_killed_mid_stream, 4 * runs, work / "sk", oracle, seed=17),
+        )
+        _run(
+            results,
+            "batching server (--parallel 3) killed -9 with 3 streams open, restarted on its disk cache",
+            partial(
+                S.server_killed_mid_stream, 4 * runs, work / "skb", oracle, seed=19, parallel=3
+            ),
         )
     finally:
         redis.stop()
@@ -258,21 +270,6 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)
 
 
-def _greedy_over_prefills(llm: Any, prompt: str, n: int) -> str:
-    """What a batching server (--parallel > 1) answers: each token the argmax of an uncached prefill
-    of everything before it (its steps re-read the previous token; README, continuous batching)."""
-    import numpy as np
-
-    tokens, out = llm.tokenize(prompt), []
-    for _ in range(n):
-        llm.reset_context()
-        token = int(np.argmax(llm.logits(tokens + out)))
-        if llm.is_eog(token):
-            break
-        out.append(token)
-    return llm.detokenize(out)
-
-
 def _spot_checks(url: str, n: int, seed: int, parallel: int = 1) -> Counter[str]:
     """n prompts answered by the loaded server (greedy, from its warm cache) and by an uncached LLM
     decoding as the server does (one row per token, or greedy over prefills when it batches)."""
@@ -287,7 +284,7 @@ def _spot_checks(url: str, n: int, seed: int, parallel: int = 1) -> Counter[str]
         for _ in range(n):
             prompt = _prompt(rng)
             if parallel > 1:
-                want = _greedy_over_prefills(oracle, prompt, 4)
+                want = oracle.detokenize(S.greedy_over_prefills(oracle, prompt, 4)[0])
             else:
                 want = oracle.complete(prompt, max_tokens=4, temperature=0).text
             out = client.completions.create(

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from hashlib import blake2b
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,12 @@ sys.path.insert(0, str(HERE))
 
 import faults  # noqa: E402
 from server_process import ServerProcess, env_with_src  # noqa: E402
+from synthetic import WIDTH, synthetic_state  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 PASSING = ("cache", "recompute", "error")
 FAILING = ("wrong", "crash")
-WIDTH = 8
 GEN = 2  # greedy tokens compared per answer (the machines are small and shared)
 FP = "reliability-fp"
 
@@ -49,15 +49,6 @@ FP = "reliability-fp"
 def passed(tally: Counter[str]) -> bool:
     """Whether every run of a tally had a passing verdict."""
     return not any(tally[v] for v in FAILING) and sum(tally.values()) > 0
-
-
-def synthetic_state(tokens: list[int], width: int = WIDTH) -> bytes:
-    """Row p depends on tokens[: p + 1] (as in tests/conftest.py): the oracle of the cache layer."""
-    rows, h = [], blake2b(digest_size=width)
-    for t in tokens:
-        h.update(t.to_bytes(4, "little"))
-        rows.append(h.copy().digest())
-    return b"".join(rows)
 
 
 def sequences(seed: int, count: int, vocab: int = 50) -> list[list[int]]:
@@ -356,17 +347,48 @@ PROMPTS = [
 ]
 
 
+def greedy_over_prefills(llm: Any, prompt: str, n: int) -> tuple[list[int], list[float]]:
+    """What a batching server (--parallel > 1) answers: greedy tokens and their logprobs, each
+    token the argmax of an uncached prefill of everything before it (its steps re-read the previous
+    token, so every step runs the kernels a prefill runs; README, continuous batching)."""
+    from promptcache.engines.llama_cpp.generation import token_logprob
+
+    tokens, out, logprobs = llm.tokenize(prompt), [], []
+    for _ in range(n):
+        llm.reset_context()
+        logits = llm.logits(tokens + out)
+        token = int(np.argmax(logits))
+        if llm.is_eog(token):
+            break
+        out.append(token)
+        logprobs.append(token_logprob(logits, token, 0).logprob)
+    return out, logprobs
+
+
 class Oracle:
-    """Uncached greedy answers and logits of the real default model: what every verdict compares to."""
+    """Uncached greedy answers and logits of the real default model: what every verdict compares to.
+    `text`: LLM's greedy decoding (one row per token); `batched_text`: a batching server's."""
 
     def __init__(self, n_ctx: int = 512) -> None:
         from promptcache import LLM
 
         self.llm = LLM(n_ctx=n_ctx, cache=None)
-        self.logits = {p: self.llm.logits(p) for p in PROMPTS}
-        completions = {p: self.llm.complete(p, max_tokens=GEN, temperature=0) for p in PROMPTS}
-        self.tokens = {p: c.tokens for p, c in completions.items()}
-        self.text = {p: c.text for p, c in completions.items()}
+        self.logits: dict[str, np.ndarray] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
+        self.batched_text: dict[str, str] = {}
+        for p in PROMPTS:
+            self.add(p)
+
+    def add(self, prompt: str) -> None:
+        """Compute the uncached answer of one more prompt."""
+        if prompt not in self.logits:
+            self.llm.kv_cache_clear()
+            self.logits[prompt] = self.llm.logits(prompt)
+            done = self.llm.complete(prompt, max_tokens=GEN, temperature=0)
+            self.tokens[prompt], self.text[prompt] = done.tokens, done.text
+            batched, _ = greedy_over_prefills(self.llm, prompt, GEN)
+            self.batched_text[prompt] = self.llm.detokenize(batched)
 
 
 def judge_llm(llm: Any, oracle: Oracle, prompt: str) -> str:
@@ -449,6 +471,41 @@ def llm_disk_full(llm: Any, oracle: Oracle, runs: int, workdir: Path) -> Counter
     return tally
 
 
+# Long enough (> 256 tokens, > 1 MiB of state) that its insert also writes the whole state
+# (PersistedMerges) and a fresh process reads it as a mapped view (DiskStore.get_view).
+LONG_PROMPT = "Northwind depot inventory. " + " ".join(
+    f"Shelf {i} holds {n} {item}, checked on day {i % 28 + 1}."
+    for i, (n, item) in enumerate(
+        zip(range(3, 200, 7), ["tents", "boots", "stoves", "ropes", "lamps", "maps"] * 5)
+    )
+)
+
+
+def llm_long_state_corruption(
+    llm: Any, oracle: Oracle, runs: int, workdir: Path, *, seed: int = 0
+) -> Counter[str]:
+    """A long prompt cached on disk, then one of its large entry files (the whole state or a
+    segment, each read through a memory map by a fresh cache) flipped or cut; the prompt is then
+    answered through a fresh cache, as a new process would: exact, or recomputed."""
+    tally: Counter[str] = Counter()
+    rng = random.Random(seed)
+    oracle.add(LONG_PROMPT)
+    for run in range(runs):
+        root = workdir / f"llm-long-{run}"
+        llm.cache = PromptCache(DiskStore(root, capacity_bytes=512 << 20), shared=True)
+        llm.kv_cache_clear()
+        llm.logits(LONG_PROMPT)
+        assert llm.cache.stats()["wholes_written"] >= 1, "the long prompt wrote no whole state"
+        llm.cache.store.close()
+        big = [f for f in faults.files_under(root / "entries") if f.stat().st_size >= 1 << 20]
+        faults.damage_file(rng.choice(big), rng)
+        llm.cache = PromptCache(DiskStore(root, capacity_bytes=512 << 20), shared=True)
+        tally[judge_llm(llm, oracle, LONG_PROMPT)] += 1
+        llm.cache.store.close()
+    llm.cache = None
+    return tally
+
+
 def session_corruption(llm: Any, oracle: Oracle, runs: int, *, seed: int = 0) -> Counter[str]:
     """A saved session with one byte flipped (offsets spread over the whole blob) or cut at a random
     length: loading it raises a clear error, or (never expected) continues exactly."""
@@ -514,25 +571,26 @@ def server_answer(url: str, prompt: str, key: str, max_tokens: int = GEN) -> tup
     return out.choices[0].text, int(getattr(details, "cached_tokens", 0) or 0)
 
 
-def judge_server(url: str, oracle: Oracle, prompt: str, key: str) -> str:
-    """The server's answer against the uncached oracle's greedy text."""
+def judge_server(url: str, oracle: Oracle, prompt: str, key: str, *, batched: bool = False) -> str:
+    """The server's answer against the uncached oracle's greedy text (decoded as the server does)."""
     try:
         text, cached = server_answer(url, prompt, key)
     except Exception:
         log.exception("server request failed")
         return "crash"
-    if text != oracle.text[prompt]:
+    if text != (oracle.batched_text if batched else oracle.text)[prompt]:
         log.error("WRONG server answer for %r: %r", prompt, text)
         return "wrong"
     return "cache" if cached else "recompute"
 
 
 def server_killed_mid_stream(
-    runs: int, workdir: Path, oracle: Oracle, *, key: str = "k", seed: int = 0
+    runs: int, workdir: Path, oracle: Oracle, *, key: str = "k", seed: int = 0, parallel: int = 1
 ) -> Counter[str]:
     """A disk-cached server killed (SIGKILL) at a random point of a streamed answer or while it
     caches, restarted on the same cache directory: every prompt answered exactly (from the cache
-    the dead server left) or recomputed."""
+    the dead server left) or recomputed. With parallel > 1 the server batches (--parallel) and
+    `parallel` streams are live when it dies."""
     import httpx
 
     tally: Counter[str] = Counter()
@@ -553,36 +611,41 @@ def server_killed_mid_stream(
         str(workdir / "sessions"),
         "--log-level",
         "warning",
+        "--parallel",
+        str(parallel),
     )
     server = ServerProcess(workdir / "server.log", *flags)
     try:
         server.wait_ready()
         for _run in range(runs):
-            prompt = rng.choice(PROMPTS)
             body = {
                 "model": "default",
-                "prompt": prompt,
-                "max_tokens": 16,
+                "max_tokens": 16 * parallel,  # the first stream still runs when the last opens
                 "temperature": 0,
                 "stream": True,
             }
             cut = rng.randrange(0, 6)
-            with httpx.stream(
-                "POST",
-                f"{server.url}/v1/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=300,
-            ) as r:
-                for i, _line in enumerate(r.iter_lines()):
-                    if i >= cut:
-                        break
-            time.sleep(rng.uniform(0, 0.3))  # sometimes mid-generation, sometimes while caching
-            server.kill()
+            with ExitStack() as streams:
+                for _ in range(parallel):
+                    r = streams.enter_context(
+                        httpx.stream(
+                            "POST",
+                            f"{server.url}/v1/completions",
+                            json={**body, "prompt": rng.choice(PROMPTS)},
+                            headers={"Authorization": f"Bearer {key}"},
+                            timeout=300,
+                        )
+                    )
+                    lines = r.iter_lines()
+                    for i, _line in enumerate(lines):
+                        if i >= cut:
+                            break
+                time.sleep(rng.uniform(0, 0.3))  # sometimes mid-generation, sometimes while caching
+                server.kill()
             server = ServerProcess(workdir / "server.log", *flags, port=server.port)
             server.wait_ready()
             for p in PROMPTS:
-                tally[judge_server(server.url, oracle, p, key)] += 1
+                tally[judge_server(server.url, oracle, p, key, batched=parallel > 1)] += 1
     finally:
         server.stop()
     return tally

@@ -41,6 +41,13 @@ def test_damaged_model_states_are_exact_or_recomputed(
     assert S.passed(tally), dict(tally)
 
 
+def test_damaged_long_states_read_through_a_memory_map_are_exact_or_recomputed(
+    llm: LLM, oracle: S.Oracle, tmp_path: Path
+) -> None:
+    tally = S.llm_long_state_corruption(llm, oracle, 2, tmp_path, seed=7)
+    assert S.passed(tally), dict(tally)
+
+
 @pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root with CAP_SYS_ADMIN")
 def test_a_full_disk_under_the_cache_never_changes_an_answer(
     llm: LLM, oracle: S.Oracle, tmp_path: Path

@@ -305,10 +305,15 @@ def test_no_endpoint_listing_or_log_reveals_a_prompt(srv: S.ServerProcess, tmp_p
             assert b"quokka" not in f.read_bytes(), f
 
 
+@pytest.fixture(scope="module")
+def oracle() -> S.Oracle:
+    return S.Oracle()
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
 def test_server_killed_mid_stream_restarts_on_its_cache_and_answers_exactly(
-    tmp_path: Path,
+    tmp_path: Path, oracle: S.Oracle, parallel: int
 ) -> None:
-    oracle = S.Oracle()
-    tally = S.server_killed_mid_stream(1, tmp_path, oracle, seed=7)
+    tally = S.server_killed_mid_stream(1, tmp_path, oracle, seed=7, parallel=parallel)
     assert S.passed(tally), dict(tally)
     assert tally["cache"] > 0

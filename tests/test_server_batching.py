@@ -15,13 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
-from scenarios import ServerProcess
+from scenarios import ServerProcess, greedy_over_prefills
 
 from promptcache import LLM
-from promptcache.engines.llama_cpp.generation import token_logprob
 from promptcache.errors import ConfigError
 from promptcache.server import ServerSettings, create_app
 
@@ -69,21 +67,6 @@ def client(server: ServerProcess) -> openai.OpenAI:
 def reference() -> Iterator[LLM]:
     with LLM(cache=None, n_ctx=N_CTX) as llm:
         yield llm
-
-
-def greedy_over_prefills(llm: LLM, prompt: str, n: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their logprobs, each step's logits from a prefill of everything before it."""
-    tokens = llm.tokenize(prompt)
-    out, logprobs = [], []
-    for _ in range(n):
-        llm.reset_context()
-        logits = llm.logits(tokens + out)
-        token = int(np.argmax(logits))
-        if llm.is_eog(token):
-            break
-        out.append(token)
-        logprobs.append(token_logprob(logits, token, 0).logprob)
-    return out, logprobs
 
 
 def complete(client: openai.OpenAI, prompt: str) -> tuple[str, list[float], int]:
