@@ -47,6 +47,28 @@ def test_a_damaged_disk_index_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
     assert S.judge_lookup(S._cache(reopened), seq) == "cache"
 
 
+def test_an_index_whose_damage_sqlite_cannot_even_name_is_set_aside(tmp_path: Path) -> None:
+    """Found by the 5x fault run: a flipped byte in a table's name makes sqlite's error message
+    undecodable, and Python's sqlite3 raised UnicodeDecodeError out of DiskStore(...), in every
+    process, until someone deleted the file."""
+    from promptcache.store.disk import DiskStore
+
+    store = DiskStore(tmp_path, capacity_bytes=1 << 20)
+    cache = S._cache(store)
+    seq = S.sequences(3, 1)[0]
+    cache.insert(seq, S.synthetic_state(seq), S.FP)
+    store.close()
+    index = tmp_path / "index.sqlite"
+    raw = bytearray(index.read_bytes())
+    raw[raw.find(b"tableentriesentries") + 5] = 0x9F  # the name sqlite reports: not UTF-8 now
+    raw[raw.find(b"CREATE TABLE entries") + 13] = 0x9F  # and the schema no longer parses
+    index.write_bytes(bytes(raw))
+    reopened = DiskStore(tmp_path, capacity_bytes=1 << 20)  # was: UnicodeDecodeError
+    assert list(tmp_path.glob("index.corrupt-*.sqlite"))
+    assert reopened.gc()["adopted"] > 0
+    assert S.judge_lookup(S._cache(reopened), seq) == "cache"
+
+
 def test_writers_killed_at_random_points_leave_nothing_wrong(tmp_path: Path) -> None:
     tally = S.killed_writers(2, tmp_path, writers=3, seed=2)
     _verdicts_pass(tally)

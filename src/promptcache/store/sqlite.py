@@ -44,3 +44,8 @@ def unavailable(
     except (OSError, sqlite3.Error) as exc:
         message = detail(exc) if detail is not None else None
         raise StoreUnavailableError(f"cannot {action} {where}: {message or exc}") from exc
+    except UnicodeDecodeError as exc:
+        # sqlite names a damaged schema object in its message; when the damage hit that name,
+        # Python's sqlite3 cannot decode the message and raises this instead of DatabaseError.
+        damaged = sqlite3.DatabaseError(f"malformed database (an undecodable error message: {exc})")
+        raise StoreUnavailableError(f"cannot {action} {where}: {damaged}") from damaged
