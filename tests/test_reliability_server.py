@@ -28,13 +28,17 @@ CANARY = "Zanzibar quokka mnemonic 7731"  # a prompt no endpoint, listing or log
 MAX_BODY = 65536
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S.ServerProcess]:
-    """One keyed worker, a disk cache, a small queue and info-level logs (to look for prompt text)."""
+@pytest.fixture(scope="module", params=[1, 3], ids=["one-at-a-time", "batching"])
+def srv(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S.ServerProcess]:
+    """One keyed worker, a disk cache, a small queue and info-level logs (to look for prompt text),
+    answering one request at a time or batching 3 (--parallel 3): every test runs against both."""
     tmp = tmp_path_factory.mktemp("reliab-server")
     server = S.ServerProcess(
         tmp / "server.log",
-        "--workers", "1", "--max-queue", "4", "--n-ctx", "512", "--max-tokens", "4",
+        "--workers", "1", "--parallel", str(request.param), "--max-queue", "4",
+        "--n-ctx", "512", "--max-tokens", "4",
         "--max-body-bytes", str(MAX_BODY), "--api-key", KEY, "--cache", "disk",
         "--cache-dir", str(tmp / "kv"), "--session-dir", str(tmp / "sessions" / "inner"),
         "--log-level", "info",
@@ -141,6 +145,9 @@ def test_generated_requests_to_every_endpoint_get_no_5xx(srv: S.ServerProcess) -
             )
 
         fuzz()
+    print(
+        f"schemathesis: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}"
+    )
     assert sum(statuses.values()) >= 30 and any(s < 300 for s in statuses), statuses
     _still_serving(srv)
 
