@@ -253,3 +253,21 @@ def test_sampler_penalties_and_bias_against_a_brute_force_oracle() -> None:
             token = sampler(logits)
             assert expect[token] >= max(expect) - 1e-4
             counts[token] = counts.get(token, 0) + 1
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-12])
+def test_a_tiny_temperature_samples_the_top_token(temperature: float) -> None:
+    """Found by fuzzing the server (schemathesis): logits / 5e-324 overflowed, inf - inf made the
+    probabilities NaN and the request failed inside a worker."""
+    import warnings
+
+    import numpy as np
+
+    from promptcache.engines.llama_cpp.generation import GenerationConfig, sample
+
+    logits = np.array([1.0, 3.5, -2.0, 3.25], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for top_p in (1.0, 0.5):
+            config = GenerationConfig(temperature=temperature, top_p=top_p)
+            assert sample(logits, config, np.random.default_rng(0)) == 1

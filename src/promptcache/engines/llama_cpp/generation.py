@@ -113,11 +113,14 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
     """The next token: argmax at temperature 0, else top-k, then top-p, then min-p, then a draw."""
     if config.temperature <= 0:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / config.temperature
+    x = logits.astype(np.float64)
     order = np.argsort(-x, kind="stable")
     if 0 < config.top_k < len(order):
         order = order[: config.top_k]
-    probs = np.exp(x[order] - x[order[0]])
+    # Shift before scaling: logits / 1e-300 overflow to inf and inf - inf is NaN; shifted logits are
+    # <= 0, so a tiny temperature gives -inf (probability 0) to all but the top token.
+    with np.errstate(over="ignore"):
+        probs = np.exp((x[order] - x[order[0]]) / config.temperature)
     probs /= probs.sum()
     keep = len(probs)
     if config.top_p < 1.0:
