@@ -271,3 +271,25 @@ def test_a_tiny_temperature_samples_the_top_token(temperature: float) -> None:
         for top_p in (1.0, 0.5):
             config = GenerationConfig(temperature=temperature, top_p=top_p)
             assert sample(logits, config, np.random.default_rng(0)) == 1
+
+
+def test_any_integer_is_a_seed() -> None:
+    """Found by fuzzing the server: a negative seed raised inside numpy, in the worker."""
+    import numpy as np
+
+    from promptcache.engines.llama_cpp.generation import GenerationConfig, TokenLoop
+
+    logits = np.random.default_rng(1).normal(size=50).astype(np.float32)
+
+    def draw(seed: int) -> list[int]:
+        loop = TokenLoop(
+            GenerationConfig(temperature=1.0, seed=seed),
+            8,
+            is_eog=lambda t: False,
+            piece=lambda t: b"x",
+        )
+        return [loop.sampler(logits) for _ in range(8)]
+
+    for seed in (-1, -(2**70), 2**70, 0):
+        assert draw(seed) == draw(seed)  # reproducible
+    assert draw(-1) != draw(-2)

@@ -329,7 +329,9 @@ class TokenLoop:
     ) -> None:
         self.config = config
         self.max_new = max_new
-        self.sampler = Sampler(config, np.random.default_rng(config.seed), grammar)
+        # Any int is a seed (OpenAI's API allows negative ones); numpy's generator takes 0..2^64-1.
+        seed = None if config.seed is None else config.seed % (1 << 64)
+        self.sampler = Sampler(config, np.random.default_rng(seed), grammar)
         self.text = TextStream(config.stops)
         self.generated: list[int] = []
         self.finish: str | None = None
