@@ -603,6 +603,9 @@ def test_size_mismatch_between_file_and_row_is_a_logged_miss(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="promptcache.store.disk"):
         assert store.get("k") is None
     assert caplog.records and not entry_file(store, "k").exists() and len(store) == 0
+    # a writer killed between placing its file and committing its row: a miss, not damage (the
+    # killed-writers test below asserts no corrupt entry; it once caught a kill in that window)
+    assert store.stats()["corrupt"] == 0
 
 
 def test_stale_temp_files_are_removed_on_open(tmp_path):

@@ -485,14 +485,15 @@ class DiskStore(BaseStore):
         if seen.st_size != size and self._discard(key, seen, "size mismatch", size_mismatch=True):
             # A writer died between placing the file and committing its row: the file verifies but
             # the index counts other bytes. Dropped so that the index total stays true. (Otherwise
-            # a writer replaced the entry while we read it, and the new value is served.)
+            # a writer replaced the entry while we read it, and the new value is served.) A crash
+            # leftover, not damage: not counted in stats()["corrupt"].
             log.warning(
-                "disk cache file %s held %d bytes, its index row said %d; removed it",
+                "disk cache file %s held %d bytes, its index row said %d (a writer died placing "
+                "it); removed it",
                 path,
                 seen.st_size,
                 size,
             )
-            self._bump("corrupt")
             return None
         return value
 
