@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from common import machine, write_section  # noqa: E402
+
 BACKENDS = ["pc_batched", "pc_serial", "pc_fast", "hf"]
 PROMPT = (
     "The lighthouse keeper wrote in his log every evening. Tonight the sea was calm, the ferry from "
@@ -246,6 +249,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, counts, args.steps)))
         return
     rows, failures = [], {}
+    load_before = os.getloadavg()[0]
     for backend in args.backends.split(","):
         cmd = [
             sys.executable,
@@ -264,15 +268,13 @@ def main() -> None:
             continue
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{backend}: done", file=sys.stderr, flush=True)
-    RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load = os.getloadavg()[0]
     md = (
         table(rows)
-        + f"\n\n_Measured {stamp}; load average {load:.1f} on {os.cpu_count()} cores (other jobs shared the machine)._\n"
+        + f"\n\n_Measured {stamp} on {machine()}; load average (1 min) {load_before:.1f} before the"
+        f" run, {os.getloadavg()[0]:.1f} after (its own work included)._\n"
     )
-    (RESULTS / "smc.md").write_text(md)
-    (RESULTS / "smc.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=2))
+    write_section("smc", md, {"rows": rows, "failures": failures}, stamp=False)
     print(md)
 
 
