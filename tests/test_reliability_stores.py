@@ -30,27 +30,21 @@ def test_every_damaged_tier_answers_exactly_or_misses(
     assert tally["cache"] > 0  # the undamaged entries are still served
 
 
-def test_a_damaged_disk_index_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
-    from promptcache.store.disk import DiskStore
-
-    store = DiskStore(tmp_path, capacity_bytes=1 << 20)
-    cache = S._cache(store)
-    seq = S.sequences(3, 1)[0]
-    cache.insert(seq, S.synthetic_state(seq), S.FP)
-    store.close()
-    index = tmp_path / "index.sqlite"
-    index.write_bytes(b"\x00" * 100 + index.read_bytes()[100:])  # the sqlite header is gone
-    reopened = DiskStore(tmp_path, capacity_bytes=1 << 20)  # was: StoreUnavailableError forever
-    assert list(tmp_path.glob("index.corrupt-*.sqlite"))
-    assert S.judge_lookup(S._cache(reopened), seq) == "recompute"
-    assert reopened.gc()["adopted"] > 0  # the verified files come back
-    assert S.judge_lookup(S._cache(reopened), seq) == "cache"
+def _header_gone(raw: bytearray) -> None:
+    raw[:100] = b"\x00" * 100  # "file is not a database"
 
 
-def test_an_index_whose_damage_sqlite_cannot_even_name_is_set_aside(tmp_path: Path) -> None:
-    """Found by the 5x fault run: a flipped byte in a table's name makes sqlite's error message
-    undecodable, and Python's sqlite3 raised UnicodeDecodeError out of DiskStore(...), in every
-    process, until someone deleted the file."""
+def _name_undecodable(raw: bytearray) -> None:
+    # Found by the 5x fault run: a flipped byte in a table's name makes sqlite's error message
+    # undecodable, and Python's sqlite3 raised UnicodeDecodeError (not DatabaseError).
+    raw[raw.find(b"tableentriesentries") + 5] = 0x9F  # the name sqlite reports: not UTF-8 now
+    raw[raw.find(b"CREATE TABLE entries") + 13] = 0x9F  # and the schema no longer parses
+
+
+@pytest.mark.parametrize("damage", [_header_gone, _name_undecodable])
+def test_a_damaged_disk_index_is_set_aside_and_rebuilt(tmp_path: Path, damage) -> None:
+    """Was: StoreUnavailableError (or UnicodeDecodeError) from every DiskStore(...) open, in
+    every process, until someone deleted the file."""
     from promptcache.store.disk import DiskStore
 
     store = DiskStore(tmp_path, capacity_bytes=1 << 20)
@@ -60,12 +54,12 @@ def test_an_index_whose_damage_sqlite_cannot_even_name_is_set_aside(tmp_path: Pa
     store.close()
     index = tmp_path / "index.sqlite"
     raw = bytearray(index.read_bytes())
-    raw[raw.find(b"tableentriesentries") + 5] = 0x9F  # the name sqlite reports: not UTF-8 now
-    raw[raw.find(b"CREATE TABLE entries") + 13] = 0x9F  # and the schema no longer parses
+    damage(raw)
     index.write_bytes(bytes(raw))
-    reopened = DiskStore(tmp_path, capacity_bytes=1 << 20)  # was: UnicodeDecodeError
+    reopened = DiskStore(tmp_path, capacity_bytes=1 << 20)
     assert list(tmp_path.glob("index.corrupt-*.sqlite"))
-    assert reopened.gc()["adopted"] > 0
+    assert S.judge_lookup(S._cache(reopened), seq) == "recompute"
+    assert reopened.gc()["adopted"] > 0  # the verified files come back
     assert S.judge_lookup(S._cache(reopened), seq) == "cache"
 
 
