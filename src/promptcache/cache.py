@@ -636,7 +636,7 @@ class PromptCache:
         missing = next((start + i for i, v in enumerate(values) if v is None), None)
         if missing is not None:
             self._stats.missing_chunks += len(keys) - missing
-            self._drop_missing(fingerprint, keys[missing])
+            self._drop_missing(fingerprint, [keys[missing]])
             plan = plan.cut_to(missing)
             if not plan.blocks:
                 return None
@@ -721,8 +721,7 @@ class PromptCache:
         lost = [k for k in existing.value.keys if not self.store.contains(k)]
         if not lost:
             return True
-        for key in lost:
-            self._drop_missing(fingerprint, key)
+        self._drop_missing(fingerprint, lost)
         return False
 
     def _segments_and_sizes(
@@ -797,12 +796,13 @@ class PromptCache:
             self._stats.chunks_written += 1
         return written
 
-    def _drop_missing(self, fingerprint: str, key: str) -> None:
-        """A chunk vanished from the store (evicted by another process, or corrupt): forget its users."""
+    def _drop_missing(self, fingerprint: str, keys: list[str]) -> None:
+        """Chunks vanished from the store (evicted by another process, or corrupt): forget their users."""
         index = self._indexes.get(fingerprint)
         if index is None:
             return
-        for node in [n for n in index.sequences() if key in n.value.keys]:
+        gone = set(keys)
+        for node in [n for n in index.sequences() if not gone.isdisjoint(n.value.keys)]:
             self._forget(index, node)
 
     def _forget(self, index: RadixIndex, node: Node) -> None:

@@ -147,14 +147,13 @@ class BatchPool(WorkerPool):
     def _round(self, engine: SequenceEngine, live: list[_Live]) -> list[_Live]:
         """One engine round over every live job's missing token lists; returns the jobs still live."""
         wanted = [(item, key, q) for item in live for key, q in item.asks if key not in item.got]
+        prompts = [not item.prompted for item, _, _ in wanted]  # cached however short, as LLM does
         try:
             advances = engine.advance(
                 [q for _, _, q in wanted],
                 hints=[item.seqs.get(key) for item, key, _ in wanted],
                 budget=self.budget,
-                keep=[
-                    not item.prompted for item, _, _ in wanted
-                ],  # cache every prompt, as LLM does
+                keep=prompts,
             )
         except Exception as exc:  # noqa: BLE001 - fail this round's jobs, keep the worker
             for item in live:
