@@ -128,6 +128,7 @@ def test_foreign_fingerprint_in_disk_is_a_miss_and_not_promoted(tiers) -> None:
     disk.put("k1", b"other model", fingerprint="model-b")
     assert store.get_with_tier("k1", fingerprint=FP) == (None, "none")
     assert not memory.contains("k1") and not disk.contains("k1")
+    assert store.stats()["corrupt"] == disk.stats()["corrupt"] == 1  # the tiers' count, summed
 
 
 def test_without_fingerprint_only_ram_is_promoted_into(tmp_path: Path) -> None:

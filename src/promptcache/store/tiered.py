@@ -185,7 +185,8 @@ class TieredStore(BaseStore):
         return sum(1 for _ in self.keys())
 
     def stats(self) -> dict[str, int | float | str]:
-        """Counters of the tiered lookups (hits, misses, hits_<tier>, promotions, tier_errors); per tier: tier_stats()."""
+        """Counters of the tiered lookups (hits, misses, hits_<tier>, promotions, tier_errors) and the
+        damaged entries the tiers found and removed (corrupt, summed); per tier: tier_stats()."""
         out: dict[str, int | float | str] = {
             "tier": self.name,
             "tiers": ",".join(t.name for t in self.tiers),
@@ -200,6 +201,7 @@ class TieredStore(BaseStore):
             "puts": self.puts,
             "promotions": self.promotions,
             "tier_errors": self.tier_errors,
+            "corrupt": sum(getattr(t, "corrupt", 0) for t in self.tiers),  # counters, no I/O
         }
         for name, n in self.hits_by_tier.items():
             out[f"hits_{name}"] = n
