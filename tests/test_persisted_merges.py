@@ -8,6 +8,7 @@ import logging
 from conftest import WIDTH, synthetic_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from synthetic import disk_cache, long_seq
 
 from promptcache import PromptCache
 from promptcache.codec import FixedWidthCodec
@@ -73,17 +74,13 @@ def test_a_fresh_process_reads_the_same_state_through_a_merge_as_through_the_blo
             assert any(store.contains(k) for k in merge_keys(store))
 
 
-def long_seq(n: int, salt: int = 0) -> list[int]:
-    return [(i * 7 + salt) % 997 for i in range(n)]
-
-
 def test_a_fresh_process_hit_reads_one_merge_and_a_few_blocks(tmp_path):
     seq = long_seq(1312)
-    writer = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    writer = disk_cache(tmp_path)
     writer.insert(seq, synthetic_state(seq), FP)
     assert writer.stats()["merges_written"] == 1
-    reader_store = DiskStore(tmp_path)
-    reader = PromptCache(reader_store, codec=CODEC, block_size=8)
+    reader = disk_cache(tmp_path)
+    reader_store = reader.store
     hit = reader.lookup(seq, FP, max_tokens=1310)
     assert hit is not None and hit.tokens_reused == 1310 and hit.source == "disk"
     assert hit.state == synthetic_state(seq[:1310])
@@ -121,7 +118,7 @@ def _merge_file(store: DiskStore) -> tuple[str, object]:
 
 def test_a_damaged_merge_is_a_logged_miss_and_the_blocks_answer(tmp_path, caplog):
     seq = long_seq(600)
-    writer = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    writer = disk_cache(tmp_path)
     writer.insert(seq, synthetic_state(seq), FP)
     store = DiskStore(tmp_path)
     key, path = _merge_file(store)
@@ -139,9 +136,7 @@ def test_a_damaged_merge_is_a_logged_miss_and_the_blocks_answer(tmp_path, caplog
 
 def test_a_truncated_merge_is_a_miss_and_the_blocks_answer(tmp_path):
     seq = long_seq(600)
-    PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8).insert(
-        seq, synthetic_state(seq), FP
-    )
+    disk_cache(tmp_path).insert(seq, synthetic_state(seq), FP)
     store = DiskStore(tmp_path)
     key, path = _merge_file(store)
     path.write_bytes(path.read_bytes()[:-100])
@@ -164,9 +159,7 @@ def test_a_well_formed_merge_of_the_wrong_length_is_dropped_not_served():
 
 def test_a_merge_under_another_fingerprint_is_a_miss(tmp_path):
     seq = long_seq(600)
-    PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8).insert(
-        seq, synthetic_state(seq), FP
-    )
+    disk_cache(tmp_path).insert(seq, synthetic_state(seq), FP)
     store = DiskStore(tmp_path)
     key, path = _merge_file(store)
     payload, flags, _fp = envelope.unpack(path.read_bytes(), key=key)

@@ -14,6 +14,7 @@ import pytest
 from conftest import WIDTH, synthetic_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from synthetic import disk_cache, long_seq
 
 from promptcache import LLM, PromptCache
 from promptcache.codec import FixedWidthCodec
@@ -25,21 +26,17 @@ FP = "model-a"
 CODEC = FixedWidthCodec(WIDTH)
 
 
-def long_seq(n: int, salt: int = 0) -> list[int]:
-    return [(i * 7 + salt) % 997 for i in range(n)]
-
-
 def whole_files(store) -> list[str]:  # noqa: ANN001
     return [k for k in store.keys() if k.startswith("whole-")]
 
 
 def test_a_fresh_process_repeat_reads_one_whole_state_and_trims_it(tmp_path):
     seq = long_seq(1312)
-    writer = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    writer = disk_cache(tmp_path)
     writer.insert(seq, synthetic_state(seq), FP)
     assert writer.stats()["wholes_written"] == 1
-    reader_store = DiskStore(tmp_path)
-    reader = PromptCache(reader_store, codec=CODEC, block_size=8)
+    reader = disk_cache(tmp_path)
+    reader_store = reader.store
     hit = reader.lookup(seq, FP, max_tokens=1310, trim=True)
     assert hit is not None and hit.source == "disk"
     assert (hit.tokens_reused, hit.state_tokens, hit.trimmed) == (1310, 1312, True)
@@ -49,7 +46,7 @@ def test_a_fresh_process_repeat_reads_one_whole_state_and_trims_it(tmp_path):
     assert reader_store.stats()["hits"] == 1 and reader.stats()["wholes_read"] == 1
     assert reader.stats()["merges_read"] == 0
     # Without trim the caller gets exactly its tokens: the merge and blocks path, never the whole state.
-    exact = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    exact = disk_cache(tmp_path)
     plain = exact.lookup(seq, FP, max_tokens=1310)
     assert plain is not None and not plain.trimmed and plain.state == synthetic_state(seq[:1310])
     assert exact.stats()["wholes_read"] == 0
@@ -57,11 +54,9 @@ def test_a_fresh_process_repeat_reads_one_whole_state_and_trims_it(tmp_path):
 
 def test_a_prompt_that_goes_on_past_the_whole_state_reads_the_blocks(tmp_path):
     seq = long_seq(400)
-    PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8).insert(
-        seq, synthetic_state(seq), FP
-    )
+    disk_cache(tmp_path).insert(seq, synthetic_state(seq), FP)
     longer = seq + [5, 6, 7, 8, 9]
-    reader = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    reader = disk_cache(tmp_path)
     hit = reader.lookup(longer, FP, max_tokens=len(longer) - 2, trim=True)
     assert hit is not None and hit.tokens_reused == 400 and not hit.trimmed
     assert hit.state == synthetic_state(seq)
@@ -103,9 +98,7 @@ def test_a_trimmed_hit_agrees_with_the_exact_hit(prefix, suffixes, query_tail, c
 
 def test_a_damaged_whole_state_is_a_logged_miss_and_the_blocks_answer(tmp_path, caplog):
     seq = long_seq(600)
-    PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8).insert(
-        seq, synthetic_state(seq), FP
-    )
+    disk_cache(tmp_path).insert(seq, synthetic_state(seq), FP)
     store = DiskStore(tmp_path)
     [key] = whole_files(store)
     path = tmp_path / "entries" / key[:2] / key
@@ -136,10 +129,8 @@ def test_a_whole_state_of_the_wrong_length_is_dropped_not_served():
 
 def test_a_whole_state_under_another_fingerprint_is_a_miss(tmp_path):
     seq = long_seq(300)
-    PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8).insert(
-        seq, synthetic_state(seq), "model-b"
-    )
-    reader = PromptCache(DiskStore(tmp_path), codec=CODEC, block_size=8)
+    disk_cache(tmp_path).insert(seq, synthetic_state(seq), "model-b")
+    reader = disk_cache(tmp_path)
     assert reader.lookup(seq, FP, max_tokens=298, trim=True) is None
 
 
