@@ -1,7 +1,7 @@
 """CachedCausalLM: the language model LLaMPPL programs (LMContext, Model, smc_standard, smc_steer) run on.
 
 Owns the log-probability cache, the batching of the queries particles await together, and a Hugging
-Face-shaped view of the GGUF's own tokenizer; never holds KV itself (SequenceEngine and PromptCache do).
+Face-shaped view of the GGUF's own tokenizer; never holds KV itself (the Engine and PromptCache do).
 
 Tokenizer: an adapter over llama.cpp's tokenizer of the GGUF, not transformers' GGUF loading. The logits
 come from llama.cpp, so its tokenizer is the one whose ids they index: the adapter cannot disagree with
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from promptcache.engines.sequences import SequenceEngine
+from promptcache.engines.llama_cpp.engine import Engine
 
 if TYPE_CHECKING:
     from promptcache.engines.llama_cpp import LLM
@@ -49,7 +49,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class GGUFTokenizer:
     """The GGUF's tokenizer (through llama.cpp) with the Hugging Face tokenizer methods LLaMPPL uses.
 
-    model: a loaded llama_cpp._internals.LlamaModel (SequenceEngine.model)."""
+    model: a loaded llama_cpp._internals.LlamaModel (Engine.model.handle)."""
 
     is_fast = False
     padding_side = "right"
@@ -183,17 +183,17 @@ class CachedCausalLM:
 
     - log-probabilities are cached by exact token sequence in an LRU bounded by `cache_size` entries and
       `cache_bytes` bytes, so cloned particles asking the same question run the model once;
-    - queries that particles await concurrently are evaluated together: one SequenceEngine batch holds
+    - queries that particles await concurrently are evaluated together: one Engine round holds
       the new tokens of every particle, each particle's sequence forked from its parent's, and a prompt
       not live is fed from the prefix cache (RAM, disk, Redis) instead of prefilled.
 
-    model: an LLM, a SequenceEngine, or None for the default model. n_seq: sequences live at once (one
+    model: an LLM (its model, cache and settings), an Engine, or None for the default model. n_seq: sequences live at once (one
     per particle, plus the cached prompt: more particles than that run in several batches per step);
     n_ctx: tokens one sequence may hold (exact mode keeps n_seq x n_ctx KV cells, 23 KB each here).
 
     exact=True (the default): every log-probability equals an uncached single-sequence llama.cpp
     prefill bit for bit, batched or not, cached or not; a particle's step re-reads its previous token
-    and a fork copies its parent's KV stream (see promptcache.engines.sequences). exact=False: forks
+    and a fork copies its parent's KV stream (see promptcache.engines.llama_cpp.engine). exact=False: forks
     share the prompt's KV cells and a step reads one row, at a drift of about 1.0 in the logits
     (measured in tests/test_lm.py and bench/smc_bench.py). Exact is the default because promptcache's
     promise is that caching never changes a result, and an SMC run is then reproducible from its seed
@@ -204,7 +204,7 @@ class CachedCausalLM:
 
     def __init__(
         self,
-        model: LLM | SequenceEngine | None = None,
+        model: LLM | Engine | None = None,
         *,
         cache_size: int = 1024,
         cache_bytes: int = 256 << 20,
@@ -221,16 +221,11 @@ class CachedCausalLM:
             raise ValueError("cache_bytes must be an int >= 0")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError("batch_size must be an int >= 1")
-        self.engine = (
-            model
-            if isinstance(model, SequenceEngine)
-            else SequenceEngine(model, n_seq=n_seq, n_ctx=n_ctx, exact=exact)
-        )
-        self.llm = self.engine.llm
+        self.engine = model if isinstance(model, Engine) else _engine(model, n_seq, n_ctx, exact)
         self.cache_size = cache_size
         self.cache_bytes = cache_bytes
         self.batch_size = batch_size
-        self.tokenizer = GGUFTokenizer(self.engine.model, self.llm.model_path)
+        self.tokenizer = GGUFTokenizer(self.engine.model.handle, self.engine.model.path)
         self._results: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._results_bytes = 0
         self._lock = threading.RLock()
@@ -263,7 +258,7 @@ class CachedCausalLM:
 
         llm = LLM(model_path, exact=exact, **llm_kwargs)
         return cls(
-            SequenceEngine(llm, n_seq=n_seq, n_ctx=n_ctx, exact=exact),
+            _engine(llm, n_seq, n_ctx, exact),
             cache_size=cache_size,
             cache_bytes=cache_bytes,
             batch_size=batch_size,
@@ -276,7 +271,7 @@ class CachedCausalLM:
 
     @property
     def vocab_size(self) -> int:
-        return self.llm.n_vocab
+        return self.engine.n_vocab
 
     @cached_property
     def byte_vocab(self) -> list[bytes]:
@@ -453,7 +448,7 @@ class CachedCausalLM:
 
     def clear_kv_cache(self) -> None:
         """Forget this LM's KV: its live sequences, and the prefix-cache entries it inserted (on a store
-        other processes share, chunks stay for them; see SequenceEngine.forget_cached). Cached
+        other processes share, chunks stay for them; see Engine.forget_cached). Cached
         log-probabilities stay."""
         with self._lock:
             self.engine.clear()
@@ -465,6 +460,20 @@ class CachedCausalLM:
             self._results.clear()
             self._results_bytes = 0
             self.clear_kv_cache()
+
+
+def _engine(model: LLM | None, n_seq: int, n_ctx: int, exact: bool | None) -> Engine:
+    """An engine of n_seq sequences for particles: over an LLM's model, cache and settings (its mode
+    unless `exact` says otherwise), or the default model. A particle's one-token step never asks the
+    prefix cache (min_restore: two 8-token blocks)."""
+    if model is None:
+        return Engine(
+            cache="ram", n_seq=n_seq, n_ctx=n_ctx, exact=True if exact is None else exact,
+            min_restore=16,
+        )  # fmt: skip
+    return model.engine.sibling(
+        n_seq=n_seq, n_ctx=n_ctx, exact=model.exact if exact is None else exact, min_restore=16
+    )
 
 
 __all__ = ["CachedCausalLM", "GGUFTokenizer", "TokenMasks", "log_softmax"]

@@ -222,6 +222,41 @@ def _check_cells(cells: np.ndarray, layout: Layout, start: int) -> None:
         raise CodecError(f"{_UNDERSTOOD}: a cell belongs to more or fewer than one sequence")
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """Where one KV stream's parts lie in a state: n cells at cells_at, then per layer a K block
+    (type, row size, offset) and a V block (type, row size, element size, n_embd_v_gqa, offset;
+    the last two are 0 without v_trans); `end` is the offset just past its last byte."""
+
+    n: int
+    cells_at: int
+    v_trans: bool
+    k: tuple[tuple[int, int, int], ...]
+    v: tuple[tuple[int, int, int, int, int], ...]
+    end: int
+
+
+def _read_stream(cur: _Cursor, n: int, ext: int) -> _Stream:
+    """The parts of one stream of n > 0 cells whose records start at the cursor (each cell one
+    sequence, `ext` bytes of cell extension); leaves the cursor past it. Raises CodecError."""
+    cells_at = cur.skip(n * (12 + ext))
+    v_trans, n_layer = cur.take(_U32x2)
+    if v_trans not in (0, 1) or not 0 < n_layer <= _MAX_LAYERS:
+        raise CodecError(f"{_UNDERSTOOD}: v_trans {v_trans}, n_layer {n_layer}")
+    k, v = [], []
+    for _ in range(n_layer):
+        k_type, row = cur.take(_ROW_HEAD)
+        k.append((k_type, row, cur.skip(n * row)))
+    for _ in range(n_layer):
+        if v_trans:
+            v_type, el, n_embd = cur.take(_VT_HEAD)
+            v.append((v_type, el * n_embd, el, n_embd, cur.skip(n * el * n_embd)))
+        else:
+            v_type, row = cur.take(_ROW_HEAD)
+            v.append((v_type, row, 0, 0, cur.skip(n * row)))
+    return _Stream(n, cells_at, bool(v_trans), tuple(k), tuple(v), cur.pos)
+
+
 def _parse_state(state: Buffer, ext: int) -> _Cells | None:
     """The cells of a llama.cpp state read with `ext` bytes of cell extension, or None if empty."""
     cur = _Cursor(state)
@@ -235,35 +270,18 @@ def _parse_state(state: Buffer, ext: int) -> _Cells | None:
     if n == 0:
         cur.expect_end("an empty state")
         return None
-    cell_bytes = 12 + ext
-    cells_at = cur.skip(n * cell_bytes)
-    v_trans, n_layer = cur.take(_U32x2)
-    if v_trans not in (0, 1) or not 0 < n_layer <= _MAX_LAYERS:
-        raise CodecError(f"{_UNDERSTOOD}: v_trans {v_trans}, n_layer {n_layer}")
-    raw = np.frombuffer(state, dtype=np.uint8)
-    k_heads, k_at, v_heads, v_at = [], [], [], []
-    for _ in range(n_layer):
-        k_type, row = cur.take(_ROW_HEAD)
-        k_heads.append((k_type, row))
-        k_at.append(cur.skip(n * row))
-    for _ in range(n_layer):
-        if v_trans:
-            v_type, el, n_embd = cur.take(_VT_HEAD)
-            v_heads.append((v_type, el * n_embd, el, n_embd))
-            v_at.append(cur.skip(n * el * n_embd))
-        else:
-            v_type, row = cur.take(_ROW_HEAD)
-            v_heads.append((v_type, row, 0, 0))
-            v_at.append(cur.skip(n * row))
+    stream = _read_stream(cur, n, ext)
     cur.expect_end("the state")
-    k_types, k_rows = (tuple(x) for x in zip(*k_heads, strict=True))
-    v_types, v_rows, v_els, v_embd = (tuple(x) for x in zip(*v_heads, strict=True))
-    layout = Layout(n_stream, bool(v_trans), ext, k_types, k_rows, v_types, v_rows, v_els, v_embd)
+    k_types, k_rows, k_at = (tuple(x) for x in zip(*stream.k, strict=True))
+    v_types, v_rows, v_els, v_embd, v_at = (tuple(x) for x in zip(*stream.v, strict=True))
+    layout = Layout(n_stream, stream.v_trans, ext, k_types, k_rows, v_types, v_rows, v_els, v_embd)
     layout._check()
-    cells = raw[cells_at : cells_at + n * cell_bytes].reshape(n, cell_bytes)
+    raw = np.frombuffer(state, dtype=np.uint8)
+    cell_bytes = 12 + ext
+    cells = raw[stream.cells_at : stream.cells_at + n * cell_bytes].reshape(n, cell_bytes)
     _check_cells(cells, layout, 0)
     k = [raw[at : at + n * row].reshape(n, row) for at, row in zip(k_at, k_rows, strict=True)]
-    if v_trans:
+    if stream.v_trans:
         v = [
             raw[at : at + n * el * e].reshape(e, n * el)
             for at, el, e in zip(v_at, v_els, v_embd, strict=True)

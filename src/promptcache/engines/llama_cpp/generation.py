@@ -2,7 +2,7 @@
 log-probabilities (TokenLogprob), penalties, logit bias and llama.cpp grammars (Sampler, Grammar).
 
 Owns how logits become a token, a log-probability and streamed text; never touches a context or a
-cache (llm.py decodes, plan.py decides reuse).
+cache (engine.py decodes, plan.py decides reuse).
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class GenerationConfig:
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
     grammar: str | None = None  # GBNF text (llama.cpp grammar); see Grammar
     logprobs: int | None = None  # report each generated token's logprob and this many alternatives
+    # The context a call needs (cyllama's GenerationConfig.n_ctx): the context grows to it; None:
+    # what the prompt and max_tokens need.
+    n_ctx: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -68,6 +71,10 @@ class GenerationConfig:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= TOP_LOGPROBS_MAX
         ):
             raise ValueError(f"logprobs must be None or an int in [0, {TOP_LOGPROBS_MAX}]")
+        if self.n_ctx is not None and (
+            not isinstance(self.n_ctx, int) or isinstance(self.n_ctx, bool) or self.n_ctx < 16
+        ):
+            raise ValueError("n_ctx must be None or an int >= 16")
         for token, bias in (self.logit_bias or {}).items():
             if not isinstance(token, int) or not isinstance(bias, (int, float)) or abs(bias) > 100:
                 raise ValueError("logit_bias maps int token ids to numbers in [-100, 100]")

@@ -1,7 +1,7 @@
 """The reuse plan: what of a prompt to restore, what to evaluate in which batches, what to re-read.
 
 Owns the rules of the README's "Exactness" section as pure functions over token lists and lengths;
-never touches llama.cpp, a context or a cache (llm.py carries a plan out, cache.py finds hits).
+never touches llama.cpp, a context or a cache (engine.py carries a plan out, cache/ finds hits).
 """
 
 from __future__ import annotations
@@ -60,6 +60,47 @@ class LiveSequence:
 
 
 @dataclass(frozen=True)
+class Query:
+    """What a caller asks of the engine for one token list: tokens[:n_prefill] evaluated as an uncached
+    prefill evaluates them (batches of at least exact_batch, or the aligned schedule's chunks), then each
+    further token decoded alone as generation decodes it (one row per sequence, README "Exactness"), and
+    the logits after the last token. So a generation step is the prompt and the tokens generated so far,
+    with n_prefill the prompt's length, and its answer never depends on caching or on the batch.
+
+    logits: whether the logits after the last token are wanted (a reply's re-read wants none).
+    rows: every evaluated position's logits too (prompt log-probabilities; no cached prefix is used
+    past max_reuse). hint: the sequence that held this list's prefix last round (skips a search).
+    insert: put the state in the prefix cache once evaluated (None: when a query evaluated at least
+    KEEP_MIN_TOKENS at once). max_checkpoints: whole-state checkpoints at most (default the rules').
+    """
+
+    tokens: list[int]
+    n_prefill: int = -1  # -1: every token
+    logits: bool = True
+    rows: bool = False
+    max_reuse: int | None = None
+    hint: int | None = None
+    insert: bool | None = None
+    max_checkpoints: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_prefill < 0:
+            object.__setattr__(self, "n_prefill", len(self.tokens))
+        if not 0 < self.n_prefill <= len(self.tokens):
+            raise ValueError(f"n_prefill must be in [1, {len(self.tokens)}], not {self.n_prefill}")
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], int]:
+        """Two queries with equal keys get the same answer (one evaluation serves both)."""
+        return tuple(self.tokens), self.n_prefill
+
+    @property
+    def decodes(self) -> int:
+        """Tokens decoded one row each after the prefill part."""
+        return len(self.tokens) - self.n_prefill
+
+
+@dataclass(frozen=True)
 class Prefill:
     """How to bring a context to an n-token prompt: keep or restore `reused` tokens, then decode
     `batches` ((start, stop) token ranges, in order, covering [reused, n)). At each of
@@ -77,6 +118,20 @@ class Prefill:
     def checkpoint(self) -> int | None:
         """The deepest checkpoint, if any."""
         return self.checkpoints[-1] if self.checkpoints else None
+
+    def until(self, stop: int, least: int) -> Prefill:
+        """The part of this prefill a round evaluates when it stops at `stop` (ReuseRules.budget_stop):
+        the batches up to it, a batch it falls inside cut there if that leaves at least `least`
+        rows (else left for the next round), and the checkpoints they reach."""
+        batches = []
+        for lo, hi in self.batches:
+            if hi <= stop:
+                batches.append((lo, hi))
+            elif lo < stop and stop - lo >= least:
+                batches.append((lo, stop))
+        end = batches[-1][1] if batches else self.reused
+        points = tuple(c for c in self.checkpoints if c <= end)
+        return Prefill(self.reused, tuple(batches), self.n_reusable, points)
 
 
 @dataclass(frozen=True)
@@ -162,6 +217,45 @@ class ReuseRules:
     def live_reuse(self, live: LiveSequence, prompt: Sequence[int]) -> int:
         """How much of `prompt` the live sequence supplies: its reusable part, up to the limit."""
         return self.align(min(common_prefix(live.reusable, prompt), self.limit(len(prompt))))
+
+    def reuse(self, live: LiveSequence, query: Query) -> int:
+        """How many of `query`'s tokens the live sequence supplies, exactly.
+
+        A sequence that holds decoded cells past its reusable part supplies all of them only to the
+        same generation one step further (its n_reusable is the query's n_prefill). Otherwise the
+        reusable part counts, up to a cap: with logits wanted after a prefill, the limit (at least b
+        tokens evaluated again); for a query that decodes or wants no logits, its whole prefill part,
+        but where some of it is evaluated, at least b tokens (token strategy). Then max_reuse, and a
+        restore point (aligned: a multiple of C)."""
+        common = common_prefix(live.tokens, query.tokens)
+        p = query.n_prefill
+        same_run = live.n_reusable == p < len(live.tokens) == common < len(query.tokens)
+        if same_run and query.max_reuse is None:
+            return common
+        return self.capped(min(common, live.n_reusable), query)
+
+    def capped(self, n: int, query: Query) -> int:
+        """n tokens of `query` supplied by a live sequence or the cache, cut to what may be reused
+        (see reuse)."""
+        if not self.may_reuse:
+            return 0
+        p = query.n_prefill
+        cap = p if query.decodes or not query.logits else self.limit(p)
+        n = min(n, cap, len(query.tokens) if query.max_reuse is None else query.max_reuse)
+        if self.chunk:
+            return self.align(n)
+        if self.exact and 0 < p - n < self.exact_batch:
+            n = max(0, p - self.exact_batch)
+        return max(0, n)
+
+    def budget_stop(self, start: int, stop: int, budget: int | None) -> int:
+        """Where a round evaluating [start, stop) of a prefill stops with `budget` tokens a round:
+        leaving at least b for a later round (token), at a multiple of C, at least the next (aligned)."""
+        if budget is None or stop - start <= budget:
+            return stop
+        if self.chunk:
+            return min(max(self.align(start + budget), self.align(start) + self.chunk), stop)
+        return start + max(1, min(budget, stop - start - self.exact_batch))
 
     def batches(self, start: int, stop: int) -> tuple[tuple[int, int], ...]:
         """(start, stop) ranges for decoding tokens [start, stop). Aligned: cut at every multiple of
@@ -281,6 +375,7 @@ class ReuseRules:
 
 __all__ = [
     "LiveSequence",
+    "Query",
     "ReuseRules",
     "Prefill",
     "Finish",

@@ -1,8 +1,9 @@
 """The exactness probe and its per-machine record (README, "Exactness").
 
 Owns measuring the smallest batch whose logits match one large batch and, where there is none, the
-aligned schedule's chunk C, and keeping the result per model, settings and machine in the user
-cache directory; never decides reuse (plan.py does).
+aligned schedule's chunk C; which shapes of several sequences in one llama_decode keep every
+sequence's logits (decode_group, group_rows); and keeping the result per model, settings and machine
+in the user cache directory. Never decides reuse (plan.py does) nor schedules rows (engine.py does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from promptcache.codec import StateCodec
 from promptcache.engines.llama_cpp.context import Context, bindings
 from promptcache.errors import CodecError
 from promptcache.files import atomic_write, user_cache_dir
-from promptcache.model import file_identity
+from promptcache.model import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ PROBE_TEXT = (  # varied text: repetitive probes can agree by accident where rea
     "Question: how long do refunds take? Answer: five business days, counted from the day the "
     "parcel reaches the warehouse in Leeds; card payments may need two more days to appear."
 )
-PROBE_VERSION = 3
+PROBE_VERSION = 4
 CANDIDATES = (32, 16, 8, 4, 2)  # a 1-token batch is never trusted: DESIGN.md measured it inexact
 # The aligned schedule's chunk: the smallest candidate whose cold prefill of TIMING_TOKENS costs at
 # most CHUNK_TOLERANCE x one plain batch (DESIGN.md: 1,024 tokens on gemma3-270m, C = 64 costs
@@ -39,6 +40,12 @@ CANDIDATES = (32, 16, 8, 4, 2)  # a 1-token batch is never trusted: DESIGN.md me
 CHUNKS = (16, 32, 64, 128, 256)
 CHUNK_TOLERANCE = 1.15
 TIMING_TOKENS = 320
+# Sequences of one llama_decode measured for the one-row steps of generation (DESIGN.md, "Many
+# sequences in one batch": on gemma3 rows of a batch of 4 and more took other kernels than alone).
+MAX_DECODE_GROUP = 16
+GROUP_ROWS = (1, 2, 4, 8)  # candidate row counts q: sequences' batches of m rows, m a multiple of q
+PROBE_SEQUENCES = MAX_DECODE_GROUP + 1
+PROBE_CELLS = 512  # per probe sequence: TIMING_TOKENS and the probe text fit
 
 
 class ProbeResult(NamedTuple):
@@ -47,6 +54,8 @@ class ProbeResult(NamedTuple):
     exact_batch: int  # the smallest batch matching one large batch, 0 if none
     layout_ok: bool  # whether the codec can cut this model's states
     chunk: int = 0  # the aligned schedule's C (measured only where exact_batch is 0)
+    decode_group: int = 1  # one-row steps of this many sequences share a llama_decode exactly
+    group_rows: int = 0  # sequences' batches of m rows share one if q divides m (0: never)
 
 
 _memo: dict[str, ProbeResult] = {}  # per process, over the file
@@ -60,7 +69,7 @@ def probe_key(model_path: str, *, flash_attn: bool, n_threads: int) -> str:
     """What a probe result depends on: the GGUF, the kernels' settings, llama.cpp and the CPU."""
     llama_cpp = bindings()
     parts = [
-        file_identity(model_path),
+        model_identity(model_path),
         f"flash_attn={flash_attn}",
         f"threads={n_threads}",
         llama_cpp.__version__,
@@ -86,7 +95,13 @@ def _load(key: str) -> ProbeResult | None:
     try:
         if value is None:
             return None
-        return ProbeResult(int(value["exact_batch"]), bool(value["layout_ok"]), int(value["chunk"]))
+        return ProbeResult(
+            int(value["exact_batch"]),
+            bool(value["layout_ok"]),
+            int(value["chunk"]),
+            int(value["decode_group"]),
+            int(value["group_rows"]),
+        )
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -126,11 +141,10 @@ def cold_prefill_s(context: Context, tokens: list[int], chunk: int, repeats: int
     """Best wall time of `repeats` cold prefills of `tokens` in chunks [0, C), [C, 2C), ..."""
     best = float("inf")
     for _ in range(repeats):
-        context.truncate(0)
+        context.drop(0)
         t0 = time.perf_counter()
-        context.evaluate(
-            tokens, ((s, min(s + chunk, len(tokens))) for s in range(0, len(tokens), chunk))
-        )
+        for start in range(0, len(tokens), chunk):
+            context.decode_tokens(tokens[start : start + chunk], start)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -140,7 +154,7 @@ def measure_chunk(context: Context, tokens: list[int]) -> int:
     the context's n_batch, timed on TIMING_TOKENS tokens (`tokens` repeated); the largest candidate
     if none is. Leaves the context's KV cache empty."""
     timing = (tokens * (TIMING_TOKENS // max(1, len(tokens)) + 1))[
-        : min(TIMING_TOKENS, context.n_ctx)
+        : min(TIMING_TOKENS, context.n_ctx_seq)
     ]
     plain = max(context.n_batch, 1)
     cold_prefill_s(context, timing, plain, repeats=1)  # warm up: the first decode pays allocations
@@ -150,7 +164,7 @@ def measure_chunk(context: Context, tokens: list[int]) -> int:
         if chunk >= plain or cold_prefill_s(context, timing, chunk) <= CHUNK_TOLERANCE * baseline:
             chosen = min(chunk, plain)
             break
-    context.truncate(0)
+    context.drop(0)
     log.debug(
         "aligned chunk %d (plain prefill of %d tokens: %.3f s)", chosen, len(timing), baseline
     )
@@ -158,38 +172,113 @@ def measure_chunk(context: Context, tokens: list[int]) -> int:
 
 
 def measure(context: Context, tokens: list[int], codec: StateCodec) -> ProbeResult:
-    """(b, layout_ok, C): the smallest b in CANDIDATES such that, for it and every larger candidate c,
-    a prompt split into [0, L - c) + [L - c, L) and into [0, c) + [c, L) gives the last logits of
-    one batch over [0, L) (0 if none); whether `codec` can cut this model's states; and where b is 0,
-    the aligned schedule's chunk (measure_chunk). gemma3-270m matched some splits and not others
-    here, hence both split points and every larger size. Leaves the context's KV cache empty."""
-    context.truncate(0)
-    context.decode(tokens, 0)
+    """(b, layout_ok, C, G, q): the smallest b in CANDIDATES such that, for it and every larger
+    candidate c, a prompt split into [0, L - c) + [L - c, L) and into [0, c) + [c, L) gives the last
+    logits of one batch over [0, L) (0 if none); whether `codec` can cut this model's states; where b
+    is 0, the aligned schedule's chunk (measure_chunk); and the groups of sequences one llama_decode
+    may hold (measure_decode_group, measure_group_rows). gemma3-270m matched some splits and not
+    others here, hence both split points and every larger size. `context` needs PROBE_SEQUENCES
+    sequences in their own KV streams; leaves it empty."""
+    context.clear()
+    context.decode_tokens(tokens, 0)
     try:
-        layout_ok = codec.splittable and codec.n_tokens(context.state_bytes()) == len(tokens)
+        layout_ok = codec.splittable and codec.n_tokens(context.state_bytes(0)) == len(tokens)
     except CodecError as exc:
         log.debug("state layout not understood: %s", exc)
         layout_ok = False
     exact = 0
     for b in CANDIDATES:
         window = tokens[: min(len(tokens), max(3 * b, 24))]
-        context.truncate(0)
-        context.decode(window, 0)
-        reference = context.last_logits()
+        context.drop(0)
+        context.decode_tokens(window, 0)
+        reference = context.logits(-1)
         same = True
         for cut in (len(window) - b, b):
-            context.truncate(0)
-            context.evaluate(window, ((0, cut), (cut, len(window))))
-            same = same and np.array_equal(context.last_logits(), reference)
+            context.drop(0)
+            context.decode_tokens(window[:cut], 0)
+            context.decode_tokens(window[cut:], cut)
+            same = same and np.array_equal(context.logits(-1), reference)
         if not same:
             break
         exact = b
-    context.truncate(0)
-    return ProbeResult(exact, layout_ok, 0 if exact else measure_chunk(context, tokens))
+    context.clear()
+    chunk = 0 if exact else measure_chunk(context, tokens)
+    return ProbeResult(
+        exact,
+        layout_ok,
+        chunk,
+        measure_decode_group(context, tokens),
+        measure_group_rows(context, tokens),
+    )
+
+
+def measure_decode_group(context: Context, tokens: list[int]) -> int:
+    """The largest G <= MAX_DECODE_GROUP such that one-row steps of 2, 3, ..., G sequences (each in
+    its own KV stream, holding the same tokens) in one llama_decode each give the logits of that step
+    alone. Identical sequences make any difference the kernels' choice, never the content. Leaves
+    the context empty."""
+    n = min(len(tokens) - 1, 48)
+    prefix, token = tokens[:n], tokens[n]
+    context.clear()
+    context.decode_tokens(prefix, 0)
+    context.decode([(token, n, 0, True)])
+    alone = context.logits(0)
+    group = 1
+    for size in range(2, min(MAX_DECODE_GROUP, context.n_seq) + 1):
+        for seq in range(size - 1):
+            context.drop(seq, n)
+        context.copy(0, size - 1, n)
+        context.decode([(token, n, seq, True) for seq in range(size)])
+        if not all(np.array_equal(context.logits(i), alone) for i in range(size)):
+            break
+        group = size
+    context.clear()
+    return group
+
+
+def _grouped_batch_exact(context: Context, tokens: list[int], m: int, k: int) -> bool:
+    """Whether k sequences holding the same prefix, each evaluating the same m tokens, in one
+    llama_decode of k x m rows, get the last logits those m tokens get alone."""
+    start = len(tokens) - m
+    context.clear()
+    context.decode_tokens(tokens[:start], 0)
+    context.decode_tokens(tokens[start:], start)
+    alone = context.logits(-1)
+    context.drop(0, start)
+    for seq in range(1, k):
+        context.copy(0, seq, start)
+    last = len(tokens) - 1
+    context.decode([(tokens[p], p, s, p == last) for s in range(k) for p in range(start, last + 1)])
+    return all(np.array_equal(context.logits((s + 1) * m - 1), alone) for s in range(k))
+
+
+def measure_group_rows(context: Context, tokens: list[int]) -> int:
+    """The smallest q in GROUP_ROWS such that batches of m rows (m = q, 2q, 3q, 5q) of 2 and of 3
+    sequences share a llama_decode exactly (_grouped_batch_exact); 0 if none does. On gemma3 here
+    q = 4 (a 4-row matmul kernel: batches of other sizes changed with their neighbours' rows).
+    Leaves the context empty."""
+    found = 0
+    for q in GROUP_ROWS:
+        sizes = [m for m in (q, 2 * q, 3 * q, 5 * q) if m + 8 <= len(tokens)]
+        if sizes and all(
+            _grouped_batch_exact(context, tokens[: m + 24], m, k)
+            for m in sizes
+            for k in (2, 3)
+            if k <= context.n_seq
+        ):
+            found = q
+            break
+    context.clear()
+    return found
 
 
 __all__ = [
     "CHUNKS",
+    "MAX_DECODE_GROUP",
+    "PROBE_CELLS",
+    "PROBE_SEQUENCES",
+    "measure_decode_group",
+    "measure_group_rows",
     "CHUNK_TOLERANCE",
     "TIMING_TOKENS",
     "measure_chunk",

@@ -1,4 +1,4 @@
-"""SequenceEngine on the real default model: many sequences in one context, exact against single-sequence prefills."""
+"""Engine on the real default model: many sequences in one context, exact against lone evaluations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from promptcache import LLM, PromptCache
-from promptcache.engines.sequences import SequenceEngine, single_stream, stream_state
+from promptcache.codec.kv_streams import single_stream, stream_state
+from promptcache.engines.llama_cpp import Engine, Model, Query
 from promptcache.errors import ContextOverflowError
 from promptcache.store.disk import DiskStore
 
@@ -14,6 +15,11 @@ PROMPT = (
     "Northwind Outfitters sells tents, boots and stoves. Refunds take five business days; returns of "
     "damaged items are free within thirty days, and gift cards never expire. The"
 )
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,8 @@ def top(logits: np.ndarray, k: int) -> list[int]:
     return [int(t) for t in np.argsort(-logits, kind="stable")[:k]]
 
 
-def test_particles_in_one_batch_equal_single_sequence_prefills(reference, prompt):
-    engine = SequenceEngine(LLM(cache=None), n_seq=6, n_ctx=256)
+def test_particles_in_one_batch_equal_single_sequence_prefills(model, reference, prompt):
+    engine = Engine(model, cache=None, n_seq=6, n_ctx=256)
     (first,) = engine.evaluate([prompt])
     assert np.array_equal(first, fresh(reference, prompt))
     particles = [prompt + [t] for t in top(first, 4)]
@@ -60,25 +66,25 @@ def test_particles_in_one_batch_equal_single_sequence_prefills(reference, prompt
     assert s.forks == 4 and s.batches == 6
 
 
-def test_fast_mode_shares_cells_and_reads_one_row_per_step(reference, prompt):
+def test_fast_mode_shares_cells_and_reads_one_row_per_step(model, reference, prompt):
     query = prompt + [top(fresh(reference, prompt), 1)[0]]
     expected = fresh(reference, query)
-    exact = SequenceEngine(LLM(cache=None), n_seq=2, n_ctx=256)
+    exact = Engine(model, cache=None, n_seq=2, n_ctx=256)
     exact.evaluate([prompt])
     assert np.array_equal(exact.evaluate([query])[0], expected)
     assert exact.stats.rows_reread == exact.exact_batch - 1 == 1
-    fast = SequenceEngine(LLM(cache=None, exact=False), n_seq=2, n_ctx=256)
+    fast = Engine(model, cache=None, exact=False, n_seq=2, n_ctx=256)
     fast.evaluate([prompt])
-    drift = float(np.abs(fast.evaluate([query])[0] - expected).max())
-    assert fast.stats.rows_reread == 0 and fast.exact_batch == 1
+    drift = float(np.abs(fast.evaluate([Query(query, len(prompt))])[0] - expected).max())
+    assert fast.stats.rows_reread == 0
     assert fast.stats.tokens_evaluated == len(prompt) + 1
     assert (
         drift < 2.0
     )  # measured 0.5 to 1.0 here (module docstring); exact mode's re-read removes it
 
 
-def test_fork_and_free_share_cells_without_evaluating_again(reference, prompt):
-    engine = SequenceEngine(LLM(cache=None), n_seq=4, n_ctx=256)
+def test_fork_and_free_share_cells_without_evaluating_again(model, reference, prompt):
+    engine = Engine(model, cache=None, n_seq=4, n_ctx=256)
     engine.evaluate([prompt])
     (seq,) = engine.sequences
     child = engine.fork(seq, n_tokens=len(prompt) - 5)
@@ -99,17 +105,13 @@ def test_fork_and_free_share_cells_without_evaluating_again(reference, prompt):
 
 
 def test_a_prefix_not_live_is_restored_from_the_cache_of_another_process(
-    reference, prompt, tmp_path
+    model, reference, prompt, tmp_path
 ):
-    writer = SequenceEngine(
-        LLM(cache=PromptCache(DiskStore(tmp_path)), n_ctx=256), n_seq=2, n_ctx=256
-    )
+    writer = Engine(model, cache=PromptCache(DiskStore(tmp_path)), n_seq=2, n_ctx=256)
     writer.prefill(prompt)
     assert writer.stats.inserts == 1
-    # A fresh engine, LLM and PromptCache over the same directory: as a new process would start.
-    reader = SequenceEngine(
-        LLM(cache=PromptCache(DiskStore(tmp_path)), n_ctx=256), n_seq=2, n_ctx=256
-    )
+    # A fresh engine and PromptCache over the same directory: as a new process would start.
+    reader = Engine(model, cache=PromptCache(DiskStore(tmp_path)), n_seq=2, n_ctx=256)
     query = prompt + [top(fresh(reference, prompt), 1)[0]]
     (out,) = reader.evaluate([query])
     assert reader.stats.restores == 1 and reader.stats.tokens_restored == len(prompt) - 1
@@ -121,8 +123,8 @@ def test_a_prefix_not_live_is_restored_from_the_cache_of_another_process(
     assert llm.last_stats.tokens_reused >= len(prompt) - llm.exact_batch
 
 
-def test_more_queries_than_sequences_run_in_rounds_and_evict(reference, prompt):
-    engine = SequenceEngine(LLM(cache=None), n_seq=2, n_ctx=256)
+def test_more_queries_than_sequences_run_in_rounds_and_evict(model, reference, prompt):
+    engine = Engine(model, cache=None, n_seq=2, n_ctx=256)
     queries = [prompt[k : k + 20] for k in (0, 5, 10)]  # no common prefix: one sequence each
     out = engine.evaluate(queries + [queries[0]])
     assert out[0] is out[3] and len(engine.sequences) == 2 and engine.stats.evictions >= 1
@@ -130,8 +132,8 @@ def test_more_queries_than_sequences_run_in_rounds_and_evict(reference, prompt):
         assert np.array_equal(x, fresh(reference, q))
 
 
-def test_bounds_and_bad_input(prompt):
-    engine = SequenceEngine(LLM(cache=None), n_seq=1, n_ctx=64)
+def test_bounds_and_bad_input(model, prompt):
+    engine = Engine(model, cache=None, n_seq=2, n_ctx=64)
     with pytest.raises(ContextOverflowError):
         engine.evaluate([prompt * 8])  # n_ctx is rounded up to 256 cells
     with pytest.raises(ValueError):
@@ -141,14 +143,14 @@ def test_bounds_and_bad_input(prompt):
     with pytest.raises(TypeError):
         engine.evaluate(["text"])
     with pytest.raises(ValueError):
-        SequenceEngine(engine.llm, n_seq=0)
+        Engine(model, n_seq=0)
 
 
-def test_states_are_written_in_the_single_stream_layout_of_an_llm(prompt):
-    engine = SequenceEngine(LLM(cache=None), n_seq=3, n_ctx=256)
+def test_states_are_written_in_the_single_stream_layout_of_an_llm(model, prompt):
+    engine = Engine(model, cache=None, n_seq=3, n_ctx=256)
     engine.evaluate([prompt[:7], prompt])
     seq = next(s for s, t in engine.sequences.items() if len(t) == len(prompt))
-    mine = engine._state(seq)
+    mine = engine.state(seq)
     llm = LLM(cache=None, n_ctx=256)
     llm.logits(prompt)
     theirs = llm.state_bytes()
@@ -164,13 +166,13 @@ def test_states_are_written_in_the_single_stream_layout_of_an_llm(prompt):
     assert single_stream(stream_state(mine, 3)) == mine
 
 
-def test_a_short_prompt_is_cached_only_when_kept(prompt):
+def test_a_short_prompt_is_cached_only_when_kept(model, prompt):
     """Particles' steps add few tokens and are not inserted; a scheduler's prompt is, however short."""
-    engine = SequenceEngine(LLM(cache=PromptCache()), n_seq=2, n_ctx=256)
+    engine = Engine(model, cache=PromptCache(), n_seq=2, n_ctx=256)
     short = prompt[:20]
     engine.advance([short])
     assert engine.stats.inserts == 0
-    engine.advance([prompt[:24]], keep=[True])
+    engine.advance([Query(prompt[:24], insert=True)])
     assert engine.stats.inserts == 1
     hit = engine.cache.lookup(prompt[:24], engine.fingerprint, codec=engine.codec)
     assert hit is not None and hit.tokens_reused > 16

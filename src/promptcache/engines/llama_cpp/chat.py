@@ -1,0 +1,112 @@
+"""ChatFormat: messages into prompt text and tokens under a GGUF's chat template, or a plain fallback.
+
+Owns rendering conversations (the model's Jinja template through llama-cpp-python's formatter; for a
+GGUF without one, a role-prefixed format, logged once) and the tokens every next turn starts with;
+never evaluates anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from promptcache.engines.llama_cpp.model import Model
+from promptcache.engines.llama_cpp.plan import common_prefix
+
+log = logging.getLogger(__name__)
+
+# The fallback for a GGUF without `tokenizer.chat_template` (the gemma3-270m package's, for one):
+# each message as "Role: content" on its own line, then "Assistant:" opens the reply; a reply ends
+# where the model starts the user's next line.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOPS = ["\nUser:", "\nSystem:"]
+
+
+def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` as a list. Raises ValueError unless it is a non-empty list of dicts with str
+    'role' and str 'content'."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError("each message needs a str 'role' and a str 'content'")
+    return list(messages)
+
+
+class ChatFormat:
+    """The chat format of `model`: its template, or FALLBACK_TEMPLATE when it has none."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        template = model.metadata.get("tokenizer.chat_template")
+        self.fallback = not template
+        self.template = template or FALLBACK_TEMPLATE
+        self._formatters: dict[bool, Any] = {}
+        self._warned = False
+
+    def _formatter(self, generation_prompt: bool) -> Any:
+        formatter = self._formatters.get(generation_prompt)
+        if formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            m = self.model.handle
+            bos = m.token_get_text(m.token_bos()) if m.token_bos() >= 0 else ""
+            eos = m.token_get_text(m.token_eos()) if m.token_eos() >= 0 else ""
+            formatter = Jinja2ChatFormatter(
+                self.template, eos_token=eos, bos_token=bos, add_generation_prompt=generation_prompt
+            )
+            self._formatters[generation_prompt] = formatter
+        return formatter
+
+    def apply(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> tuple[str, list[str]]:
+        """The prompt text for `messages` (with the assistant turn opened unless told otherwise) and
+        the template's stop strings. Raises ValueError for malformed messages and whatever the
+        template raises for a conversation it refuses."""
+        messages = check_messages(messages)
+        if self.fallback and not self._warned:
+            log.warning(
+                "%s has no chat template; chat uses a plain 'Role: content' format",
+                self.model.name,
+            )
+            self._warned = True
+        formatted = self._formatter(add_generation_prompt)(messages=messages)
+        stop = formatted.stop
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if self.fallback:
+            stops += FALLBACK_STOPS
+        return formatted.prompt, stops
+
+    def tokens(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The prompt tokens for `messages` (the template writes any BOS itself)."""
+        text, _ = self.apply(messages, add_generation_prompt=add_generation_prompt)
+        return self.model.tokenize(text, add_bos=self.fallback, special=True)
+
+    def next_turn_prefix(self, messages: Sequence[dict[str, Any]], reply: str) -> list[int] | None:
+        """The tokens every next turn of this chat starts with (prompt, reply, turn separator), found
+        by rendering the template with two different next user messages; None when the template
+        refuses the conversation."""
+        if not reply:
+            return None
+        history = [*messages, {"role": "assistant", "content": reply}]
+        try:
+            a = self.tokens([*history, {"role": "user", "content": "A"}])
+            b = self.tokens([*history, {"role": "user", "content": "B"}])
+        except Exception as exc:  # noqa: BLE001 - a template may refuse the conversation: no read-ahead
+            log.debug("no next-turn prefix: %s", exc)
+            return None
+        return a[: common_prefix(a, b)]
+
+
+__all__ = ["ChatFormat", "FALLBACK_STOPS", "FALLBACK_TEMPLATE", "check_messages"]
