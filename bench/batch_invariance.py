@@ -77,10 +77,10 @@ def tokens_of(model, text: str) -> list[int]:
     return list(buf[:n])
 
 
-def reference(model, prompt, steps, prefill_chunk, n_seq=1):
+def reference(model, prompt, steps, prefill_budget, n_seq=1):
     """Prompt in chunks, then `steps` greedy one-row decodes, alone: the tokens and each step's logits."""
     ctx = Ctx(model, n_seq)
-    logits = ctx.chunks(prompt, [0], 0, len(prompt), prefill_chunk)[0]
+    logits = ctx.chunks(prompt, [0], 0, len(prompt), prefill_budget)[0]
     toks, out = list(prompt), [logits]
     for _ in range(steps):
         t = int(np.argmax(logits))
@@ -91,11 +91,11 @@ def reference(model, prompt, steps, prefill_chunk, n_seq=1):
     return toks, out
 
 
-def decode_rows(model, prompt, toks, ref, rows_list, prefill_chunk, n_seq=17):
+def decode_rows(model, prompt, toks, ref, rows_list, prefill_budget, n_seq=17):
     """For each B in rows_list: B sequences holding the prompt step together one row each; which
     rows (by batch position) ever differ from the lone reference."""
     ctx = Ctx(model, n_seq)
-    ctx.chunks(prompt, [0], 0, len(prompt), prefill_chunk)
+    ctx.chunks(prompt, [0], 0, len(prompt), prefill_budget)
     result = {}
     for b in rows_list:
         llama_cpp.llama_memory_seq_rm(ctx.mem, 0, len(prompt), -1)

@@ -347,27 +347,9 @@ PROMPTS = [
 ]
 
 
-def greedy_over_prefills(llm: Any, prompt: str, n: int) -> tuple[list[int], list[float]]:
-    """What a batching server (--parallel > 1) answers: greedy tokens and their logprobs, each
-    token the argmax of an uncached prefill of everything before it (its steps re-read the previous
-    token, so every step runs the kernels a prefill runs; README, continuous batching)."""
-    from promptcache.engines.llama_cpp.generation import token_logprob
-
-    tokens, out, logprobs = llm.tokenize(prompt), [], []
-    for _ in range(n):
-        llm.reset_context()
-        logits = llm.logits(tokens + out)
-        token = int(np.argmax(logits))
-        if llm.is_eog(token):
-            break
-        out.append(token)
-        logprobs.append(token_logprob(logits, token, 0).logprob)
-    return out, logprobs
-
-
 class Oracle:
     """Uncached greedy answers and logits of the real default model: what every verdict compares to.
-    `text`: LLM's greedy decoding (one row per token); `batched_text`: a batching server's."""
+    `text`: LLM's greedy decoding, which every server answers whatever its --parallel."""
 
     def __init__(self, n_ctx: int = 512) -> None:
         from promptcache import LLM
@@ -376,7 +358,6 @@ class Oracle:
         self.logits: dict[str, np.ndarray] = {}
         self.tokens: dict[str, list[int]] = {}
         self.text: dict[str, str] = {}
-        self.batched_text: dict[str, str] = {}
         for p in PROMPTS:
             self.add(p)
 
@@ -387,8 +368,6 @@ class Oracle:
             self.logits[prompt] = self.llm.logits(prompt)
             done = self.llm.complete(prompt, max_tokens=GEN, temperature=0)
             self.tokens[prompt], self.text[prompt] = done.tokens, done.text
-            batched, _ = greedy_over_prefills(self.llm, prompt, GEN)
-            self.batched_text[prompt] = self.llm.detokenize(batched)
 
 
 def judge_llm(llm: Any, oracle: Oracle, prompt: str) -> str:
@@ -571,14 +550,14 @@ def server_answer(url: str, prompt: str, key: str, max_tokens: int = GEN) -> tup
     return out.choices[0].text, int(getattr(details, "cached_tokens", 0) or 0)
 
 
-def judge_server(url: str, oracle: Oracle, prompt: str, key: str, *, batched: bool = False) -> str:
+def judge_server(url: str, oracle: Oracle, prompt: str, key: str) -> str:
     """The server's answer against the uncached oracle's greedy text (decoded as the server does)."""
     try:
         text, cached = server_answer(url, prompt, key)
     except Exception:
         log.exception("server request failed")
         return "crash"
-    if text != (oracle.batched_text if batched else oracle.text)[prompt]:
+    if text != oracle.text[prompt]:
         log.error("WRONG server answer for %r: %r", prompt, text)
         return "wrong"
     return "cache" if cached else "recompute"
@@ -645,7 +624,7 @@ def server_killed_mid_stream(
             server = ServerProcess(workdir / "server.log", *flags, port=server.port)
             server.wait_ready()
             for p in PROMPTS:
-                tally[judge_server(server.url, oracle, p, key, batched=parallel > 1)] += 1
+                tally[judge_server(server.url, oracle, p, key)] += 1
     finally:
         server.stop()
     return tally

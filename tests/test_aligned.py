@@ -17,7 +17,6 @@ import pytest
 
 from promptcache import LLM, CachedCausalLM, GenerationConfig, PromptCache
 from promptcache.engines.llama_cpp import probe
-from promptcache.engines.sequences import SequenceEngine
 from promptcache.store.disk import DiskStore
 
 C = 32  # a test-only override of the measured chunk keeps gemma3's prompts short
@@ -218,9 +217,9 @@ def test_gemma_sequence_engine_particles_equal_single_sequence_prefills(gemma_pa
     """Particles on the aligned schedule: each step cuts its sequence back to the last multiple of C
     and re-reads from there, one sequence per llama_decode (grouping sequences' equal chunks in one
     batch drifted up to 0.89 here: see engines/sequences.py), bit-exact against lone prefills."""
-    engine = SequenceEngine(LLM(gemma_path, cache=None, exact_chunk=C), n_seq=5, n_ctx=512)
-    assert engine.shares and engine.chunk == C
-    prompt = engine.llm.tokenize(DOC + "Question: do gift cards expire? Answer:")
+    engine = LLM(gemma_path, cache=None, exact_chunk=C).engine.sibling(n_seq=5, n_ctx=512)
+    assert engine.may_reuse and engine.exact_chunk == C
+    prompt = engine.model.tokenize(DOC + "Question: do gift cards expire? Answer:")
     (first,) = engine.evaluate([prompt])
     assert np.array_equal(first, fresh_logits(ref, prompt))
     particles = [prompt + [t] for t in top(first, 4)]
@@ -238,7 +237,9 @@ def test_gemma_sequence_engine_particles_equal_single_sequence_prefills(gemma_pa
             p + [top(x, 4)[i]] for i, (p, x) in enumerate(zip(particles, out, strict=True))
         ]
     s = engine.stats
-    assert s.peak_sequences == 1 and s.forks >= 3 and s.rows_reread > 0
+    # Sequences share a llama_decode only in shapes the probe found exact (a multiple of group_rows).
+    assert s.forks >= 3 and s.rows_reread > 0
+    assert s.peak_sequences == 1 or engine.group_rows > 0
     assert s.tokens_evaluated < len(prompt) + 4 * 3 * C  # nothing is prefilled twice
 
 
@@ -249,12 +250,10 @@ def test_gemma_sequence_engine_extends_live_sequences_and_restores_from_disk(
     whole states at multiples of C (gemma3's cannot be cut), so a fresh engine on the same disk
     cache, and a plain LLM, restore one there and stay exact; a long prompt under a budget advances
     to multiples of C."""
-    writer = SequenceEngine(
-        LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C),
-        n_seq=3,
-        n_ctx=512,
+    writer = LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C).engine.sibling(
+        n_seq=3, n_ctx=512
     )
-    tokenize = writer.llm.tokenize
+    tokenize = writer.model.tokenize
     prompt = tokenize(DOC * 3 + "Question: do gift cards expire?")
     writer.prefill(prompt)
     assert writer.stats.inserts >= 1
@@ -270,10 +269,8 @@ def test_gemma_sequence_engine_extends_live_sequences_and_restores_from_disk(
     assert np.array_equal(out, fresh_logits(ref, query))
     assert writer.sequences[child] == tuple(query)
 
-    reader = SequenceEngine(
-        LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C),
-        n_seq=2,
-        n_ctx=512,
+    reader = LLM(gemma_path, cache=PromptCache(DiskStore(tmp_path)), exact_chunk=C).engine.sibling(
+        n_seq=2, n_ctx=512
     )
     other = tokenize(DOC * 3 + "Question: can I return damaged boots?")
     shared = next(i for i, (x, y) in enumerate(zip(prompt, other, strict=False)) if x != y)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from promptcache import LLM, PromptCache
-from promptcache.engines.sequences import SequenceEngine
+from promptcache.engines.llama_cpp import Engine
 from promptcache.lm import CachedCausalLM, log_softmax
 from promptcache.store.disk import DiskStore
 
@@ -184,7 +184,5 @@ def test_from_pretrained_builds_on_the_default_model():
     lm = CachedCausalLM.from_pretrained(
         None, backend="llama_cpp", cache_size=8, n_seq=2, n_ctx=256, cache=None
     )
-    assert (
-        isinstance(lm.engine, SequenceEngine) and lm.backend == "llama_cpp" and lm.cache_size == 8
-    )
+    assert isinstance(lm.engine, Engine) and lm.backend == "llama_cpp" and lm.cache_size == 8
     assert lm.engine.exact and lm.llm.cache is None

@@ -2,9 +2,8 @@
 openai client against a real server process on loopback.
 
 The promise under test: with exact mode, what a request gets does not depend on what else runs
-beside it or on what the cache held. Each answer equals greedy decoding over an uncached LLM's
-prefill logits (the engine re-reads each sequence's previous token, so every step runs the kernels
-a prefill runs), token for token and log-probability for log-probability.
+beside it or on what the cache held. Each answer equals an uncached LLM's (the prompt prefilled, each
+token decoded alone: README, "Exactness"), token for token and log-probability for log-probability.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from scenarios import ServerProcess, greedy_over_prefills
+from scenarios import ServerProcess
 
-from promptcache import LLM
+from promptcache import LLM, GenerationConfig
 from promptcache.errors import ConfigError
 from promptcache.server import ServerSettings, create_app
 
@@ -44,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "0",
         "--n-ctx",
         str(N_CTX),
-        "--prefill-chunk",
+        "--prefill-budget",
         "16",
         "--session-dir",
         str(tmp / "sessions"),
@@ -77,16 +76,21 @@ def complete(client: openai.OpenAI, prompt: str) -> tuple[str, list[float], int]
     return r.choices[0].text, r.choices[0].logprobs.token_logprobs, details.cached_tokens
 
 
+def uncached(llm: LLM, prompt: str) -> tuple[str, list[float]]:
+    """The library's greedy answer and its tokens' logprobs, from an LLM without a cache."""
+    llm.reset_context()
+    config = GenerationConfig(max_tokens=GEN, temperature=0, logprobs=0)
+    steps = list(llm.stream_steps(prompt, config))
+    return "".join(s.text for s in steps), [e.logprob for s in steps for e in s.logprobs]
+
+
 def batching(server: ServerProcess) -> dict[str, int]:
     return httpx.get(f"{server.url}/v1/cache/stats").json()["workers"]["batching"]
 
 
-def test_concurrent_answers_equal_greedy_over_uncached_prefills(server, client, reference):
+def test_concurrent_answers_equal_the_uncached_library(server, client, reference):
     prompts = [SHARED + q for q in QUESTIONS]
-    expected = []
-    for p in prompts:
-        tokens, logprobs = greedy_over_prefills(reference, p, GEN)
-        expected.append((reference.detokenize(tokens), logprobs))
+    expected = [uncached(reference, p) for p in prompts]
     alone = [complete(client, p) for p in prompts]  # one at a time (the first fills the cache)
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: complete(client, p), prompts))
@@ -104,9 +108,9 @@ def test_n_choices_fork_one_prompt(client, reference):
     r = client.completions.create(
         model="default", prompt=prompt, max_tokens=GEN, temperature=0, n=2
     )
-    tokens, _ = greedy_over_prefills(reference, prompt, GEN)
-    assert [c.text for c in r.choices] == [reference.detokenize(tokens)] * 2
-    assert r.usage.completion_tokens == 2 * len(tokens)
+    text, logprobs = uncached(reference, prompt)
+    assert [c.text for c in r.choices] == [text] * 2
+    assert r.usage.completion_tokens == 2 * len(logprobs)
     with pytest.raises(openai.BadRequestError, match="n is too large"):
         client.completions.create(model="default", prompt=prompt, max_tokens=2, n=PARALLEL + 1)
 

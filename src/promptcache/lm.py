@@ -269,6 +269,13 @@ class CachedCausalLM:
 
     # ------------------------------------------------------------ vocabulary
 
+    @cached_property
+    def llm(self) -> LLM:
+        """An LLM handle on this LM's engine (its model, cache, tokenizer and settings)."""
+        from promptcache.engines.llama_cpp import LLM
+
+        return LLM(engine=self.engine)
+
     @property
     def vocab_size(self) -> int:
         return self.engine.n_vocab

@@ -1,12 +1,14 @@
-"""The OpenAI-compatible HTTP server (`promptcache serve`): several workers, one shared prefix cache.
+"""The OpenAI-compatible HTTP server (`promptcache serve`): engines batching many requests, one shared
+prefix cache.
 
-Entry points only; `app` builds the application, `pool` runs the workers, `protocol` speaks OpenAI.
+Entry points only; `app` builds the application, `workers` its engines, `pool` runs them, `routes`
+and `responses` speak HTTP, `protocol` speaks OpenAI.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from promptcache.server.settings import ServerSettings
 
@@ -14,11 +16,11 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 
-def create_app(settings: ServerSettings | None = None, **kwargs: Any) -> FastAPI:
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application (see promptcache.server.app.create_app)."""
     from promptcache.server.app import create_app as _create_app
 
-    return _create_app(settings, **kwargs)
+    return _create_app(settings)
 
 
 def run(settings: ServerSettings) -> None:

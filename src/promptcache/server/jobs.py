@@ -1,22 +1,24 @@
-"""Generation jobs: what a worker does for one completion or chat request, in both worker kinds.
+"""Generation jobs: what a worker does for one completion or chat request, as an engine job.
 
-`generation_job` runs a request alone on a worker's LLM (one context, one request at a time);
-`batched_job` is the same request as a generator that a BatchPool drives one decode step at a
-time, beside the other live requests of its SequenceEngine. Both emit the same events:
-("start", prompt_tokens), ("piece", index, text, logprobs), ("done", index, finish_reason) and
-("usage", usage). Never speaks HTTP (app.py does) and never decodes itself in batch mode.
+A job is a generator (pool.JobRun): it yields the queries it needs (the prompt, with every position's
+logits for echo; then each choice's next decode step; at the end a chat's re-read reply), samples from
+the logits sent back and emits typed events (events.py). The same request gets the tokens LLM.complete
+gets (README, "Exactness"). Never speaks HTTP (routes.py does) and never decodes itself.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from promptcache.engines.llama_cpp import LLM, GenerationConfig, RunStats
+from promptcache.engines.llama_cpp import GenerationConfig, Query, RunStats
 from promptcache.engines.llama_cpp.generation import Grammar, TokenLoop
-from promptcache.server.pool import Job
+from promptcache.engines.llama_cpp.llm import prompt_entries
+from promptcache.engines.llama_cpp.prompt_logprobs import position_keys
+from promptcache.server.events import Done, Piece, Started, Usage
+from promptcache.server.pool import Ending, Job, JobRun, Worker
 from promptcache.server.prompts import context_error, logit_bias, prompt_tokens, response_grammar
 from promptcache.server.protocol import (
     ChatCompletionRequest,
@@ -27,7 +29,6 @@ from promptcache.server.protocol import (
 )
 
 if TYPE_CHECKING:
-    from promptcache.engines.sequences import Advance
     from promptcache.server.metrics import Metrics
 
 # OpenAI's default max_tokens for /v1/completions; chat defaults to the room left in the context.
@@ -76,7 +77,7 @@ def sampling(req: CompletionRequest | ChatCompletionRequest, n_vocab: int) -> di
     return out
 
 
-def _choice_config(ask: Ask, index: int, n_new: int, stops: list[str]) -> GenerationConfig:
+def choice_config(ask: Ask, index: int, n_new: int, stops: list[str]) -> GenerationConfig:
     opts = dict(ask.sampling)
     if index and opts.get("seed") is not None:
         opts["seed"] += index  # a seeded request's choices differ, and each is reproducible
@@ -97,28 +98,18 @@ def _new_tokens(limits: Limits, ask: Ask, n_prompt: int) -> int:
 
 
 class _Emitter:
-    """Turns one request's token-loop events into job events, with OpenAI's logprobs layout."""
+    """Turns one request's token-loop events into Piece events, with OpenAI's logprobs layout."""
 
-    def __init__(self, job: Job, ask: Ask, llm: LLM) -> None:
-        self.job, self.ask, self.piece = job, ask, llm.token_to_piece
+    def __init__(self, job: Job, ask: Ask, piece: Callable[[int], bytes]) -> None:
+        self.job, self.ask, self.piece = job, ask, piece
         self.offsets = [0] * ask.n  # text offsets of completions' logprobs, per choice
         self.echo_text = ""
         self.echo_logprobs: dict[str, Any] | None = None
 
-    def echo(self, llm: LLM, tokens: list[int]) -> RunStats:
-        """Score the prompt (completions' echo); returns the run's stats."""
-        ask = self.ask
-        entries = llm.prompt_logprobs(tokens, ask.logprobs or 0)
-        text = ask.prompt.text
-        self.echo_text = text if text is not None else llm.detokenize(tokens)
-        if ask.logprobs is not None:
-            self.echo_logprobs = completion_logprobs(entries, tokens, self.piece, 0)
-        return llm.last_stats
-
     def begin(self, index: int) -> None:
         self.offsets[index] = len(self.echo_text)
         if self.ask.echo:
-            self.job.emit("piece", index, self.echo_text, self.echo_logprobs)
+            self.job.emit(Piece(index, self.echo_text, self.echo_logprobs))
 
     def event(self, index: int, text: str, entries: list[Any]) -> None:
         if not text:
@@ -130,68 +121,72 @@ class _Emitter:
             ids = [e.token for e in entries]
             logprobs = completion_logprobs(entries, ids, self.piece, self.offsets[index])
         self.offsets[index] += len(text)
-        self.job.emit("piece", index, text, logprobs)
+        self.job.emit(Piece(index, text, logprobs))
 
 
-def generation_job(
-    limits: Limits, metrics: Metrics, endpoint: str, ask: Ask
-) -> Callable[[LLM, Job], None]:
-    """The request alone on a worker's LLM: prompt tokens, the echo (prompt logprobs), then each of
-    the n choices in turn. The prompt is evaluated once, by the first choice (or the echo); the
-    others restore it from the live context, evaluating only the last exact_batch tokens again."""
-
-    def run(llm: LLM, job: Job) -> None:
-        tokens, stops = prompt_tokens(llm, ask.prompt)
-        n_new = _new_tokens(limits, ask, len(tokens))
-        job.emit("start", len(tokens))
-        out = _Emitter(job, ask, llm)
-        first: RunStats | None = None
-        if ask.echo:
-            first = out.echo(llm, tokens)
-            metrics.generation(endpoint, first, job.queue_seconds)
-        completion_tokens = 0
-        # A chat's reply comes back in its next turn: keep the reply's KV reusable (one reply only).
-        keep = (
-            list(ask.prompt.messages) if ask.prompt.messages is not None and ask.n == 1 else False
-        )
-        for index in range(ask.n):
-            out.begin(index)
-            finish = "length"
-            if n_new > 0 and not job.cancelled:
-                config = _choice_config(ask, index, n_new, stops)
-                steps = llm.stream_steps(tokens, config, keep_reply=keep)
-                try:
-                    for step in steps:
-                        if job.cancelled:
-                            break
-                        if step.finish_reason is not None:
-                            finish = step.finish_reason
-                        out.event(index, step.text, step.logprobs)
-                finally:
-                    steps.close()  # the engine's clean-up: the prompt's state goes into the shared cache
-                stats = llm.last_stats
-                first = first or stats
-                completion_tokens += stats.tokens_generated
-                metrics.generation(endpoint, stats, job.queue_seconds)
-            job.emit("done", index, finish)
-        metrics.request(endpoint, "cancelled" if job.cancelled else "ok")
-        cached = first.tokens_reused if first is not None else 0
-        job.emit("usage", usage(len(tokens), completion_tokens, cached))
-
-    return run
+def _echo(worker: Worker, ask: Ask, tokens: list[int], out: _Emitter) -> JobRun:
+    """Score the prompt (completions' echo): every position's logits, restoring a prefix only as far
+    as the shared prompt log-probabilities cover it (prompt_logprobs.py says why). Returns the
+    prompt query's answer, whose logits start the choices."""
+    engine, memo = worker.engine, worker.prompt_logprobs
+    cached = engine.cache is not None
+    keys = position_keys(engine.fingerprint, tokens) if cached else []
+    known = memo.covered(keys) if cached else []
+    got = yield {0: Query(tokens, rows=True, max_reuse=len(known), insert=False)}
+    adv = got[0]
+    entries = prompt_entries(tokens, adv, known)
+    if cached:
+        memo.put(keys[adv.reused :], entries[adv.reused :])
+    text = ask.prompt.text
+    out.echo_text = text if text is not None else worker.llm.detokenize(tokens)
+    if ask.logprobs is not None:
+        heads = [None, *(e.head(ask.logprobs) for e in entries)]
+        out.echo_logprobs = completion_logprobs(heads, tokens, out.piece, 0)
+    return adv
 
 
-# What a batched job yields: the token lists it needs next-token logits for, by key (choice index);
-# it is sent back each key's Advance. It returns the key whose sequence should be cached (a chat's
-# reply, read again in the next turn) or None.
-BatchedRun = Generator[list[tuple[int, list[int]]], dict[int, "Advance"], int | None]
+def _decode_choices(
+    loops: dict[int, TokenLoop],
+    prompt: list[int],
+    logits: Any,
+    out: _Emitter,
+    stats: RunStats,
+    placed: dict[int, int],
+) -> JobRun:
+    """The choices' decode steps: sample each live choice from its logits, then ask for its next
+    step (the prompt and its tokens so far, decoded alone), until every choice has finished.
+    Returns each choice's finish reason; `placed` learns the sequence of each choice."""
+    t0 = time.perf_counter() - stats.ttft_ms / 1000
+    finish = {index: "length" for index in loops}
+    current = {index: logits for index in loops}
+    tokens = {index: list(prompt) for index in loops}
+    while current:
+        asks: dict[int, Query] = {}
+        for index, x in current.items():
+            token, events = loops[index].feed(x)
+            for _token, text, reason, entries in events:
+                if reason is not None:
+                    finish[index] = reason
+                out.event(index, text, entries)
+            if token is not None:
+                tokens[index].append(token)
+                asks[index] = Query(tokens[index], len(prompt), insert=False)
+        if stats.tokens_generated == 0:
+            stats.ttft_ms = (time.perf_counter() - t0) * 1000
+        stats.tokens_generated = sum(len(loop.generated) for loop in loops.values())
+        if not asks:
+            break
+        got = yield asks
+        placed.update((index, adv.seq) for index, adv in got.items() if adv.seq is not None)
+        current = {index: got[index].logits for index in asks}
+    return finish
 
 
-def _token_loops(llm: LLM, ask: Ask, n_new: int, stops: list[str]) -> dict[int, TokenLoop]:
+def _token_loops(worker: Worker, ask: Ask, n_new: int, stops: list[str]) -> dict[int, TokenLoop]:
     """One token loop per choice (none for an echo with max_tokens 0)."""
-    loops: dict[int, TokenLoop] = {}
+    llm, loops = worker.llm, {}
     for index in range(ask.n if n_new > 0 else 0):
-        config = _choice_config(ask, index, n_new, stops)
+        config = choice_config(ask, index, n_new, stops)
         grammar = Grammar(llm.vocab, config.grammar) if config.grammar else None
         loops[index] = TokenLoop(
             config, n_new, is_eog=llm.is_eog, piece=llm.token_to_piece, grammar=grammar
@@ -199,92 +194,69 @@ def _token_loops(llm: LLM, ask: Ask, n_new: int, stops: list[str]) -> dict[int, 
     return loops
 
 
-def _decode_choices(
-    loops: dict[int, TokenLoop],
-    prompt: list[int],
-    out: _Emitter,
-    finish: dict[int, str],
-    stats: RunStats,
-    t0: float,
-) -> BatchedRun:
-    """The choices' decode steps: ask for the prompt's logits once, then for each live choice's
-    tokens so far, sampling from what comes back until every choice has finished."""
-    got = yield [(0, prompt)]
-    if not stats.tokens_reused:
-        stats.tokens_reused, stats.source = got[0].reused, got[0].source
-        stats.tokens_evaluated = len(prompt) - got[0].reused
-    logits = {index: got[0].logits for index in loops}
-    seqs = {index: list(prompt) for index in loops}
-    while logits:
-        asks: list[tuple[int, list[int]]] = []
-        for index, x in logits.items():
-            token, events = loops[index].feed(x)
-            for _token, text, reason, entries in events:
-                if reason is not None:
-                    finish[index] = reason
-                out.event(index, text, entries)
-            if token is not None:
-                seqs[index].append(token)
-                asks.append((index, seqs[index]))
-        if not stats.ttft_ms:
-            stats.ttft_ms = (time.perf_counter() - t0) * 1000
-        if not asks:
-            return None
-        got = yield asks
-        stats.tokens_evaluated += len(asks)
-        logits = {index: got[index].logits for index, _ in asks}
-    return None
-
-
-def batched_job(
+def generation_job(
     limits: Limits, metrics: Metrics, endpoint: str, ask: Ask
-) -> Callable[[LLM, Job], BatchedRun]:
-    """The request as a generator a BatchPool drives: it yields the token lists whose logits it needs
-    (the prompt once; then each live choice's prompt and tokens so far) and samples from what comes
-    back. The n choices fork the prompt's sequence, so the prompt is evaluated once."""
+) -> Callable[[Worker, Job], JobRun]:
+    """The request as an engine job: the prompt (scored for echo) once, then the n choices, each a
+    sequence of its own forked from the prompt's; a chat's reply is re-read at the end so the next
+    turn reuses it, and the prompt (and reply) go to the shared cache as the job ends."""
 
-    def run(llm: LLM, job: Job) -> BatchedRun:
-        tokens, stops = prompt_tokens(llm, ask.prompt)
+    def run(worker: Worker, job: Job) -> JobRun:
+        tokens, stops = prompt_tokens(worker.llm, ask.prompt)
         n_new = _new_tokens(limits, ask, len(tokens))
-        job.emit("start", len(tokens))
-        out = _Emitter(job, ask, llm)
-        stats = RunStats(prompt_tokens=len(tokens), strategy=llm.exact_strategy)
+        job.emit(Started(len(tokens)))
+        engine = worker.engine
+        out = _Emitter(job, ask, worker.llm.token_to_piece)
+        stats = RunStats(prompt_tokens=len(tokens), strategy=engine.exact_strategy)
         t0 = time.perf_counter()
-        if ask.echo:
-            echo_stats = out.echo(llm, tokens)
-            stats.tokens_reused, stats.source = echo_stats.tokens_reused, echo_stats.source
-            stats.tokens_evaluated = echo_stats.tokens_evaluated
-        for index in range(ask.n):
-            out.begin(index)
-        loops = _token_loops(llm, ask, n_new, stops)
+        loops = _token_loops(worker, ask, n_new, stops)
         finish = {index: "length" for index in range(ask.n)}
+        placed: dict[int, int] = {}
         try:
+            if ask.echo:
+                first = yield from _echo(worker, ask, tokens, out)
+            else:
+                first = (yield {0: Query(tokens, insert=False)})[0]
+            placed[0] = first.seq  # type: ignore[assignment]
+            stats.tokens_reused, stats.source = first.reused, first.source
+            stats.tokens_evaluated = len(tokens) - first.reused
+            stats.ttft_ms = (time.perf_counter() - t0) * 1000
+            for index in range(ask.n):
+                out.begin(index)
             if loops:
-                yield from _decode_choices(loops, tokens, out, finish, stats, t0)
-        except GeneratorExit:  # the pool closed it: the client left or the server stops
-            metrics.request(endpoint, "cancelled")
-            raise
+                finish.update(
+                    (yield from _decode_choices(loops, tokens, first.logits, out, stats, placed))
+                )
         finally:
             for loop in loops.values():
                 loop.close()
             stats.tokens_generated = sum(len(loop.generated) for loop in loops.values())
             stats.total_ms = (time.perf_counter() - t0) * 1000
             metrics.generation(endpoint, stats, job.queue_seconds)
+            if job.cancelled:
+                metrics.request(endpoint, "cancelled")
         for index in range(ask.n):
-            job.emit("done", index, finish[index])
+            job.emit(Done(index, finish[index]))
         metrics.request(endpoint, "ok")
-        job.emit("usage", usage(len(tokens), stats.tokens_generated, stats.tokens_reused))
-        return 0 if ask.prompt.messages is not None and ask.n == 1 and loops else None
+        job.emit(Usage(usage(len(tokens), stats.tokens_generated, stats.tokens_reused)))
+        if ask.prompt.messages is not None and ask.n == 1 and loops:
+            # A chat's reply comes back in its next turn: re-read it (README, "Exactness").
+            target = worker.llm.chat_format.next_turn_prefix(
+                ask.prompt.messages, loops[0].text.text
+            )
+            seq = placed[0] if placed[0] in engine.sequences else None
+            reread = engine.finish_query(seq, tokens, target, True) if seq is not None else None
+            if reread is not None:
+                yield {0: reread}
+        return Ending(cache=(0,))
 
     return run
 
 
 __all__ = [
     "Ask",
-    "Limits",
-    "BatchedRun",
     "COMPLETION_DEFAULT_MAX_TOKENS",
-    "batched_job",
+    "Limits",
     "generation_job",
     "sampling",
 ]

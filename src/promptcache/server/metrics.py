@@ -25,7 +25,7 @@ from promptcache.errors import PromptCacheError
 if TYPE_CHECKING:
     from promptcache.cache import PromptCache
     from promptcache.engines.llama_cpp import RunStats
-    from promptcache.server.pool import WorkerPool
+    from promptcache.server.pool import EnginePool
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -43,7 +43,7 @@ def tier_stats(cache: PromptCache) -> list[dict[str, Any]]:
 class _CacheCollector(Collector):
     """Series read from PromptCache.stats() and the pool at each scrape."""
 
-    def __init__(self, cache: PromptCache | None, pool: Callable[[], WorkerPool | None]) -> None:
+    def __init__(self, cache: PromptCache | None, pool: Callable[[], EnginePool | None]) -> None:
         self.cache = cache
         self.pool = pool
 
@@ -138,7 +138,7 @@ class _CacheCollector(Collector):
 class Metrics:
     """The server's registry, plus plain counters for /v1/cache/stats."""
 
-    def __init__(self, cache: PromptCache | None, pool: Callable[[], WorkerPool | None]) -> None:
+    def __init__(self, cache: PromptCache | None, pool: Callable[[], EnginePool | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

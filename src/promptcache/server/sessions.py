@@ -1,5 +1,5 @@
 """Saved sessions of the server: one file per id in one directory (in the spirit of llama-server's
-slot save/restore), and the worker jobs that save and restore them. Never speaks HTTP.
+slot save/restore), and the engine jobs that save and restore them. Never speaks HTTP.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from promptcache.engines.llama_cpp import LLM
+from promptcache.engines.llama_cpp import Query, session
 from promptcache.errors import (
     ContextOverflowError,
     CorruptEntryError,
@@ -17,7 +17,8 @@ from promptcache.errors import (
     PromptCacheError,
 )
 from promptcache.files import atomic_write
-from promptcache.server.pool import Job
+from promptcache.server.events import Result
+from promptcache.server.pool import Ending, Job, JobRun, Worker
 from promptcache.server.prompts import (
     Prompt,
     chat_messages,
@@ -106,39 +107,62 @@ def session_prompt(body: dict[str, Any], n_vocab: int) -> Prompt:
     return completion_prompt(parse_request(CompletionRequest, {"prompt": body["prompt"]}), n_vocab)
 
 
-def save_job(session_id: str, path: Path, prompt: Prompt, n_ctx: int) -> Callable[[LLM, Job], None]:
-    """A worker job that prefills `prompt` (reusing the shared cache) and writes its state to `path`
-    atomically; it emits ("result", session object). Raises ApiError 400 past the context, 500 when
-    the file cannot be written."""
+def save_job(
+    session_id: str, path: Path, prompt: Prompt, n_ctx: int
+) -> Callable[[Worker, Job], JobRun]:
+    """An engine job that prefills `prompt` (reusing the shared cache) and writes its state to
+    `path` atomically, off the round; it emits Result(session object). Raises ApiError 400 past the
+    context, 500 when the file cannot be written."""
 
-    def run(llm: LLM, job: Job) -> None:
-        tokens, _ = prompt_tokens(llm, prompt)
+    def run(worker: Worker, job: Job) -> JobRun:
+        tokens, _ = prompt_tokens(worker.llm, prompt)
         if len(tokens) >= n_ctx:
             raise context_error(n_ctx, len(tokens), 1, prompt.param)
-        llm.logits(tokens)
-        reused = llm.last_stats.tokens_reused
-        try:
-            n_bytes = atomic_write(path, llm.session_bytes())
-        except OSError as exc:
-            raise ApiError(500, f"cannot write the session: {exc}", type="server_error") from None
-        session = {"id": session_id, "object": "session", "tokens": len(tokens), "bytes": n_bytes}
-        job.emit("result", {**session, "cached_tokens": reused})
+        adv = (yield {0: Query(tokens, insert=False)})[0]
+        engine = worker.engine
+        held = engine.settle(adv.seq)  # type: ignore[arg-type]
+        blob = session.pack(
+            held,
+            engine.state(held.seq_id),
+            codec_name=engine.codec.name,
+            fingerprint=engine.fingerprint,
+        )
+
+        def write() -> None:
+            try:
+                n_bytes = atomic_write(path, blob)
+            except OSError as exc:
+                raise ApiError(
+                    500, f"cannot write the session: {exc}", type="server_error"
+                ) from None
+            body = {"id": session_id, "object": "session", "tokens": len(tokens), "bytes": n_bytes}
+            job.emit(Result({**body, "cached_tokens": adv.reused}))
+
+        return Ending(cache=(0,), then=write)
 
     return run
 
 
-def restore_job(session_id: str, path: Path, *, share: bool) -> Callable[[LLM, Job], None]:
-    """A worker job that loads the session at `path` into its LLM and, with `share`, puts its state
-    into the shared cache for every worker; it emits ("result", session object). Raises ApiError 404
-    (gone), 409 (another model), 400 (too long for the context) or 422 (damaged)."""
+def restore_job(session_id: str, path: Path, *, share: bool) -> Callable[[Worker, Job], JobRun]:
+    """An engine job that loads the session at `path` into a sequence of its worker and, with
+    `share`, puts its state into the shared cache for every worker (off the round); it emits
+    Result(session object). Raises ApiError 404 (gone), 409 (another model), 400 (too long for the
+    context) or 422 (damaged)."""
 
-    def run(llm: LLM, job: Job) -> None:
+    def run(worker: Worker, job: Job) -> JobRun:
+        yield from ()  # no query: loading a state is not a round
+        engine = worker.engine
         try:
             blob = path.read_bytes()
         except OSError:
             raise _not_found(session_id) from None
         try:
-            n = llm.load_session_bytes(blob)
+            live, state = session.unpack(blob, fingerprint=engine.fingerprint)
+            if len(live.tokens) >= engine.n_ctx:
+                raise ContextOverflowError(
+                    f"the session holds {len(live.tokens)} tokens; a request may hold {engine.n_ctx}"
+                )
+            seq = engine.load(live.tokens, state, live.n_reusable)
         except ModelMismatchError as exc:
             raise ApiError(
                 409, str(exc), param="session_id", code="session_model_mismatch"
@@ -151,9 +175,13 @@ def restore_job(session_id: str, path: Path, *, share: bool) -> Callable[[LLM, J
             raise ApiError(
                 422, f"the session is damaged: {exc}", param="session_id", code="session_corrupt"
             ) from None
-        if share:
-            # Re-reads the last tokens; the engine puts the state into the cache every worker shares.
-            llm.logits(llm.tokens)
-        job.emit("result", {"id": session_id, "object": "session", "tokens": n, "cached": share})
+        states = engine.snapshot(engine.settle(seq).seq_id) if share else []
+        body = {"id": session_id, "object": "session", "tokens": len(live.tokens), "cached": share}
+
+        def store() -> None:
+            engine.store(states)
+            job.emit(Result(body))
+
+        return Ending(then=store)
 
     return run

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from promptcache.config import keywords_then_environment
@@ -50,24 +50,22 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="CPU threads per worker (default: cores / workers, at least 1)."
     )
-    parallel: int = Field(
-        1,
-        ge=1,
-        le=255,
-        description="Requests each worker runs at once, batched in one context (continuous "
-        "batching; 1: one request at a time on the worker's own context).",
+    parallel: int | Literal["auto"] = Field(
+        "auto",
+        description="Requests each worker runs at once, as sequences of one context batched "
+        "together (auto: as many as max_kv_bytes holds at n_ctx tokens each, from 4 to 16).",
     )
-    prefill_chunk: int = Field(
+    prefill_budget: int = Field(
         256,
         ge=16,
-        description="With --parallel > 1: prompt tokens a new request evaluates per decode step of "
-        "the running ones.",
+        description="Prompt tokens a request evaluates per round, so that the running requests "
+        "keep producing tokens.",
     )
     max_kv_bytes: int = Field(
         4 << 30,
         ge=1 << 20,
-        description="With --parallel > 1: refuse to start when the KV cache of parallel x n_ctx "
-        "tokens per worker would exceed this many bytes.",
+        description="KV cache bytes the workers may allocate (parallel x n_ctx tokens each); the "
+        "server refuses to start past it.",
     )
     max_queue: int = Field(
         16,
@@ -147,6 +145,13 @@ class ServerSettings(BaseSettings):
     def threads_per_worker(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, value: int | str) -> int | str:
+        if value != "auto" and not 1 <= int(value) <= 255:
+            raise ValueError("parallel is 'auto' or an int in [1, 255]")
+        return value
+
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     values = read_settings_file(path)
@@ -187,9 +192,11 @@ def command_line_options() -> list[CommandLineOption]:
     options = []
     for name, info in ServerSettings.model_fields.items():
         kind: Any = info.annotation
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "X | None" takes an X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         choices: tuple[str, ...] = ()
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            # "X | None" takes an X; "int | Literal['auto']" takes a str that pydantic reads.
+            kind = args[0] if len(args) == 1 else str
         if typing.get_origin(kind) is Literal:
             choices, kind = typing.get_args(kind), str
         if kind not in (str, int, Path, bool):

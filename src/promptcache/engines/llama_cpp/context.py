@@ -158,9 +158,7 @@ class Context(Closing):
         """Evaluate one sequence's `tokens` at positions start, start + 1, ... as one batch (logits
         for the last only, or with all_logits for every row)."""
         last = start + len(tokens) - 1
-        self.decode(
-            [(t, p, seq, all_logits or p == last) for p, t in enumerate(tokens, start)]
-        )
+        self.decode([(t, p, seq, all_logits or p == last) for p, t in enumerate(tokens, start)])
 
     def logits(self, i: int) -> np.ndarray:
         """A copy of the logits of row i of the last batch (-1: its last row; float32, n_vocab)."""

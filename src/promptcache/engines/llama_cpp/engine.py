@@ -247,7 +247,9 @@ class Engine(Closing):
             split_streams=True,
         )
         try:
-            result = probe.measure(context, self.model.tokenize(probe.PROBE_TEXT), _splitting_codec())
+            result = probe.measure(
+                context, self.model.tokenize(probe.PROBE_TEXT), _splitting_codec()
+            )
         finally:
             context.close()
         log.debug("probe of %s: %s", self.model.path, result)
@@ -263,7 +265,10 @@ class Engine(Closing):
     @property
     def exact_batch(self) -> int:
         """The smallest batch whose floats match a large batch's (probed once per model, settings and
-        machine; kept in the user cache directory). 2 where the probe found none."""
+        machine; kept in the user cache directory). 2 where the probe found none; 1 in fast mode,
+        which promises no match (a step reads its new token only)."""
+        if not self.exact:
+            return 1
         return self._probe().exact_batch or 2
 
     @property
@@ -424,7 +429,8 @@ class Engine(Closing):
             if dst is None:
                 raise PromptCacheError(f"all {self.n_seq} sequences are pinned: unpin one")
             self._ctx().copy(seq, dst, n)
-            self._table.add(dst, src.tokens[:n], min(n, src.n_reusable))
+            held = self._table.add(dst, src.tokens[:n], min(n, src.n_reusable))
+            held.prompt_end = src.prompt_end if src.prompt_end <= n else -1
             self.stats.forks += 1
             return dst
 
@@ -454,7 +460,24 @@ class Engine(Closing):
             if held.n_reusable < len(held.tokens):
                 self._ctx().drop(seq, held.n_reusable)
                 held.tokens = held.tokens[: held.n_reusable]
+                if held.prompt_end != len(held.tokens):
+                    held.prompt_end = -1
             return held
+
+    def finish_query(
+        self, seq: int, prompt: list[int], target: list[int] | None, keep_reply: bool
+    ) -> Query | None:
+        """After a reply to `prompt` on `seq`: the query that re-reads what the next turn reuses
+        (plan.ReuseRules.finish: a chat's next-turn prefix `target`, or with keep_reply the prompt
+        and reply, as batches), or None when nothing is re-read (settle() then drops the decoded
+        cells in exact mode)."""
+        with self._lock:
+            held = self._table.get(seq)
+            caching = self.cache is not None
+            finish = self.rules.finish(prompt, held, target, keep_reply, caching=caching)
+            if not finish.batches:
+                return None
+            return Query(finish.tokens, logits=False, insert=False, hint=seq, max_checkpoints=1)
 
     def state(self, seq: int) -> bytes:
         """The sequence's llama.cpp state (one-stream layout: what the cache stores)."""
@@ -686,6 +709,9 @@ class Engine(Closing):
                 exact = chunk or end - step.start >= self.exact_batch
                 held.n_reusable = end if exact else step.start
             held.n_reusable = min(held.n_reusable, len(held.tokens))
+            # Its cells are now the lone evaluation of the query's prompt (and what it decoded)
+            # once the prefill part is done; a prefill stopped short of it is not yet.
+            held.prompt_end = q.n_prefill if step.stop >= q.n_prefill else -1
             held.pending += step.stop - step.start
             if step.batches and step.batches[-1][1] == q.n_prefill:
                 insert = held.pending >= KEEP_MIN_TOKENS if q.insert is None else q.insert
@@ -700,7 +726,9 @@ class Engine(Closing):
             raise PromptCacheError("no context: the engine is closed")
         return self._context
 
-    def _free_id(self, keep: set[int], spare: set[int] | frozenset[int] = frozenset()) -> int | None:
+    def _free_id(
+        self, keep: set[int], spare: set[int] | frozenset[int] = frozenset()
+    ) -> int | None:
         """A free sequence id, evicting the least recently used sequence outside `keep` (and
         outside `spare` while another victim exists); None when every sequence is kept or pinned."""
         free = self._table.free_id()

@@ -293,13 +293,12 @@ class LLM(Closing):
         target = None
         if not isinstance(keep_reply, bool) and reply:
             target = self.chat_format.next_turn_prefix(keep_reply, reply)
-        caching = engine.cache is not None
-        finish = engine.rules.finish(prompt, held, target, bool(keep_reply), caching=caching)
-        if finish.batches:
-            self._ask(Query(finish.tokens, logits=False, insert=False, max_checkpoints=1))
+        reread = engine.finish_query(held.seq_id, prompt, target, bool(keep_reply))
+        if reread is not None:
+            self._ask(reread)
             stats.reply_reread_ms = (time.perf_counter() - t0) * 1000
         engine.settle(self._seq)  # type: ignore[arg-type]
-        if caching and engine.may_reuse:
+        if engine.cache is not None and engine.may_reuse:
             stats.bytes_cached += engine.save(self._seq)  # type: ignore[arg-type]
             stats.cache_insert_ms = (time.perf_counter() - t0) * 1000
 
@@ -518,7 +517,9 @@ class LLM(Closing):
             if held is None or not held.tokens:
                 raise PromptCacheError("nothing to save: the context holds no tokens yet")
             state = self.engine.state(self._seq)  # type: ignore[arg-type]
-            return session.pack(held, state, codec_name=self.codec.name, fingerprint=self.fingerprint)
+            return session.pack(
+                held, state, codec_name=self.codec.name, fingerprint=self.fingerprint
+            )
 
     def save_session(self, path: str | os.PathLike[str]) -> int:
         """Write the live conversation to `path` atomically; returns the bytes written."""

@@ -10,7 +10,6 @@ import logging
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from promptcache.engines.llama_cpp.context import bindings, token_piece
 from promptcache.model import default_model_path, model_identity
@@ -24,7 +23,9 @@ class Model:
     Raises FileNotFoundError when there is no file and whatever llama-cpp-python raises for a file it
     cannot load."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, verbose: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, verbose: bool = False
+    ) -> None:
         llama_cpp = bindings()
         from llama_cpp._internals import LlamaModel
 

@@ -25,11 +25,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class LiveSequence:
     """The tokens whose KV the context's sequence holds, in order, and how many of the first of them
     a later prompt may reuse: `n_reusable` counts the cells built by batches of at least exact_batch
-    tokens (or, in fast mode, any cell). Generated tokens, decoded one at a time, lie past it in exact mode.
+    tokens (or, in fast mode, any cell). Generated tokens, decoded one at a time, lie past it in exact
+    mode. `prompt_end`: the prompt length whose lone evaluation the first cells are, the decoded ones
+    following it (the same generation may go on here), or -1 when the cells are no such thing.
     """
 
     tokens: list[int] = field(default_factory=list)
     n_reusable: int = 0
+    prompt_end: int = -1
 
     def __post_init__(self) -> None:
         if not 0 <= self.n_reusable <= len(self.tokens):
@@ -221,15 +224,15 @@ class ReuseRules:
     def reuse(self, live: LiveSequence, query: Query) -> int:
         """How many of `query`'s tokens the live sequence supplies, exactly.
 
-        A sequence that holds decoded cells past its reusable part supplies all of them only to the
-        same generation one step further (its n_reusable is the query's n_prefill). Otherwise the
+        A sequence holding a prompt's lone evaluation and the tokens decoded after it (prompt_end)
+        supplies all of it to the same generation one step further. Otherwise the
         reusable part counts, up to a cap: with logits wanted after a prefill, the limit (at least b
         tokens evaluated again); for a query that decodes or wants no logits, its whole prefill part,
         but where some of it is evaluated, at least b tokens (token strategy). Then max_reuse, and a
         restore point (aligned: a multiple of C)."""
         common = common_prefix(live.tokens, query.tokens)
         p = query.n_prefill
-        same_run = live.n_reusable == p < len(live.tokens) == common < len(query.tokens)
+        same_run = live.prompt_end == p <= len(live.tokens) == common < len(query.tokens)
         if same_run and query.max_reuse is None:
             return common
         return self.capped(min(common, live.n_reusable), query)

@@ -34,7 +34,9 @@ class Step:
     source: str = "none"
     reused: int = 0
     checkpoints: tuple[int, ...] = ()
-    rows: list[tuple[int, object]] = field(default_factory=list)  # (first position, logits) per batch
+    rows: list[tuple[int, object]] = field(
+        default_factory=list
+    )  # (first position, logits) per batch
 
     @property
     def stop(self) -> int:
