@@ -23,8 +23,8 @@ is served only from entries of the caller's fingerprint and shape. The fingerpri
 `fingerprint=` when given, else that of the `Llama` calling the cache, learnt without being told:
 llama-cpp-python 0.3.36 calls the cache from `Llama._create_completion` as `self.cache[...]`, so
 the nearest caller frame (at most _CALLER_DEPTH up) whose `self` is a `llama_cpp.Llama` is the
-model, and `llama_fingerprint` hashes its whole GGUF file (sha256: a fine-tune of the same shape,
-or one changed byte, is another model) with the settings a state's layout depends on, memoized
+model, and `llama_fingerprint` names its whole GGUF file (promptcache.model.model_identity: a
+fine-tune of the same shape, or one changed byte, is another model) with the settings a state's layout depends on, memoized
 per Llama and per file. Frames rather than wrapping `Llama.set_cache`: nothing global is patched,
 `llm.cache = cache` works too, and one cache set on two Llamas of two models tells them apart on
 every call. Fail safe: when llama_cpp's own code calls the cache and no Llama is found up the
@@ -45,7 +45,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -71,6 +70,7 @@ from llama_cpp.llama import LlamaState
 from promptcache.errors import CapacityError, CorruptEntryError, StoreUnavailableError
 from promptcache.index import Node, RadixIndex
 from promptcache.keys import token_bytes
+from promptcache.model import model_identity
 from promptcache.store.disk import DiskStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ __all__ = [
     "LlamaState",
     "PortableLlamaState",
     "llama_fingerprint",
-    "model_digest",
 ]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -110,25 +109,7 @@ class Shape(NamedTuple):
     n_ctx: int
 
 
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 _LLAMA_IDS: weakref.WeakKeyDictionary[Llama, tuple[str, Shape]] = weakref.WeakKeyDictionary()
-
-
-def model_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a whole model file, memoized per file version (device, inode, size, mtime).
-
-    The whole file, not its ends: a fine-tune of the same shape or one changed byte in a tensor
-    is another model. sha256 runs at about 1.4 GB/s here (SHA extensions), 0.07 s for the default
-    model; blake2b takes 2.3x as long. Raises OSError when the file cannot be read.
-    """
-    st = os.stat(path)
-    memo_key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    digest = _DIGESTS.get(memo_key)
-    if digest is None:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        _DIGESTS[memo_key] = digest
-    return digest
 
 
 def llama_fingerprint(llm: Llama) -> str:
@@ -152,7 +133,7 @@ def _llama_identity(llm: Llama) -> tuple[str, Shape]:
         "llama-cpp-python",
         llama_cpp.__version__,
         llama_cpp.llama_print_system_info().decode("utf-8", "replace"),
-        model_digest(llm.model_path),
+        model_identity(llm.model_path),
         f"n_vocab={llm.n_vocab()}",
         f"n_ctx={llm.n_ctx()}",
         f"score_rows={llm.scores.shape[0]}",

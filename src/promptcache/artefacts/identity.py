@@ -205,9 +205,9 @@ def _value(value: Any, seen: set[int]) -> Any:
     if module.startswith("datasets") and hasattr(value, "_fingerprint"):
         return {"dataset": value._fingerprint}
     if module.startswith("llama_cpp") and hasattr(value, "model_path"):
-        from promptcache.model import file_identity
+        from promptcache.model import model_identity
 
-        return {"llama": file_identity(value.model_path)}
+        return {"llama": model_identity(value.model_path)}
     return {"hashed": _value(type(value), seen), "digest": _hasher(value)}
 
 

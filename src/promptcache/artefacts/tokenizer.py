@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from promptcache.model import default_model_path, file_identity
+from promptcache.model import default_model_path, model_identity
 
 
 class GGUFTokenizer:
@@ -46,7 +46,7 @@ class GGUFTokenizer:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         self.column, self.output, self.add_bos, self.special = column, output, add_bos, special
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
-        self._identity = file_identity(self.model_path)
+        self._identity = model_identity(self.model_path)
         lc = self._lc = _llama_cpp()
         lc.llama_backend_init()
         params = lc.llama_model_default_params()

@@ -55,7 +55,7 @@ from promptcache.engines.llama_cpp.plan import (
 from promptcache.engines.llama_cpp.prompt_logprobs import PromptLogprobs, position_keys
 from promptcache.errors import CodecError, ContextOverflowError, CorruptEntryError, PromptCacheError
 from promptcache.files import atomic_write
-from promptcache.model import default_model_path, file_identity
+from promptcache.model import default_model_path, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class LLM(Closing):
             llama_cpp = bindings()
             parts = [
                 "llama.cpp",
-                file_identity(self.model_path),
+                model_identity(self.model_path),
                 f"llama-cpp-python={llama_cpp.__version__}",
                 f"flash_attn={self.flash_attn}",
                 "kv=f16/f16",

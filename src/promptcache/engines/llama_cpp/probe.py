@@ -21,7 +21,7 @@ from promptcache.codec import StateCodec
 from promptcache.engines.llama_cpp.context import Context, bindings
 from promptcache.errors import CodecError
 from promptcache.files import atomic_write, user_cache_dir
-from promptcache.model import file_identity
+from promptcache.model import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def probe_key(model_path: str, *, flash_attn: bool, n_threads: int) -> str:
     """What a probe result depends on: the GGUF, the kernels' settings, llama.cpp and the CPU."""
     llama_cpp = bindings()
     parts = [
-        file_identity(model_path),
+        model_identity(model_path),
         f"flash_attn={flash_attn}",
         f"threads={n_threads}",
         llama_cpp.__version__,
