@@ -196,6 +196,29 @@ class DatasetCache(KeyedHousekeeping):
             "dataset", value_identity(dataset if source is None else source), transform, params
         )
 
+    def _preprocess(
+        self,
+        dataset: Any,
+        fn: PreprocessFn | None,
+        name: str | None,
+        version: str | int | None,
+        source: Any,
+        remove_columns: Sequence[str] | None,
+        batched: bool,
+    ) -> _Preprocess:
+        """The map a call asks for, with its artefact key; checks the name it gives. Raises as dataset_key, ValueError."""
+        artefact = self.dataset_key(
+            dataset,
+            fn,
+            version=version,
+            source=source,
+            remove_columns=remove_columns,
+            batched=batched,
+        )
+        if name is not None:
+            self.store.check_key(name)
+        return _Preprocess(fn, batched, remove_columns, artefact)
+
     # -- caching --------------------------------------------------------------------------------
 
     def cache_dataset(
@@ -220,17 +243,10 @@ class DatasetCache(KeyedHousekeeping):
         CapacityError (the result is larger than the whole cache), StoreUnavailableError, and
         whatever preprocess_fn raises (nothing is stored then).
         """
-        artefact = self.dataset_key(
-            dataset,
-            preprocess_fn,
-            version=version,
-            source=source,
-            remove_columns=remove_columns,
-            batched=batched,
+        preprocess = self._preprocess(
+            dataset, preprocess_fn, key, version, source, remove_columns, batched
         )
-        if key is not None:
-            self.store.check_key(key)
-        preprocess = _Preprocess(preprocess_fn, batched, remove_columns, artefact)
+        artefact = preprocess.artefact
         if self.store.get(artefact) is None:
             with self.store.writing(artefact) as tmp:
                 # Beside tmp and named after it (our pid): a dead writer's is removed with its temp dir.
@@ -293,16 +309,10 @@ class DatasetCache(KeyedHousekeeping):
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        artefact = self.dataset_key(
-            dataset,
-            preprocess_fn,
-            version=version,
-            source=source,
-            remove_columns=remove_columns,
-            batched=batched,
+        preprocess = self._preprocess(
+            dataset, preprocess_fn, key, version, source, remove_columns, batched
         )
-        if key is not None:
-            self.store.check_key(key)
+        artefact = preprocess.artefact
         prefetch = self.prefetch if prefetch is None else prefetch
         buffer = self.batch_buffer if batch_buffer is None else batch_buffer
         if not isinstance(buffer, int) or buffer < 1:
@@ -315,7 +325,7 @@ class DatasetCache(KeyedHousekeeping):
         else:
             source_batches = self._fill(
                 dataset,
-                _Preprocess(preprocess_fn, batched, remove_columns, artefact),
+                preprocess,
                 key,
                 batch_size,
                 buffer,
