@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -17,6 +17,8 @@ from promptcache.files import user_cache_dir
 from promptcache.store.compression import CODECS
 from promptcache.store.disk import default_path as default_disk_path
 from promptcache.store.policies import POLICY_NAMES
+
+T = TypeVar("T")
 
 TIERS = ("memory", "disk", "redis")
 """The KV tiers, fastest first; each has a section ([cache.memory], ...) of per-tier settings."""
@@ -27,6 +29,13 @@ datasets, temporary files. Each has its own size, path, policy and max_age."""
 
 ARTEFACT_POLICIES = ("lru", "fifo", "time", "ttl", "size")
 """Policies of the artefact caches ("time" and "ttl": oldest written first, with a max_age)."""
+
+
+def pick(what: str, options: dict[str, T], name: str) -> T:
+    """options[name], or a ValueError naming `what` is wanted and the names there are."""
+    if name not in options:
+        raise ValueError(f"{name!r} is not {what}; use one of {', '.join(options)}")
+    return options[name]
 
 
 def choose(value: object, accepted: tuple[str, ...], *, allow_none: bool) -> str | None:
@@ -60,6 +69,11 @@ class Section(BaseModel):
     def _size(cls, value: object) -> int:
         return parse_size(value)
 
+    @field_validator("cleanup_interval", "max_age", mode="before", check_fields=False)
+    @classmethod
+    def _seconds(cls, value: object) -> float | None:
+        return parse_seconds(value, allow_none=True)
+
 
 class TierSettings(Section):
     """One KV tier: its capacity, and its own policy, compression and cleanup interval (None: the
@@ -86,11 +100,6 @@ class TierSettings(Section):
         if isinstance(value, bool):
             return "zstd" if value else "none"  # LlamaHome's compression: true
         return choose(value, CODECS, allow_none=_allows_none(cls, info))
-
-    @field_validator("cleanup_interval", mode="before")
-    @classmethod
-    def _interval(cls, value: object) -> float | None:
-        return parse_seconds(value, allow_none=True)
 
 
 class MemorySettings(TierSettings):
@@ -180,11 +189,6 @@ class ArtefactSettings(Section):
     def _policy(cls, value: object) -> str | None:
         return choose(value, ARTEFACT_POLICIES, allow_none=False)
 
-    @field_validator("max_age", mode="before")
-    @classmethod
-    def _max_age(cls, value: object) -> float | None:
-        return parse_seconds(value, allow_none=True)
-
 
 class ModelCacheSettings(ArtefactSettings):
     """model_cache: derived model files (assembled or requantized GGUFs, safetensors exports)."""
@@ -255,11 +259,7 @@ class ArtefactSections(Section):
             "training_cache": self.training_cache,
             "system_cache": self.system_cache,
         }
-        if kind not in sections:
-            raise ValueError(
-                f"{kind!r} is not an artefact cache; use one of {', '.join(ARTEFACT_CACHES)}"
-            )
-        return sections[kind]
+        return pick("an artefact cache", sections, kind)
 
 
 TIER_SECTIONS: dict[str, type[TierSettings]] = {
@@ -328,4 +328,5 @@ __all__ = [
     "choose",
     "merge",
     "nest",
+    "pick",
 ]

@@ -30,6 +30,7 @@ from promptcache.config.sections import (
     choose,
     merge,
     nest,
+    pick,
 )
 from promptcache.config.units import BARE_NUMBER, is_off, parse_count, parse_seconds
 from promptcache.errors import ConfigError
@@ -285,9 +286,7 @@ class CacheConfig(BaseSettings):
             "disk": self.disk,
             "redis": self.redis,
         }
-        if name not in tiers:
-            raise ValueError(f"{name!r} is not a tier; use one of {', '.join(TIERS)}")
-        return tiers[name]
+        return pick("a tier", tiers, name)
 
     def artefact(self, kind: str) -> ArtefactSettings:
         """The section of artefact cache `kind` (model_cache, training_cache, system_cache). Raises ValueError."""
@@ -439,11 +438,7 @@ class CacheConfig(BaseSettings):
             "training_cache": self.training_cache,
             "system_cache": self.system_cache,
         }
-        if kind not in builders:
-            raise ValueError(
-                f"{kind!r} is not an artefact cache; use one of {', '.join(ARTEFACT_CACHES)}"
-            )
-        return builders[kind]()
+        return pick("an artefact cache", builders, kind)()
 
 
 SETTING_NAMES = (
