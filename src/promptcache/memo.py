@@ -167,6 +167,10 @@ class PrefixMemo:
             self._seen.popitem(last=False)
         return False
 
+    def forget(self, key: MemoKey) -> None:
+        """Forget one merged segment (a persisted merge found broken), its aliases with it."""
+        self._drop(key)
+
     def clear(self) -> None:
         """Forget every segment and every sighting."""
         self._segments.clear()
