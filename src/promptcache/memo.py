@@ -267,15 +267,10 @@ class PersistedMerges:
         self, codec: StateCodec, key: str, n_tokens: int, fingerprint: str
     ) -> tuple[bytes | memoryview, str] | None | bool:
         """(value, tier) of key if it holds exactly n_tokens; None if absent or dropped (it held
-        another count); False if the store cannot be read. A store with get_view (disk) maps a
-        large value instead of copying it: a fresh process's first hit pays no page faults for it."""
+        another count); False if the store cannot be read. Read as a view: a disk tier maps a
+        large value instead of copying it, so a fresh process's first hit pays no page faults for it."""
         try:
-            get_view = getattr(self.store, "get_view", None)
-            if get_view is not None:
-                value = get_view(key, fingerprint=fingerprint)
-                tier = self.store.name
-            else:
-                value, tier = self.store.get_with_tier(key, fingerprint=fingerprint)
+            value, tier = self.store.get_view_with_tier(key, fingerprint=fingerprint)
         except PromptCacheError as exc:
             log.warning("cannot read merged prefix %s (%s); reading its blocks", key, exc)
             return False

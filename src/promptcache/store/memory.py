@@ -1,6 +1,6 @@
 """RAM tier: a byte-capacity store with a pluggable eviction policy (LRU by default) and max_age.
 
-Holds bytes only; thread-safe; never copies a value on read.
+Holds bytes only; thread-safe; get_view never copies a value (get copies only a held view into bytes).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ class MemoryStore(BaseStore):
     t x capacity_bytes (1.0, the default, evicts only what the put needs). compression (a
     Compressor, default none) compresses values on put; capacity counts the compressed bytes and
     a read then returns a decompressed copy.
+
+    put() holds the buffer it is given, not a copy: bytes, or a read-only view such as the mapped
+    disk entry a TieredStore promotes (its pages are the page cache's, see TieredStore).
 
     An entry put under one fingerprint and read under another is a logged miss and is removed, as
     in the persisted tiers; an entry put without one ("", e.g. promoted by an unchecked read)
@@ -85,6 +88,14 @@ class MemoryStore(BaseStore):
         return bool(fingerprint) and bool(entry.fingerprint) and entry.fingerprint != fingerprint
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
+        """The value, or None on a miss (an expired or foreign entry is removed). A value put as a
+        view (a tier promoting a mapped disk entry) comes back as a copy: get() gives bytes."""
+        value = self.get_view(key, fingerprint=fingerprint)
+        return value if value is None or isinstance(value, bytes) else bytes(value)
+
+    def get_view(self, key: str, *, fingerprint: str | None = None) -> bytes | memoryview | None:
+        """The buffer held, not a copy (a compressed value is decompressed: a new buffer); None on
+        a miss, as get()."""
         with self._lock:
             entry = self._entries.get(key)
             now = self._clock()
@@ -108,7 +119,7 @@ class MemoryStore(BaseStore):
             self.hits += 1
             return decompress(entry.value, entry.flags) if entry.flags else entry.value
 
-    def put(self, key: str, value: bytes, *, fingerprint: str = "") -> None:
+    def put(self, key: str, value: bytes | memoryview, *, fingerprint: str = "") -> None:
         flags = 0
         if self.compressor.name != "none":
             value, flags = self.compressor.compress(value)
@@ -190,7 +201,6 @@ class MemoryStore(BaseStore):
     def stats(self) -> dict[str, int | float | str]:
         return {
             **base_stats(self, len(self._entries), self._bytes),
-            "corrupt": self.corrupt,
             "max_items": self.max_items if self.max_items is not None else "none",
             "compression": self.compressor.name,
         }
