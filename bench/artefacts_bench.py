@@ -60,13 +60,13 @@ def bench_reopen(rows: int, workdir: Path) -> dict:
         tokenize_s = time.perf_counter() - t0
     cache = DatasetCache(workdir / "datasets", capacity_bytes=4 << 30)
     t0 = time.perf_counter()
-    key = cache.cache_dataset(source, tok)
+    key = cache.cache_dataset(source, tok, batched=True)
     cold_s = time.perf_counter() - t0
     size = sum(
         f.stat().st_size for f in (workdir / "datasets" / "entries" / key).rglob("*") if f.is_file()
     )
     t0 = time.perf_counter()
-    cache.cache_dataset(source, tok)
+    cache.cache_dataset(source, tok, batched=True)
     hit_s = time.perf_counter() - t0
     runs = []
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
@@ -124,7 +124,7 @@ def bench_stream(rows: int, batch_size: int, workdir: Path) -> dict:
     tok = GGUFTokenizer()
     # Production alone (no consumer work, no prefetch): the time a batch takes to make.
     cache = DatasetCache(workdir / "produce", capacity_bytes=4 << 30)
-    with cache.stream_dataset(source, batch_size, tok, prefetch=0) as s:
+    with cache.stream_dataset(source, batch_size, tok, prefetch=0, batched=True) as s:
         produce = consume(s, 0.0)
     step = produce["seconds"] / produce["batches"]
     result = {
@@ -135,10 +135,10 @@ def bench_stream(rows: int, batch_size: int, workdir: Path) -> dict:
     }
     for name, prefetch in (("no_prefetch", 0), ("prefetch_4", 4)):
         cache = DatasetCache(workdir / f"miss-{name}", capacity_bytes=4 << 30)
-        with cache.stream_dataset(source, batch_size, tok, prefetch=prefetch) as s:
+        with cache.stream_dataset(source, batch_size, tok, prefetch=prefetch, batched=True) as s:
             assert not s.from_cache
             result[f"miss_{name}"] = consume(s, step)
-        with cache.stream_dataset(source, batch_size, tok, prefetch=prefetch) as s:
+        with cache.stream_dataset(source, batch_size, tok, prefetch=prefetch, batched=True) as s:
             assert s.from_cache
             result[f"hit_{name}"] = consume(s, step)
     tok.close()

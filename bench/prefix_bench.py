@@ -1,6 +1,9 @@
 """Prefix-cache benchmark on the default model: promptcache against no cache and llama-cpp-python's own
 LlamaRAMCache and LlamaDiskCache, same prompts, same run. Each competitor runs in its own process
-(so peak RSS is its own). Writes bench/results/prefix.* and bench/prefix.png.
+(so peak RSS is its own). Fresh processes read a disk cache another process wrote: a bare DiskStore
+(PromptCache(DiskStore(...))) and, in a column of its own, the RAM -> disk tiers that
+CacheConfig(...).build_cache() makes (what LLM(cache="tiered"), the server and CacheManager use).
+Writes bench/results/prefix.* and bench/prefix.png.
 
     python bench/prefix_bench.py [--reps 5] [--quick]
     python bench/prefix_bench.py --gemma [--reps 5]   # gemma3-270m on the aligned schedule
@@ -75,21 +78,32 @@ QUESTIONS = [
 OTHER = "A short unrelated prompt about the weather in spring, to take the context away."
 
 
+def promptcache_cache(name: str, cache_dir: str):  # noqa: ANN201
+    """pc_ram: a PromptCache in RAM; pc_disk: over a bare DiskStore; pc_tiered: the RAM -> disk tiers
+    CacheConfig(...).build_cache() makes (a NamespacedStore over a TieredStore)."""
+    from promptcache import PromptCache
+    from promptcache.config import CacheConfig
+    from promptcache.store.disk import DiskStore
+
+    if name == "pc_ram":
+        return PromptCache()
+    if name == "pc_tiered":
+        config = CacheConfig(
+            memory_size=2 << 30, disk_size=20 << 30, disk_path=cache_dir, redis_url=None
+        )
+        return config.build_cache()
+    return PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
+
+
 class Runner:
     """One competitor: first-token latency of a streamed completion of a token prompt."""
 
     def __init__(self, name: str, cache_dir: str) -> None:
         self.name = name
         if name.startswith("pc_"):
-            from promptcache import LLM, PromptCache
-            from promptcache.store.disk import DiskStore
+            from promptcache import LLM
 
-            cache = (
-                PromptCache()
-                if name == "pc_ram"
-                else PromptCache(DiskStore(cache_dir, capacity_bytes=20 << 30))
-            )
-            self.llm = LLM(cache=cache, n_ctx=4096)
+            self.llm = LLM(cache=promptcache_cache(name, cache_dir), n_ctx=4096)
             self.llm.exact_batch  # noqa: B018 - probe once, before timing
             self.llm.reserve()  # llama_cpp.Llama creates its context up front too
             # Process start-up, timed apart in fresh_worker: the model file's identity hash (LLM.fingerprint)
@@ -202,9 +216,19 @@ def fresh_worker(name: str, cache_dir: str, doc_words: int) -> dict:
             merges_read=cache["merges_read"],
             wholes_read=cache["wholes_read"],
             store_reads=cache["store"]["hits"],
+            mapped_reads=cache["store"]["mapped_reads"],  # read as views of mapped disk files
             **run.startup_ms,
         )
     return out
+
+
+def tiered_writer(cache_dir: str, doc_words: int) -> dict:
+    """The process that fills the tiered fresh processes' disk: the prompt once, cold, through
+    CacheConfig(...).build_cache() (which also writes its whole state to the disk tier)."""
+    run = Runner("pc_tiered", cache_dir)
+    base = run.tokenize(document(doc_words) + "\n" + QUESTIONS[0])
+    ms = run.ttft(base)
+    return {"cold_ms": ms, "wholes_written": run.llm.cache.stats()["wholes_written"]}
 
 
 def conversations_worker(name: str, n_conv: int, sys_words: int) -> dict:
@@ -282,15 +306,15 @@ def plot(results: dict, path: Path) -> None:
         ("shared prefix", "shared_ms"),
         ("back to first", "back_ms"),
     ]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         vals = [median(results["main"][n][k]) for _, k in groups]
-        fresh = results["fresh"].get(n)
-        vals.append(median([f["ttft_ms"] for f in fresh]) if fresh else float("nan"))
-        ax.bar([g + i * width for g in range(4)], vals, width, label=LABELS[n])
+        vals += [fresh_median(results, n), fresh_median(results, TIERED_OF.get(n, ""))]
+        ax.bar([g + i * width for g in range(5)], vals, width, label=LABELS[n])
     ax.set_xticks(
-        [g + 0.4 - width / 2 for g in range(4)], [g for g, _ in groups] + ["fresh process (disk)"]
+        [g + 0.4 - width / 2 for g in range(5)],
+        [g for g, _ in groups] + ["fresh process (disk)", "fresh process,\ntiered (RAM -> disk)"],
     )
     ax.set_yscale("log")
     ax.set_ylabel("time to first token, ms (log scale)")
@@ -302,6 +326,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def fresh_median(results: dict, name: str) -> float:
+    """Median time to first token of `name`'s fresh processes, NaN when it had none."""
+    fresh = results["fresh"].get(name)
+    return median([f["ttft_ms"] for f in fresh]) if fresh else float("nan")
+
+
+# The "fresh process, tiered" column's value sits on the promptcache disk row: the same disk,
+# reached through the tiers CacheConfig(...).build_cache() makes.
+TIERED_OF = {"pc_disk": "pc_tiered"}
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"  # NaN: no such run
+
+
 def report(results: dict) -> str:
     m = results["main"]
     rows = []
@@ -310,11 +349,10 @@ def report(results: dict) -> str:
         if n not in m:
             continue
         r = m[n]
-        fresh = results["fresh"].get(n)
-        fresh_ms = median([f["ttft_ms"] for f in fresh]) if fresh else None
+        fresh_ms, tiered_ms = fresh_median(results, n), fresh_median(results, TIERED_OF.get(n, ""))
         rows.append(
             f"| {LABELS[n]} | {median(r['repeated_ms']):,.0f} | {median(r['shared_ms']):,.0f} | {median(r['back_ms']):,.0f} | "
-            f"{(f'{fresh_ms:,.0f}' if fresh_ms is not None else '-')} | {r['cache_bytes'] / 1e6:,.0f} | {r['peak_rss_mb']:,.0f} |"
+            f"{_ms(fresh_ms)} | {_ms(tiered_ms)} | {r['cache_bytes'] / 1e6:,.0f} | {r['peak_rss_mb']:,.0f} |"
         )
     pr, pd, lr = m["pc_ram"], m.get("pc_disk"), m["llama_ram"]
     fl = median(pr["floor_ms"])
@@ -338,10 +376,13 @@ def report(results: dict) -> str:
         f"{m['none']['prompt_tokens']}-token prompt; before every measured request another prompt takes the context, "
         "as in a server. Shared prefix: the same document with a new question (about 15 tokens). Fresh process: a new "
         "process's first request, served from the disk cache another process wrote (median of the fresh processes). "
+        "Fresh process, tiered: the same through the RAM -> disk tiers `CacheConfig(...).build_cache()` makes "
+        '(as `LLM(cache="tiered")`, the server and `CacheManager` build them), another process having written '
+        "the prompt through the same configuration. "
         "Each competitor runs in its own process; cache bytes and peak RSS are that process's.",
         "",
-        "| competitor | repeated | shared prefix | back to first | fresh process | cache MB | peak RSS MB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| competitor | repeated | shared prefix | back to first | fresh process | fresh process, tiered (RAM -> disk) | cache MB | peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
         "![time to first token](bench/prefix.png)",
@@ -391,6 +432,7 @@ def report(results: dict) -> str:
                 f"{median([f['numpy_random_import_ms'] for f in fr]):.1f} ms; the context (KV buffers) "
                 "is created at start-up too (LLM.reserve, as llama_cpp.Llama does), also before the timer."
             )
+    lines += tiered_lines(results, rep)
     if conv.get("pc_ram"):
         c = conv["pc_ram"]
         ideal = c["unique_cached_tokens"] * c["kv_bytes_per_token"]
@@ -411,6 +453,23 @@ def report(results: dict) -> str:
             f"median time to first token {median(c['ttft_ms']):.0f} ms."
         )
     return "\n".join(lines)
+
+
+def tiered_lines(results: dict, ram_hit_ms: float) -> list[str]:
+    """The tiered fresh column's figure against the RAM hit and what its processes read."""
+    fr = results["fresh"].get("pc_tiered")
+    if not fr:
+        return []
+    ms = median([f["ttft_ms"] for f in fr])
+    mapped = sum(1 for f in fr if f["mapped_reads"] and f["source"] == "disk")
+    return [
+        f"- Fresh process through RAM -> disk tiers (`CacheConfig(...).build_cache()`): {ms:.0f} ms = "
+        f"{ms / ram_hit_ms:.2f}x the RAM hit (target within 1.5x: "
+        f"**{'met' if ms <= 1.5 * ram_hit_ms else 'not met'}**); lookup and restore "
+        f"{median([f['restore_ms'] for f in fr]):.1f} ms; {mapped} of {len(fr)} fresh processes "
+        "restored from a view of the mapped disk entry (the tiers pass the mapped read through and "
+        "promote the view into RAM without a copy)."
+    ]
 
 
 def gemma_path() -> str:
@@ -522,6 +581,18 @@ def run_worker(flag: str, name: str, tmp: Path, args: argparse.Namespace) -> dic
     )
 
 
+def tiered_fresh(tmp: Path, args: argparse.Namespace) -> list[dict]:
+    """One process writes the prompt through CacheConfig(...).build_cache() (RAM -> disk), then
+    args.reps fresh processes each ask for it once through the same configuration."""
+    d = tmp / "pc_tiered"
+    d.mkdir()
+    spawn("--tiered-writer", "x", "--cache-dir", str(d), "--words", str(args.words))
+    return [
+        spawn("--fresh", "pc_tiered", "--cache-dir", str(d), "--words", str(args.words))
+        for _ in range(args.reps)
+    ]
+
+
 def gemma_main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pc-bench-gemma-"))
     results: dict = {"main": {}, "fresh": [], "schedule": {}}
@@ -602,9 +673,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--fresh")
+    ap.add_argument("--tiered-writer")
     ap.add_argument("--conv")
     ap.add_argument("--cache-dir", default="")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, --quick 2)")
     ap.add_argument("--words", type=int, default=850)
     ap.add_argument("--n-conv", type=int, default=100)
     ap.add_argument("--quick", action="store_true")
@@ -613,6 +685,10 @@ def main() -> None:
     ap.add_argument("--gemma-fresh")
     ap.add_argument("--schedule")
     args = ap.parse_args()
+    if args.quick:
+        args.reps = 2 if args.reps is None else args.reps
+        args.words, args.n_conv = 200, min(args.n_conv, 5)
+    args.reps = 5 if args.reps is None else args.reps
     if args.gemma_worker:
         print(json.dumps(gemma_worker(args.gemma_worker, args.cache_dir, args.reps, args.words)))
         return
@@ -623,8 +699,6 @@ def main() -> None:
         print(json.dumps(schedule_worker(args.schedule, 1024)))
         return
     if args.gemma:
-        if args.quick:
-            args.reps, args.words = 2, 200
         gemma_main(args)
         return
     if args.worker:
@@ -633,11 +707,12 @@ def main() -> None:
     if args.fresh:
         print(json.dumps(fresh_worker(args.fresh, args.cache_dir, args.words)))
         return
+    if args.tiered_writer:
+        print(json.dumps(tiered_writer(args.cache_dir, args.words)))
+        return
     if args.conv:
         print(json.dumps(conversations_worker(args.conv, args.n_conv, args.words)))
         return
-    if args.quick:
-        args.reps, args.words, args.n_conv = 2, 200, 5
     tmp = Path(tempfile.mkdtemp(prefix="pc-bench-"))
     results: dict = {"main": {}, "fresh": {}, "conv": {}}
     try:
@@ -659,6 +734,13 @@ def main() -> None:
                 ]
                 print(
                     f"  fresh process: {median([f['ttft_ms'] for f in results['fresh'][name]]):.0f} ms",
+                    flush=True,
+                )
+            if name == "pc_disk":
+                results["fresh"]["pc_tiered"] = tiered_fresh(tmp, args)
+                print(
+                    "  fresh process, tiered (RAM -> disk): "
+                    f"{median([f['ttft_ms'] for f in results['fresh']['pc_tiered']]):.0f} ms",
                     flush=True,
                 )
         print("100 conversations ...", flush=True)

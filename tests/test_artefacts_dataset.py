@@ -151,13 +151,13 @@ def test_changing_function_tokenizer_or_source_is_a_miss(
     def tokenize_with_bos(batch):  # noqa: ANN001, ANN202
         return {"input_ids": [tokenizer.tokenize(t) for t in batch["text"]]}
 
-    other_fn = cache.cache_dataset(source, tokenize_without_bos)
+    other_fn = cache.cache_dataset(source, tokenize_without_bos, batched=True)
     assert (
         other_fn != key
         and cache.get_dataset(other_fn)[0]["input_ids"]
         == cache.get_dataset(key)[0]["input_ids"][1:]
     )
-    assert cache.cache_dataset(source, tokenize_with_bos) not in (key, other_fn)
+    assert cache.cache_dataset(source, tokenize_with_bos, batched=True) not in (key, other_fn)
 
     gemma_tok = GGUFTokenizer(gemma.assemble())
     try:
@@ -219,7 +219,7 @@ def test_stream_closed_early_or_failing_stores_nothing(
     got = 0
     with (
         pytest.raises(ArithmeticError, match="bad row"),
-        cache.stream_dataset(source, 50, fails, prefetch=2) as stream,
+        cache.stream_dataset(source, 50, fails, prefetch=2, batched=True) as stream,
     ):
         for batch in stream:
             got += len(batch["text"])
@@ -245,11 +245,11 @@ def test_killed_writer_leaves_nothing_served(tmp_path: Path, mode: str) -> None:
 
         cache = DatasetCache({str(tmp_path / "cache")!r}, batch_buffer=2)
         source = Dataset.from_dict({{"n": list(range(10000))}})
-        Path({str(key_file)!r}).write_text(cache.dataset_key(source, slow))
+        Path({str(key_file)!r}).write_text(cache.dataset_key(source, slow, batched=True))
         if {mode!r} == "cache":
-            cache.cache_dataset(source, slow, batch_size=500)
+            cache.cache_dataset(source, slow, batched=True, batch_size=500)
         else:
-            for _ in cache.stream_dataset(source, 500, slow):
+            for _ in cache.stream_dataset(source, 500, slow, batched=True):
                 pass
         """
     )

@@ -27,7 +27,7 @@ from promptcache.compat import (
     LlamaState,
     llama_fingerprint,
 )
-from promptcache.model import default_model_path
+from promptcache.model import default_model_path, model_identity
 
 PROMPT = "The capital of France is"
 LONGER = "The capital of France is a city that many people visit, and the capital of Spain is"
@@ -586,13 +586,13 @@ def test_auto_fingerprint_is_llama_fingerprint_and_covers_the_whole_file(
     assert len(pinned) == 1 and len(LlamaDiskCache(str(tmp_path / "c"), fingerprint="x")) == 0
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(Path(llm.model_path).read_bytes())
-    assert compat.model_digest(copy) == compat.model_digest(llm.model_path)
+    assert model_identity(copy) == model_identity(llm.model_path)
     with open(copy, "r+b") as f:  # a byte of tensor data, far from both ends of the file
         f.seek(copy.stat().st_size // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
-    assert compat.model_digest(copy) != compat.model_digest(llm.model_path)
+    assert model_identity(copy) != model_identity(llm.model_path)
 
 
 def test_one_cache_shared_by_two_models_of_one_shape_keeps_them_apart(

@@ -1,10 +1,11 @@
 """The contract every store meets, run against each one (cachetools' CacheTestMixin is the model).
 
 StoreContract holds the contract: get/put/delete/contains/size/len/keys/clear/stats, the declared
-capabilities (store.base.BaseStore), capacity held after any operations (a hypothesis model of the
-latest value of each key), and a foreign fingerprint is a removed miss. PersistedStoreContract adds
-what a persisted store owes: another instance sees the entries, and a corrupt entry is a removed
-miss. One subclass per store: memory, disk, redis (a real redis-server), tiered, namespaced. Each
+capabilities (store.base.BaseStore), the view read (get_view: no copy where the store can), capacity
+held after any operations (a hypothesis model of the latest value of each key), and a foreign
+fingerprint is a removed miss. PersistedStoreContract adds what a persisted store owes: another
+instance sees the entries (a large one as a mapped view where a disk tier holds it), and a corrupt
+entry is a removed miss. One subclass per store: memory, disk, redis (a real redis-server), tiered, namespaced. Each
 store's own file keeps only the tests specific to it.
 """
 
@@ -30,6 +31,8 @@ pytest_plugins = ["redis_fixture"]  # a real redis-server on a free loopback por
 
 FP, OTHER_FP = "model-a", "model-b"
 CAPACITY = 8000
+BIG = bytes(range(256)) * 8192  # 2 MiB: a disk tier maps it (DiskStore maps from 1 MiB on)
+BIG_CAPACITY = 8 << 20  # a tiered store's RAM tier (a third) holds BIG too
 Make = Callable[[int], Any]
 
 OPS = st.lists(
@@ -179,6 +182,23 @@ class StoreContract:
         store.put("k3", b"three", fingerprint=FP)
         assert store.contains("k3")
 
+    def test_get_view_reads_what_get_reads_and_never_changes(self, make: Make) -> None:
+        store = make(BIG_CAPACITY)
+        store.put("big", BIG, fingerprint=FP)
+        store.put("small", b"abc", fingerprint=FP)
+        view, tier = store.get_view_with_tier("big", fingerprint=FP)
+        assert view == BIG and memoryview(view).readonly and tier in tier_rows(store)
+        assert store.get_view("small", fingerprint=FP) == b"abc"
+        assert type(store.get("big", fingerprint=FP)) is bytes  # get() gives bytes, views or not
+        assert store.get_view("nope", fingerprint=FP) is None
+        assert store.get_view_with_tier("nope", fingerprint=FP) == (None, "none")
+        store.put("big", BIG[::-1], fingerprint=FP)  # a view outlives a replacement...
+        store.delete("big")  # ...and a removal of its entry
+        assert view == BIG
+        store.put("big", BIG, fingerprint=FP)
+        assert store.get_view("big", fingerprint=OTHER_FP) is None  # foreign: a removed miss
+        assert not store.contains("big") and store.get_view("big", fingerprint=FP) is None
+
     # -- capacity, under any operations ---------------------------------------------------------
 
     # `make` is function-scoped but builds a new, empty store for every example. The one test
@@ -228,6 +248,7 @@ class PersistedStoreContract(StoreContract):
     (another process) over the same place; `corrupt(store, key)` damages the persisted bytes."""
 
     persistent = True
+    maps_large_entries = False  # whether a disk tier holds entries (and maps the large ones)
 
     def reopen(self, store: Any) -> Store:
         raise NotImplementedError
@@ -241,6 +262,28 @@ class PersistedStoreContract(StoreContract):
         other = self.reopen(store)
         assert other.get("k1", fingerprint=FP) == b"persisted"
         assert other.contains("k1") and "k1" in set(other.keys())
+        other.close()
+
+    def test_another_instance_reads_a_large_entry_as_a_mapped_view(self, make: Make) -> None:
+        """A fresh process's first read of a large entry: mapped and checked in place where a disk
+        tier holds it (mapped_reads counts it), and promoted into RAM as that view, not a copy."""
+        store = make(BIG_CAPACITY)
+        store.put("big", BIG, fingerprint=FP)
+        store.close()
+        other = self.reopen(store)
+        assert other.mapped_reads == 0
+        view, tier = other.get_view_with_tier("big", fingerprint=FP)
+        assert view == BIG and memoryview(view).readonly
+        if not self.maps_large_entries:
+            assert other.mapped_reads == other.stats()["mapped_reads"] == 0
+            other.close()
+            return
+        assert tier == "disk" and isinstance(view, memoryview)
+        assert other.mapped_reads == other.stats()["mapped_reads"] == 1
+        again, tier_again = other.get_view_with_tier("big", fingerprint=FP)
+        if tier_again != tier:  # promoted into a faster tier: the same mapped pages, no copy
+            assert tier_again == "memory" and again is view
+        assert type(other.get("big", fingerprint=FP)) is bytes
         other.close()
 
     def test_a_corrupt_entry_is_a_removed_miss(self, store: Store) -> None:
@@ -286,6 +329,8 @@ def closing() -> Iterator[Callable[[Any], Any]]:
 
 
 class TestDiskStore(PersistedStoreContract):
+    maps_large_entries = True
+
     @pytest.fixture
     def make(self, new_dir, closing) -> Make:
         return lambda capacity: closing(DiskStore(new_dir(), capacity))
@@ -348,6 +393,8 @@ def reopen_tiers(store: TieredStore) -> TieredStore:
 class TestTieredStore(PersistedStoreContract):
     """RAM -> disk -> Redis, as CacheConfig builds it; RAM a third of the others' capacity."""
 
+    maps_large_entries = True
+
     @pytest.fixture
     def make(self, new_dir, redis_url: str, new_namespace, closing) -> Make:
         def make(capacity: int) -> TieredStore:
@@ -375,6 +422,8 @@ class TestTieredStore(PersistedStoreContract):
 
 class TestNamespacedStore(PersistedStoreContract):
     """One named cache's view of RAM -> disk tiers, as CacheManager hands them out."""
+
+    maps_large_entries = True
 
     @pytest.fixture
     def make(self, new_dir, closing) -> Make:

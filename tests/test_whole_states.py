@@ -4,6 +4,7 @@ state is a logged miss, never a wrong answer; the whole states one cache writes 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -231,6 +232,61 @@ def test_a_fresh_process_repeat_from_a_whole_state_is_bit_exact(tmp_path, ref):
         assert llm.last_stats.source == "live"
         ref.reset_context()
         assert np.array_equal(out, ref.logits(longer))
+
+
+# One process of the tiered test below: LLM over CacheConfig(...).build_cache() (RAM -> disk, as the
+# README shows for sharing), one call on the prompt, what it reused and the stores' counters.
+TIERED_PROCESS = textwrap.dedent(
+    """
+    import hashlib, json, sys
+    from promptcache import LLM
+    from promptcache.config import CacheConfig
+    path, prompt = sys.argv[1], sys.argv[2]
+    cache = CacheConfig(memory_size=512 << 20, disk_path=path, disk_size=2 << 30).build_cache()
+    with LLM(cache=cache, n_ctx=2048) as llm:
+        tokens = llm.tokenize(prompt)
+        logits = llm.logits(tokens)
+        run, store = llm.last_stats, cache.store.stats()
+        print(json.dumps({
+            "n": len(tokens), "exact_batch": llm.exact_batch, "source": run.source,
+            "tokens_reused": run.tokens_reused, "cache": cache.stats(), "store": store,
+            "tiers": cache.store.tier_stats(),
+            "logits": hashlib.blake2b(logits.tobytes()).hexdigest(),
+        }, default=str))
+    """
+)
+
+ABOUT_1300_TOKENS = " ".join(
+    f"Rule {i}: item {i * 7 % 13} ships from depot {i % 5} within {i % 9 + 1} days."
+    for i in range(72)
+)
+
+
+def test_a_fresh_process_first_hit_through_config_tiers_restores_from_a_mapped_view(tmp_path):
+    """A fresh process's first hit through RAM -> disk tiers (CacheConfig.build_cache, a
+    NamespacedStore over a TieredStore) reads the whole state the first process wrote as a view of
+    the mapped file, checked in place and promoted into RAM without a copy: counters, not time."""
+
+    def run() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", TIERED_PROCESS, str(tmp_path), ABOUT_1300_TOKENS],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert 1200 <= first["n"] <= 1400 and first["tokens_reused"] == 0
+    assert first["cache"]["wholes_written"] == 1 and first["store"]["mapped_reads"] == 0
+    fresh = run()
+    assert fresh["source"] == "disk"
+    assert fresh["tokens_reused"] == fresh["n"] - fresh["exact_batch"]
+    assert fresh["cache"]["wholes_read"] == 1
+    assert fresh["store"]["mapped_reads"] == fresh["tiers"]["disk"]["mapped_reads"] == 1
+    assert fresh["store"]["hits_disk"] >= 1 and fresh["store"]["promotions"] >= 1
+    assert fresh["tiers"]["memory"]["puts"] >= 1  # the view promoted into RAM
+    assert fresh["logits"] == first["logits"]  # and the answer is the cold run's, bit for bit
 
 
 def test_whole_key_names_codec_and_chunk():

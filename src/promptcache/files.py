@@ -1,7 +1,7 @@
 """Where promptcache keeps files of its own, how it writes them, and how it reads settings files.
 
 Owns the user cache directory, atomic file replacement and TOML/YAML parsing; never interprets
-the settings it reads (config.py and server/settings.py do).
+the settings it reads (promptcache.config and server/settings.py do).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Content addresses of cached token ranges: a blake2b hash chain over (fingerprint, prefix, tokens).
 
-Owns how token ids become bytes and keys; knows nothing of stores or engines.
+Owns how token ids become bytes and keys (PromptKeys: a request's prompt hashed once); knows
+nothing of stores or engines.
 """
 
 from __future__ import annotations
@@ -46,11 +47,56 @@ def chain(prev: bytes, tokens_le: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def block_keys(fingerprint: str, tokens_le: bytes, block_size: int, n_blocks: int) -> list[bytes]:
-    """Prefix hashes at every block boundary: result[i] keys tokens[0 : i*block_size]; result[0] is the root."""
+def block_keys(
+    fingerprint: str,
+    tokens_le: bytes,
+    block_size: int,
+    n_blocks: int,
+    *,
+    known: Sequence[bytes] = (),
+) -> list[bytes]:
+    """Prefix hashes at every block boundary: result[i] keys tokens[0 : i*block_size]; result[0] is the root.
+
+    known: keys this function returned for other tokens that share their first len(known) - 1
+    blocks with these (PromptKeys passes them); hashing resumes after them.
+    """
     view = memoryview(tokens_le)
     step = 4 * block_size
-    keys = [root_key(fingerprint)]
-    for i in range(n_blocks):
+    keys = list(known[: n_blocks + 1]) or [root_key(fingerprint)]
+    for i in range(len(keys) - 1, n_blocks):
         keys.append(chain(keys[-1], view[i * step : (i + 1) * step]))
     return keys
+
+
+def shared_blocks(a: bytes, b: bytes, block_size: int, limit: int) -> int:
+    """How many full blocks (at most `limit`) token bytes `a` and `b` share from their start."""
+    step = 4 * block_size
+    n = min(limit, len(a) // step, len(b) // step)
+    if a[: n * step] == b[: n * step]:
+        return n
+    diff = np.frombuffer(a, np.uint8, n * step) != np.frombuffer(b, np.uint8, n * step)
+    return int(np.argmax(diff)) // step
+
+
+class PromptKeys:
+    """The block keys of the last prompt hashed, so that a request's lookup, insert and adopt hash
+    its prompt once between them: a later prompt of the same fingerprint reuses the keys of the full
+    blocks it shares with it. Safe to share between threads (one tuple, replaced whole)."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._last: tuple[str, bytes, list[bytes]] = ("", b"", [])
+
+    def block_keys(self, fingerprint: str, tokens_le: bytes, n_blocks: int) -> list[bytes]:
+        """block_keys(fingerprint, tokens_le, block_size, n_blocks), hashing only the blocks
+        the last prompt did not share."""
+        last_fp, last_tokens, last = self._last
+        known: list[bytes] = []
+        if last_fp == fingerprint and last:
+            limit = min(n_blocks, len(last) - 1)
+            have = shared_blocks(last_tokens, tokens_le, self.block_size, limit)
+            known = last[: have + 1] if have else []
+        keys = block_keys(fingerprint, tokens_le, self.block_size, n_blocks, known=known)
+        if len(keys) >= len(last) or last_fp != fingerprint:
+            self._last = (fingerprint, tokens_le, keys)
+        return keys

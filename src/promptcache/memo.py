@@ -6,16 +6,19 @@ bounds, recency and the prefixes seen once; never decides which chunks a prompt 
 A merged prefix is named by the key of its last block: the block keys are a hash chain, so that
 one key names every block before it too (keys.py). It also answers for its earlier prefixes at
 every `alias_every`-th block, cut to them, so a new question after a cached system prompt starts
-from the system prompt's merged state. Segments live in `_segments` behind `_get`/`_put`/`_drop`
-only: that is the seam where a store could later back them (issue 15), keyed by plain strings.
+from the system prompt's merged state. Segments live in `_segments` (a cachetools LRUCache bounded
+in bytes) behind `_get`/`_drop` and remember() only: the seam where a store could later back them
+(issue 15), keyed by plain strings.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from cachetools import FIFOCache, LRUCache
 
 from promptcache.codec import StateCodec
 from promptcache.errors import CodecError, PromptCacheError
@@ -79,17 +82,17 @@ class PrefixMemo:
         self.min_blocks = min_blocks
         self.alias_every = alias_every
         self.seen_limit = seen_limit
-        self._segments: OrderedDict[MemoKey, bytes] = OrderedDict()
-        self._used = 0
+        # Least recently used out first; remember() makes room itself, so that aliases go too.
+        self._segments: LRUCache[MemoKey, bytes] = LRUCache(capacity_bytes, getsizeof=len)
         # alias -> (its length in blocks, the kept prefixes it is an earlier part of, oldest first)
         self._alias: dict[MemoKey, tuple[int, list[MemoKey]]] = {}
         self._aliases_of: dict[MemoKey, list[MemoKey]] = {}
-        self._seen: OrderedDict[MemoKey, None] = OrderedDict()
+        self._seen: FIFOCache[MemoKey, None] = FIFOCache(max(seen_limit, 1))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the merged segments kept (never more than capacity_bytes)."""
-        return self._used
+        return self._segments.currsize
 
     def __len__(self) -> int:
         return len(self._segments)
@@ -143,9 +146,9 @@ class PrefixMemo:
         self._drop(key)
         if len(segment) > self.capacity_bytes:
             return False
-        while self._used + len(segment) > self.capacity_bytes:
-            self._drop(next(iter(self._segments)))
-        self._put(key, segment)
+        while self._segments.currsize + len(segment) > self.capacity_bytes:
+            self._drop(self._segments.popitem()[0])
+        self._segments[key] = segment
         aliases = []
         for i in range(self.alias_every - 1, len(block_keys) - 1, self.alias_every):
             alias = memo_key(codec.name, block_keys[i])
@@ -162,10 +165,13 @@ class PrefixMemo:
         key = memo_key(codec.name, block_keys[-1])
         if key in self._seen:
             return True
-        self._seen[key] = None
-        while len(self._seen) > self.seen_limit:
-            self._seen.popitem(last=False)
+        if self.seen_limit > 0:
+            self._seen[key] = None  # past seen_limit, the oldest sighting is forgotten
         return False
+
+    def forget(self, key: MemoKey) -> None:
+        """Forget one merged segment (a persisted merge found broken), its aliases with it."""
+        self._drop(key)
 
     def clear(self) -> None:
         """Forget every segment and every sighting."""
@@ -173,24 +179,14 @@ class PrefixMemo:
         self._alias.clear()
         self._aliases_of.clear()
         self._seen.clear()
-        self._used = 0
 
     # ------------------------------------------------ segment storage (the seam for a store)
 
     def _get(self, key: MemoKey) -> bytes | None:
-        segment = self._segments.get(key)
-        if segment is not None:
-            self._segments.move_to_end(key)
-        return segment
-
-    def _put(self, key: MemoKey, segment: bytes) -> None:
-        self._segments[key] = segment
-        self._used += len(segment)
+        return self._segments.get(key)  # a hit makes it recent
 
     def _drop(self, key: MemoKey) -> None:
-        old = self._segments.pop(key, None)
-        if old is not None:
-            self._used -= len(old)
+        self._segments.pop(key, None)
         for alias in self._aliases_of.pop(key, ()):
             mains = self._alias[alias][1]
             mains.remove(key)
@@ -267,15 +263,10 @@ class PersistedMerges:
         self, codec: StateCodec, key: str, n_tokens: int, fingerprint: str
     ) -> tuple[bytes | memoryview, str] | None | bool:
         """(value, tier) of key if it holds exactly n_tokens; None if absent or dropped (it held
-        another count); False if the store cannot be read. A store with get_view (disk) maps a
-        large value instead of copying it: a fresh process's first hit pays no page faults for it."""
+        another count); False if the store cannot be read. Read as a view: a disk tier maps a
+        large value instead of copying it, so a fresh process's first hit pays no page faults for it."""
         try:
-            get_view = getattr(self.store, "get_view", None)
-            if get_view is not None:
-                value = get_view(key, fingerprint=fingerprint)
-                tier = self.store.name
-            else:
-                value, tier = self.store.get_with_tier(key, fingerprint=fingerprint)
+            value, tier = self.store.get_view_with_tier(key, fingerprint=fingerprint)
         except PromptCacheError as exc:
             log.warning("cannot read merged prefix %s (%s); reading its blocks", key, exc)
             return False

@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from promptcache.artefacts.stream import BatchStream
 
 log = logging.getLogger(__name__)
 
-PreprocessFn = Callable[[dict[str, list[Any]]], dict[str, Any]]
+PreprocessFn = Callable[[dict[str, Any]], dict[str, Any]]
+"""A row in, a row out (batched=False); a dict of column lists in and out (batched=True)."""
 
 # Bump when what an artefact holds for the same inputs changes (the preprocess semantics below).
-_SEMANTICS = "batched-map/1"
+_SEMANTICS = "map/2"
 
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
@@ -85,20 +87,50 @@ def _require_dataset(dataset: Any) -> Any:
     return dataset
 
 
+@dataclass(frozen=True)
+class _Preprocess:
+    """What cache_dataset and stream_dataset do to a source's rows: one Dataset.map call.
+
+    artefact: the key of what it makes, which names the map's result for datasets' fingerprint."""
+
+    fn: PreprocessFn | None
+    batched: bool
+    remove_columns: Sequence[str] | None
+    artefact: str
+
+    def apply(self, dataset: Any, batch_size: int, cache_file: Path | None) -> Any:
+        """`dataset` mapped, into `cache_file` (None: in memory). Raises what the function raises."""
+        dataset = dataset.with_format(None)
+        if self.fn is None and not self.remove_columns:
+            return dataset
+        return dataset.map(
+            self.fn,
+            batched=self.batched,
+            batch_size=batch_size,
+            remove_columns=list(self.remove_columns) if self.remove_columns else None,
+            load_from_cache_file=False,
+            keep_in_memory=cache_file is None,
+            cache_file_name=None if cache_file is None else str(cache_file),
+            new_fingerprint=self.artefact.replace("dataset-", "")[:64],
+        )
+
+
 class DatasetCache(KeyedHousekeeping):
     """Processed datasets, keyed by what produced them, stored as Arrow and reopened memory-mapped.
 
-    `cache_dataset(dataset, preprocess_fn)` maps `preprocess_fn` over `dataset` in batches (as
-    `Dataset.map(batched=True)` does: it takes a dict of column lists and returns a dict of column
-    lists, which are added to the input columns or replace those of the same name; `remove_columns`
-    drops input columns), saves the result with `Dataset.save_to_disk` and returns its key;
+    `cache_dataset(dataset, preprocess_fn)` maps `preprocess_fn` over `dataset` as `Dataset.map`
+    does: with batched=False (the default) it takes one row (a dict of values) and returns one row,
+    with batched=True it takes a dict of column lists and returns a dict of column lists; the
+    columns it returns are added to the input columns or replace those of the same name, and
+    `remove_columns` drops input columns. It saves the result with `Dataset.save_to_disk` and returns its key;
     `get_dataset(key)` reopens it with `load_from_disk`, memory-mapped (not copied into RAM);
     `stream_dataset(...)` yields batches from the cache, or computes, yields and caches them.
 
     The key is a blake2b hash over: the source (its datasets fingerprint, a hash of its content for
     in-memory datasets and of its files and transforms for loaded ones, or `source=` if given); the
     function's identity (promptcache.artefacts.identity: source, bytecode, closure and globals, or
-    `version=` if given); remove_columns; and the versions of promptcache, datasets, pyarrow,
+    `version=` if given: a model or tokenizer in its closure is keyed by its file's or vocabulary's
+    digest); `batched`; remove_columns; and the versions of promptcache, datasets, pyarrow,
     llama-cpp-python, numpy and python. A change to any of them is a miss, never a stale hit. The batch
     size is not in the key: preprocess_fn must give the same rows however rows are grouped.
 
@@ -147,6 +179,7 @@ class DatasetCache(KeyedHousekeeping):
         version: str | int | None = None,
         source: Any = None,
         remove_columns: Sequence[str] | None = None,
+        batched: bool = False,
     ) -> str:
         """The key cache_dataset and stream_dataset use for these arguments (see the class docstring).
 
@@ -156,11 +189,35 @@ class DatasetCache(KeyedHousekeeping):
         transform = None if preprocess_fn is None else function_identity(preprocess_fn, version)
         params = {
             "semantics": _SEMANTICS,
+            "batched": bool(batched),
             "remove_columns": sorted(remove_columns) if remove_columns else None,
         }
         return artefact_key(
             "dataset", value_identity(dataset if source is None else source), transform, params
         )
+
+    def _preprocess(
+        self,
+        dataset: Any,
+        fn: PreprocessFn | None,
+        name: str | None,
+        version: str | int | None,
+        source: Any,
+        remove_columns: Sequence[str] | None,
+        batched: bool,
+    ) -> _Preprocess:
+        """The map a call asks for, with its artefact key; checks the name it gives. Raises as dataset_key, ValueError."""
+        artefact = self.dataset_key(
+            dataset,
+            fn,
+            version=version,
+            source=source,
+            remove_columns=remove_columns,
+            batched=batched,
+        )
+        if name is not None:
+            self.store.check_key(name)
+        return _Preprocess(fn, batched, remove_columns, artefact)
 
     # -- caching --------------------------------------------------------------------------------
 
@@ -173,59 +230,36 @@ class DatasetCache(KeyedHousekeeping):
         version: str | int | None = None,
         source: Any = None,
         remove_columns: Sequence[str] | None = None,
+        batched: bool = False,
         batch_size: int = 1000,
     ) -> str:
         """Process `dataset` with `preprocess_fn` (unless already cached) and store it; returns its artefact key.
 
+        batched and batch_size as in Dataset.map: False (the default) calls preprocess_fn with one
+        row, True with a dict of up to batch_size rows' column lists.
         key: a name (1 to 200 characters of [0-9a-z_.:-]) that get_dataset will also accept; it is
         an alias that follows the latest cache_dataset call under it, never part of the artefact key.
         Raises TypeError (not a Dataset, unidentifiable function input), ValueError (malformed key),
         CapacityError (the result is larger than the whole cache), StoreUnavailableError, and
         whatever preprocess_fn raises (nothing is stored then).
         """
-        artefact = self.dataset_key(
-            dataset, preprocess_fn, version=version, source=source, remove_columns=remove_columns
+        preprocess = self._preprocess(
+            dataset, preprocess_fn, key, version, source, remove_columns, batched
         )
-        if key is not None:
-            self.store.check_key(key)
+        artefact = preprocess.artefact
         if self.store.get(artefact) is None:
             with self.store.writing(artefact) as tmp:
                 # Beside tmp and named after it (our pid): a dead writer's is removed with its temp dir.
                 map_file = Path(f"{tmp}.map.arrow")
                 try:
                     with _quiet():
-                        result = self._map(
-                            dataset, preprocess_fn, remove_columns, batch_size, map_file, artefact
-                        )
+                        result = preprocess.apply(dataset, batch_size, map_file)
                     _save(result, tmp)
                 finally:
                     map_file.unlink(missing_ok=True)
         if key is not None:
             self.store.name(key, artefact)
         return artefact
-
-    @staticmethod
-    def _map(
-        dataset: Any,
-        fn: PreprocessFn | None,
-        remove_columns: Sequence[str] | None,
-        batch_size: int,
-        cache_file: Path | None,
-        fingerprint: str,
-    ) -> Any:
-        dataset = dataset.with_format(None)
-        if fn is None and not remove_columns:
-            return dataset
-        return dataset.map(
-            fn,
-            batched=True,
-            batch_size=batch_size,
-            remove_columns=list(remove_columns) if remove_columns else None,
-            load_from_cache_file=False,
-            keep_in_memory=cache_file is None,
-            cache_file_name=None if cache_file is None else str(cache_file),
-            new_fingerprint=fingerprint.replace("dataset-", "")[:64],
-        )
 
     def get_dataset(self, key: str) -> Any:
         """The cached datasets.Dataset under `key` (an artefact key or a name), memory-mapped; None on a miss.
@@ -254,6 +288,7 @@ class DatasetCache(KeyedHousekeeping):
         version: str | int | None = None,
         source: Any = None,
         remove_columns: Sequence[str] | None = None,
+        batched: bool = False,
         format: str | None = None,
         columns: Sequence[str] | None = None,
         prefetch: int | None = None,
@@ -265,7 +300,8 @@ class DatasetCache(KeyedHousekeeping):
         source is processed and yielded, and every batch_buffer processed batches are appended to an
         Arrow file, which becomes the artefact (the same key as cache_dataset's) once the last batch
         is made. A stream closed early, or failing, stores nothing.
-        Batches are dicts of column lists (`format`, e.g. "numpy", and `columns` as in Dataset.with_format).
+        Batches are dicts of column lists (`format`, e.g. "numpy", and `columns` as in Dataset.with_format);
+        preprocess_fn is called per row (batched=False, the default) or per batch (batched=True).
         prefetch (default: the cache's) batches are made ahead by a background thread; use the
         stream in a `with` block or close() it when leaving it early.
         Raises (at once) TypeError and ValueError as cache_dataset; during iteration, whatever
@@ -273,11 +309,10 @@ class DatasetCache(KeyedHousekeeping):
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        artefact = self.dataset_key(
-            dataset, preprocess_fn, version=version, source=source, remove_columns=remove_columns
+        preprocess = self._preprocess(
+            dataset, preprocess_fn, key, version, source, remove_columns, batched
         )
-        if key is not None:
-            self.store.check_key(key)
+        artefact = preprocess.artefact
         prefetch = self.prefetch if prefetch is None else prefetch
         buffer = self.batch_buffer if batch_buffer is None else batch_buffer
         if not isinstance(buffer, int) or buffer < 1:
@@ -290,9 +325,7 @@ class DatasetCache(KeyedHousekeeping):
         else:
             source_batches = self._fill(
                 dataset,
-                preprocess_fn,
-                remove_columns,
-                artefact,
+                preprocess,
                 key,
                 batch_size,
                 buffer,
@@ -307,9 +340,7 @@ class DatasetCache(KeyedHousekeeping):
     def _fill(
         self,
         dataset: Any,
-        fn: PreprocessFn | None,
-        remove_columns: Sequence[str] | None,
-        artefact: str,
+        preprocess: _Preprocess,
         name: str | None,
         batch_size: int,
         batch_buffer: int,
@@ -320,6 +351,7 @@ class DatasetCache(KeyedHousekeeping):
         from datasets import Dataset
         from datasets.arrow_writer import ArrowWriter
 
+        artefact = preprocess.artefact
         dataset = dataset.with_format(None)
         with self.store.writing(artefact) as tmp:
             arrow_file = Path(f"{tmp}.stream.arrow")
@@ -329,7 +361,7 @@ class DatasetCache(KeyedHousekeeping):
                 for start in range(0, len(dataset), batch_size):
                     rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
                     with _quiet():
-                        batch = self._map(rows, fn, remove_columns, batch_size, None, artefact)
+                        batch = preprocess.apply(rows, batch_size, None)
                     if writer is None:
                         writer = ArrowWriter(features=batch.features, path=str(arrow_file))
                     pending.append(batch.data.table)
@@ -341,7 +373,7 @@ class DatasetCache(KeyedHousekeeping):
                     writer.write_table(pa.concat_tables(pending))
                 if writer is None:  # an empty source: its (empty) processed form is an artefact too
                     with _quiet():
-                        result = self._map(dataset, fn, remove_columns, batch_size, None, artefact)
+                        result = preprocess.apply(dataset, batch_size, None)
                 else:
                     writer.finalize()
                     writer.close()

@@ -11,10 +11,20 @@ How a function is identified (the key changes, so the cache misses, when any of 
   its bytecode and constants (nested functions and lambdas included), its default arguments, the
   values its closure captures, and the values of the module globals its code names. Values are
   identified by content: numbers, strings, containers, numpy arrays (bytes), `datasets.Dataset`
-  (its fingerprint), `llama_cpp.Llama` (a hash of its GGUF file), functions and partials
-  (recursively), modules (name and version), objects with a `__cache_identity__()` method (what it
-  returns), anything else by datasets' Hasher. A value that cannot be identified raises TypeError.
+  (its fingerprint), the models a preprocess function tokenizes with (below), functions and
+  partials (recursively), modules (name and version), objects with a `__cache_identity__()` method
+  (what it returns), anything else by datasets' Hasher. A value that cannot be identified raises
+  TypeError.
 Identical source with different captured values (two tokenizers in two closures) gives two keys.
+
+Models, by what their tokenization depends on (recognised by type, imported only where the value's
+own module already is): promptcache's `LLM`, `CachedCausalLM` and its tokenizer, and
+`llama_cpp.Llama`, by promptcache.model.model_identity of their GGUF (the vocabulary is in the
+file; llama-cpp-python's version is in every key); a Hugging Face tokenizer
+(`PreTrainedTokenizerBase`) by a digest of its vocabulary, merges, normalizer and special tokens
+(the fast tokenizer's backend JSON, else the files save_pretrained writes) and the settings that
+change its output. A function that evaluates a model (logits, sampled text) rather than tokenizing
+with it depends on more than this: pass `version=` for it.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import textwrap
 import types
 from hashlib import blake2b
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 KEY_DIGEST_SIZE = 20
@@ -204,11 +215,64 @@ def _value(value: Any, seen: set[int]) -> Any:
         }
     if module.startswith("datasets") and hasattr(value, "_fingerprint"):
         return {"dataset": value._fingerprint}
-    if module.startswith("llama_cpp") and hasattr(value, "model_path"):
-        from promptcache.model import file_identity
-
-        return {"llama": file_identity(value.model_path)}
+    model = _model(value)
+    if model is not None:
+        return model
     return {"hashed": _value(type(value), seen), "digest": _hasher(value)}
+
+
+def _model(value: Any) -> dict[str, Any] | None:
+    """The identity of a model or tokenizer (see the module docstring), None for any other value.
+
+    Looks a class up only in a module already imported: an object of it cannot exist otherwise,
+    and identifying a value must not import llama.cpp or transformers."""
+    from promptcache.model import model_identity
+
+    llm = sys.modules.get("promptcache.engines.llama_cpp.llm")
+    if llm is not None and isinstance(value, llm.LLM):
+        return {"llm": model_identity(value.model_path)}
+    lm = sys.modules.get("promptcache.lm")
+    if lm is not None and isinstance(value, lm.CachedCausalLM):
+        return {"llm": model_identity(value.llm.model_path)}
+    if lm is not None and isinstance(value, lm.GGUFTokenizer) and value.name_or_path:
+        return {"llm": model_identity(value.name_or_path)}
+    if type(value).__module__.startswith("llama_cpp") and hasattr(value, "model_path"):
+        return {"llama": model_identity(value.model_path)}
+    hf = sys.modules.get("transformers.tokenization_utils_base")
+    if hf is not None and isinstance(value, hf.PreTrainedTokenizerBase):
+        return _hf_tokenizer(value)
+    return None
+
+
+def _hf_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """A Hugging Face tokenizer by its vocabulary, merges, normalizer, special tokens and settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: one JSON holds everything tokenizing reads
+        rules = _digest(backend.to_str().encode())
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="promptcache-tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+            rules = _digest(
+                b"".join(p.name.encode() + b"\0" + _digest(p.read_bytes()).encode() for p in files)
+            )
+    return {
+        "tokenizer": _name(type(tokenizer)),
+        "rules": rules,
+        "added_tokens": _value(
+            {str(i): repr(t) for i, t in tokenizer.added_tokens_decoder.items()}, set()
+        ),
+        "special_map": _value({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, set()),
+        "settings": _value(
+            {
+                name: getattr(tokenizer, name, None)
+                for name in ("padding_side", "truncation_side", "model_max_length", "chat_template")
+            },
+            set(),
+        ),
+    }
 
 
 def _hasher(value: Any) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from promptcache.artefacts.base import KeyedHousekeeping
 from promptcache.artefacts.identity import artefact_key
 from promptcache.errors import CorruptEntryError, PromptCacheError
-from promptcache.model import file_identity
+from promptcache.model import model_identity
 
 GGUF_MAGIC = b"GGUF"
 
@@ -45,8 +45,8 @@ def _llama_cpp() -> Any:
 class ModelCache(KeyedHousekeeping):
     """Model files derived from other files, keyed by what produced them, evicted by policy within capacity_bytes.
 
-    Each artefact is one file in its own directory. Keys hash the sources' identities (size and the
-    first and last 4 MiB of each file, promptcache.model.file_identity), the transform, its
+    Each artefact is one file in its own directory. Keys hash the sources' identities (a digest of each whole
+    file, promptcache.model.model_identity, hashed once per file version), the transform, its
     parameters and the library versions. `path(key)` gives the file (hand a GGUF to
     `llama_cpp.Llama(model_path=...)`, which memory-maps it), `open(key)` a read-only mmap of it,
     `open_safetensors(key)` numpy views over an mmap of a safetensors file (no copy).
@@ -121,7 +121,7 @@ class ModelCache(KeyedHousekeeping):
         self, sources: Sequence[str | os.PathLike[str]], transform: str, params: Any = None
     ) -> str:
         """The key of `transform` with `params` applied to the files `sources`. Raises OSError for a missing source."""
-        return artefact_key("model", [file_identity(s) for s in sources], transform, params)
+        return artefact_key("model", [model_identity(s) for s in sources], transform, params)
 
     def assemble(
         self, parts: Sequence[str | os.PathLike[str]], *, filename: str = "model.gguf"

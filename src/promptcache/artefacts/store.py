@@ -16,13 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from promptcache.errors import CapacityError
-from promptcache.store import sqlite as sqlite_index
+from promptcache.store.sqlite import Database
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class ArtefactStore:
     whole artefact. A directory without a row is never served (gc() removes it); a listed artefact
     whose files no longer match its manifest is a logged miss and is removed. Removal renames into
     `trash/` first, so readers never see a half-deleted tree; processes that already opened (or
-    memory-mapped) files keep reading them until they close them.
+    memory-mapped) files keep reading them until they close them. An index sqlite calls damaged is
+    set aside for a new, empty one (store.sqlite.Database): nothing is served from the old
+    directories, which gc() then removes as orphans.
 
     policy: "lru" (default), "fifo", "time" (alias "ttl": oldest written first; needs max_age) or
     "size" (largest first). max_age (seconds) expires artefacts under any policy.
@@ -159,38 +161,25 @@ class ArtefactStore:
         self._entries = self.path / "entries"
         self._tmp = self.path / "tmp"
         self._trash = self.path / "trash"
-        self._local = threading.local()
+        self._db = Database(
+            self.path / "index.sqlite",
+            _SCHEMA,
+            busy_timeout=BUSY_TIMEOUT,
+            where=f"the artefact cache at {self.path}",
+            full_hint=f"free space or lower capacity_bytes (now {capacity_bytes})",
+        )
         self._stats_lock = threading.Lock()
         self.hits = self.misses = self.puts = self.evictions = self.expirations = self.corrupt = 0
-        with self._unavailable("open"):
+        with self._db.unavailable("open"):
             for d in (self._entries, self._tmp, self._trash):
                 d.mkdir(parents=True, exist_ok=True)
-            conn = self._conn()
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        self._db.open()
         self._remove_dead_temps()
 
     def __repr__(self) -> str:
         return f"ArtefactStore({str(self.path)!r}, capacity_bytes={self.capacity_bytes}, policy={self.policy!r})"
 
     # -- plumbing -------------------------------------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        """This thread's connection: sqlite connections are not shared across threads or forks."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = sqlite_index.connect(self.path / "index.sqlite", BUSY_TIMEOUT)
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
-    @contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        """One index write transaction: the cross-process lock under which directories are placed or removed."""
-        with sqlite_index.write_transaction(self._conn()) as conn:
-            yield conn
-
-    def _unavailable(self, action: str) -> AbstractContextManager[None]:
-        return sqlite_index.unavailable(action, f"the artefact cache at {self.path}")
 
     def _bump(self, counter: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -277,7 +266,7 @@ class ArtefactStore:
         the artefact is larger than capacity_bytes (nothing is stored), StoreUnavailableError on I/O errors.
         """
         self.check_key(key)
-        with self._unavailable("write to"):
+        with self._db.unavailable("write to"):
             tmp = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
             tmp.mkdir()
         try:
@@ -294,14 +283,14 @@ class ArtefactStore:
                 f"artefact {key} takes {size} bytes, more than the cache's capacity_bytes "
                 f"({self.capacity_bytes}); raise capacity_bytes"
             )
-        with self._unavailable("store into"):
+        with self._db.unavailable("store into"):
             if self.fsync:
                 for rel in files:
                     _fsync_path(tmp / rel)
                 for dirpath, _dirs, _files in os.walk(tmp):
                     _fsync_path(Path(dirpath), directory=True)
             now = self._clock()
-            with self._locked() as conn:
+            with self._db.locked() as conn:
                 exists = conn.execute("SELECT 1 FROM artefacts WHERE key = ?", (key,)).fetchone()
                 if exists and not replace:
                     return
@@ -324,7 +313,7 @@ class ArtefactStore:
         """Let `name` resolve to artefact `key` from now on. Raises ValueError for malformed ones, KeyError if `key` is not stored."""
         self.check_key(name)
         self.check_key(key)
-        with self._unavailable("name an artefact in"), self._locked() as conn:
+        with self._db.unavailable("name an artefact in"), self._db.locked() as conn:
             if not conn.execute("SELECT 1 FROM artefacts WHERE key = ?", (key,)).fetchone():
                 raise KeyError(f"no artefact {key} to name {name!r}")
             conn.execute("INSERT OR REPLACE INTO names (name, key) VALUES (?, ?)", (name, key))
@@ -332,7 +321,9 @@ class ArtefactStore:
     def resolve(self, name_or_key: str) -> str:
         """The key a name stands for, or the argument itself when it is no name."""
         row = (
-            self._conn().execute("SELECT key FROM names WHERE name = ?", (name_or_key,)).fetchone()
+            self._db.conn()
+            .execute("SELECT key FROM names WHERE name = ?", (name_or_key,))
+            .fetchone()
         )
         return row[0] if row else name_or_key
 
@@ -353,7 +344,7 @@ class ArtefactStore:
         try:
             key = self.resolve(key)
             row = (
-                self._conn()
+                self._db.conn()
                 .execute("SELECT ctime, manifest FROM artefacts WHERE key = ?", (key,))
                 .fetchone()
             )
@@ -383,7 +374,7 @@ class ArtefactStore:
                 return None
         if self.policy in ("lru", "size"):
             try:
-                with self._locked() as conn:
+                with self._db.locked() as conn:
                     conn.execute("UPDATE artefacts SET atime = ? WHERE key = ?", (now, key))
             except sqlite3.Error as exc:
                 log.debug("cannot refresh atime of %s: %s", key, exc)
@@ -391,7 +382,7 @@ class ArtefactStore:
 
     def _drop(self, key: str, why: str) -> None:
         try:
-            with self._locked() as conn:
+            with self._db.locked() as conn:
                 self._remove_rows(conn, [key])
         except (OSError, sqlite3.Error) as exc:
             log.warning("cannot remove artefact %s (%s): %s", key, why, exc)
@@ -401,9 +392,9 @@ class ArtefactStore:
 
     def entries(self) -> list[ArtefactInfo]:
         """Every complete artefact, oldest written first. Raises StoreUnavailableError."""
-        with self._unavailable("list"):
+        with self._db.unavailable("list"):
             rows = (
-                self._conn()
+                self._db.conn()
                 .execute("SELECT key, size, ctime, atime, manifest FROM artefacts ORDER BY ctime")
                 .fetchall()
             )
@@ -411,9 +402,9 @@ class ArtefactStore:
 
     def stats(self) -> dict[str, Any]:
         """Counters of this instance (hits, misses, puts, evictions, expirations, corrupt) and the index's entries and bytes."""
-        with self._unavailable("read stats of"):
+        with self._db.unavailable("read stats of"):
             n, total = (
-                self._conn()
+                self._db.conn()
                 .execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM artefacts")
                 .fetchone()
             )
@@ -435,7 +426,7 @@ class ArtefactStore:
     def remove(self, key: str) -> bool:
         """Remove artefact `key` (or the one a name stands for); True if it was stored. Raises ValueError, StoreUnavailableError."""
         self.check_key(key)
-        with self._unavailable("remove from"), self._locked() as conn:
+        with self._db.unavailable("remove from"), self._db.locked() as conn:
             named = conn.execute("SELECT key FROM names WHERE name = ?", (key,)).fetchone()
             key = named[0] if named else key
             if not conn.execute("SELECT 1 FROM artefacts WHERE key = ?", (key,)).fetchone():
@@ -445,7 +436,7 @@ class ArtefactStore:
 
     def clear(self) -> int:
         """Remove every artefact and name; returns how many artefacts. Raises StoreUnavailableError."""
-        with self._unavailable("clear"), self._locked() as conn:
+        with self._db.unavailable("clear"), self._db.locked() as conn:
             keys = [k for (k,) in conn.execute("SELECT key FROM artefacts").fetchall()]
             self._remove_rows(conn, keys)
             conn.execute("DELETE FROM names")
@@ -457,7 +448,7 @@ class ArtefactStore:
         Returns counts {"expired", "evicted", "orphans", "temps"}. Raises StoreUnavailableError.
         """
         now = self._clock()
-        with self._unavailable("clean"), self._locked() as conn:
+        with self._db.unavailable("clean"), self._db.locked() as conn:
             expired = []
             if self.max_age is not None:
                 expired = [
@@ -485,8 +476,5 @@ class ArtefactStore:
         }
 
     def close(self) -> None:
-        """Close this thread's index connection (others close when their threads end); idempotent."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this process's index connections; later calls reopen them. Never raises."""
+        self._db.close()

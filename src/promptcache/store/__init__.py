@@ -1,5 +1,5 @@
 """Byte stores behind one small protocol: get, put, delete, contains, size, capacity, and the
-capabilities store.base.BaseStore declares with defaults (tiers, expiry, gc, listing, close).
+capabilities store.base.BaseStore declares with defaults (views, tiers, expiry, gc, listing, close).
 
 Stores know keys and bytes only; they never parse states and never unpickle.
 """
@@ -22,6 +22,10 @@ class Store(Protocol):
     name: str
     capacity_bytes: int
     latency_rank: int
+    corrupt: int
+    """Damaged or foreign entries this store found and removed (a counter, read without I/O)."""
+    mapped_reads: int
+    """Values this store handed out as views of a mapped file (get_view), a counter."""
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:
         """The value, or None on a miss (including a corrupt or foreign entry, which is removed).
@@ -30,7 +34,7 @@ class Store(Protocol):
         """
         ...
 
-    def put(self, key: str, value: bytes, *, fingerprint: str = "") -> None:
+    def put(self, key: str, value: bytes | memoryview, *, fingerprint: str = "") -> None:
         """Store value, evicting by policy to stay within capacity. Raises CapacityError if it can never fit."""
         ...
 
@@ -57,6 +61,22 @@ class Store(Protocol):
         ...
 
     # -- declared capabilities (defaults in BaseStore) ------------------------------------------
+
+    def get_view(self, key: str, *, fingerprint: str | None = None) -> bytes | memoryview | None:
+        """get(), without a copy where the store can: a read-only buffer of the bytes it holds or maps.
+
+        Same checks, misses and errors as get(). Disk maps an entry of 1 MiB or more and checks it
+        in place (counted in mapped_reads); RAM gives the buffer it holds; Redis its bytes; tiers
+        the view of the tier that holds the key. A view never changes while it lives, whatever
+        the store does next (put, delete, evict).
+        """
+        ...
+
+    def get_view_with_tier(
+        self, key: str, *, fingerprint: str | None = None
+    ) -> tuple[bytes | memoryview | None, str]:
+        """(get_view's value, name of the tier that answered); (None, "none") on a miss."""
+        ...
 
     @property
     def persistent(self) -> bool:

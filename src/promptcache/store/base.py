@@ -1,7 +1,8 @@
 """BaseStore: the optional capabilities every store declares, with their defaults.
 
-Owns the names and defaults of get_with_tier, tier ranks, persistence, expire, gc, entries,
-tier_stats and close, so callers never probe a store with getattr; never holds values itself.
+Owns the names and defaults of get_view, get_with_tier, tier ranks, persistence, the corrupt and
+mapped_reads counters, expire, gc, entries, tier_stats and close, so callers never probe a store
+with getattr; never holds values itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class BaseStore:
 
     name: str = "store"
     latency_rank: ClassVar[int] = 0
+    corrupt: int = 0
+    mapped_reads: int = 0
 
     def get(self, key: str, *, fingerprint: str | None = None) -> bytes | None:  # pragma: no cover
         raise NotImplementedError
@@ -35,11 +38,22 @@ class BaseStore:
         """Whether entries outlive this process and other processes see them."""
         return False
 
+    def get_view(self, key: str, *, fingerprint: str | None = None) -> bytes | memoryview | None:
+        """get(): a store that holds no buffer it could share (Redis) gives the bytes it read."""
+        return self.get(key, fingerprint=fingerprint)
+
     def get_with_tier(
         self, key: str, *, fingerprint: str | None = None
     ) -> tuple[bytes | None, str]:
         """(value, name of the tier that answered); (None, "none") on a miss."""
         value = self.get(key, fingerprint=fingerprint)
+        return value, (self.name if value is not None else "none")
+
+    def get_view_with_tier(
+        self, key: str, *, fingerprint: str | None = None
+    ) -> tuple[bytes | memoryview | None, str]:
+        """(get_view's value, name of the tier that answered); (None, "none") on a miss."""
+        value = self.get_view(key, fingerprint=fingerprint)
         return value, (self.name if value is not None else "none")
 
     def tier_rank(self, tier: str) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 
 
 def base_stats(store: Any, entries: int, nbytes: int) -> dict[str, int | float | str]:
-    """tier, policy, entries, bytes, capacity_bytes, hits, misses, puts, evictions, expirations."""
+    """tier, policy, entries, bytes, capacity_bytes, hits, misses, puts, evictions, expirations,
+    corrupt, mapped_reads."""
     return {
         "tier": store.name,
         "policy": store.policy.name,
@@ -21,4 +22,6 @@ def base_stats(store: Any, entries: int, nbytes: int) -> dict[str, int | float |
         "puts": store.puts,
         "evictions": store.evictions,
         "expirations": store.expirations,
+        "corrupt": store.corrupt,
+        "mapped_reads": store.mapped_reads,
     }

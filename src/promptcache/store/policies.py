@@ -1,14 +1,16 @@
 """Eviction policies as one table: each row says which entry goes first in RAM, on disk and in Redis.
 
-Owns every store's notion of a policy (victim rule, SQL order, Redis score, read refresh); never holds
-values or counts bytes (the stores do). Modelled on python-diskcache's EVICTION_POLICY table.
+Owns every store's notion of a policy (RAM map class, SQL order, Redis score, read refresh); never holds
+values or counts bytes (the stores and their maps do). Modelled on python-diskcache's EVICTION_POLICY
+table; the RAM column is cachetools' classes (LRUCache, FIFOCache) and one of a dozen lines here.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cachetools import Cache, FIFOCache, LRUCache
 
 
 @dataclass
@@ -16,7 +18,7 @@ class Entry:
     """A RAM entry. fingerprint "" means unknown (promoted without one): it matches any.
     flags: the compression flags of value (0: stored as given)."""
 
-    value: bytes
+    value: bytes | memoryview
     size: int
     created: float
     accessed: float
@@ -28,8 +30,9 @@ class Entry:
 class Policy:
     """One row of the policy table.
 
-    victim: the key MemoryStore evicts first, from entries kept in insertion/recency order.
-    refresh_on_read: a read makes the entry recent (RAM: moves it to the end; disk: rewrites atime).
+    ram: MemoryStore's bounded map (a cachetools class, made with maxsize and getsizeof): its
+    popitem() is the victim, its own lookup refreshes what the policy refreshes.
+    refresh_on_read: a read makes the entry recent (RAM: the map's lookup; disk: rewrites atime).
     disk_order: DiskStore's SQL ORDER BY over (key, size, ctime, atime), first victim first, so that
     one query picks victims across every process sharing a directory.
     redis_score: RedisStore's score at write (now, entry bytes) in its order zset, lowest evicted first.
@@ -38,7 +41,7 @@ class Policy:
     """
 
     name: str
-    victim: Callable[[OrderedDict[str, Entry]], str]
+    ram: type[Cache]
     refresh_on_read: bool
     disk_order: str
     redis_score: Callable[[float, int], float]
@@ -46,12 +49,19 @@ class Policy:
     needs_max_age: bool = False
 
 
-def _oldest(entries: OrderedDict[str, Entry]) -> str:
-    return next(iter(entries))
+class LargestFirstCache(Cache):
+    """The "size" policy's map of Entry: the largest entry leaves first (equal sizes: the least
+    recently used)."""
+
+    def popitem(self) -> tuple[str, Entry]:
+        if not self:
+            raise KeyError(f"{type(self).__name__} is empty")
+        key = max(self, key=lambda k: _largest_first(Cache.__getitem__(self, k)))
+        return key, self.pop(key)
 
 
-def _largest(entries: OrderedDict[str, Entry]) -> str:
-    return max(entries.items(), key=lambda kv: kv[1].size)[0]
+def _largest_first(entry: Entry) -> tuple[int, float]:
+    return entry.size, -entry.accessed
 
 
 def _by_time(now: float, size: int) -> float:
@@ -65,11 +75,11 @@ def _by_size(now: float, size: int) -> float:
 POLICIES: dict[str, Policy] = {
     policy.name: policy
     for policy in (
-        Policy("lru", _oldest, True, "atime, ctime", _by_time, redis_touch=True),
-        Policy("fifo", _oldest, False, "ctime, atime", _by_time),
+        Policy("lru", LRUCache, True, "atime, ctime", _by_time, redis_touch=True),
+        Policy("fifo", FIFOCache, False, "ctime, atime", _by_time),
         # ttl: entries expire after max_age; under pressure the oldest-written goes first.
-        Policy("ttl", _oldest, False, "ctime, atime", _by_time, needs_max_age=True),
-        Policy("size", _largest, True, "size DESC, atime", _by_size),
+        Policy("ttl", FIFOCache, False, "ctime, atime", _by_time, needs_max_age=True),
+        Policy("size", LargestFirstCache, True, "size DESC, atime", _by_size),
     )
 }
 
@@ -94,4 +104,4 @@ def get_policy(name: str, max_age: float | None = None, *, age_setting: str = "m
     return policy
 
 
-__all__ = ["Entry", "Policy", "POLICIES", "POLICY_NAMES", "get_policy"]
+__all__ = ["Entry", "Policy", "POLICIES", "POLICY_NAMES", "LargestFirstCache", "get_policy"]

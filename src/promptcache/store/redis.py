@@ -363,7 +363,7 @@ class RedisStore(BaseStore):
         self._bump("hits")
         return value
 
-    def put(self, key: str, value: bytes, *, fingerprint: str = "") -> None:
+    def put(self, key: str, value: bytes | memoryview, *, fingerprint: str = "") -> None:
         """Store value under key, evicting by policy so that the namespace stays within capacity_bytes.
 
         Raises ValueError for a malformed key, TypeError for a value that is not bytes-like and
@@ -465,7 +465,6 @@ class RedisStore(BaseStore):
         entries, nbytes = self._call("read", read, (-1, -1))
         return {
             **base_stats(self, entries, nbytes),
-            "corrupt": self.corrupt,
             "unavailable": self.unavailable,
             "outages": self.outages,
             "errors": self.errors,

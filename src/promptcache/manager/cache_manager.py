@@ -1,6 +1,7 @@
-"""CacheManager: one CacheConfig's tiers and artefact caches, named caches, entries, stats and background cleanup.
+"""CacheManager: one CacheConfig's tiers and artefact caches, named caches and their entries; it
+coordinates the background cleanup (cleanup.py) and the reporting (reporting.py).
 
-Owns the lifecycle (cleanup thread, start/stop sync or awaited, close) and the reporting; stores keep
+Owns the lifecycle (open, start/stop sync or awaited, close) and the entries' keys; stores keep
 bytes, PromptCache keeps prefixes, values.py turns entry values into bytes.
 """
 
@@ -11,14 +12,15 @@ import hashlib
 import logging
 import re
 import threading
-import time
-from collections.abc import Generator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from promptcache.cache import DEFAULT_BLOCK_SIZE, PromptCache
 from promptcache.config import ARTEFACT_CACHES, CacheConfig
-from promptcache.errors import CodecError, CorruptEntryError, PromptCacheError
+from promptcache.config.factory import DEFAULT_CACHE_NAME, tiered_cache
+from promptcache.errors import CorruptEntryError
+from promptcache.manager import reporting
+from promptcache.manager.cleanup import DONE, Cleanup, Done
+from promptcache.manager.reporting import EntryInfo
 from promptcache.store.tiered import NamespacedStore, TieredStore
 from promptcache.values import decode_value, encode_value
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = "default"
+DEFAULT_CACHE = DEFAULT_CACHE_NAME
 # Keys of this alphabet are stored as written (readable in `inspect`); any other string, and any
 # key starting with the hash prefix, is stored as the prefix + a blake2b-128 hex digest of its UTF-8.
 _PLAIN_KEY = re.compile(r"[0-9a-z_:-]{1,160}")
@@ -45,35 +47,6 @@ def storage_key(key: str) -> str:
     if _PLAIN_KEY.fullmatch(key) and not key.startswith(HASHED_KEY_PREFIX):
         return key
     return HASHED_KEY_PREFIX + hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-
-
-class Done:
-    """What start(), stop() and close() return: their work is done when they return, and awaiting the
-    result (LlamaHome's `await manager.start()`) completes at once with None."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[None, None, None]:
-        return iter(())  # type: ignore[return-value]
-
-    def __repr__(self) -> str:
-        return "Done()"
-
-
-_DONE = Done()
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """One stored entry as `inspect` shows it. tokens: None when the value is not a KV segment."""
-
-    tier: str
-    cache: str
-    key: str
-    fingerprint: str
-    bytes: int
-    tokens: int | None
-    age_s: float | None
 
 
 class CacheManager:
@@ -112,12 +85,12 @@ class CacheManager:
         self._views: dict[str, NamespacedStore] = {}
         self._artefacts: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._next_cleanup: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.cleanup_runs = self.cleanup_errors = 0
-        self.last_cleanup: dict[str, Any] = {}
-        self._cleanup_totals = {"expired": 0, "evicted": 0}
+        self._cleanup = Cleanup(
+            self.store,
+            self.config,
+            existing=lambda: list(self.artefact_stores().items()),
+            opened=self._opened_artefact_stores,
+        )
         if cleanup:
             self.start()
 
@@ -146,13 +119,11 @@ class CacheManager:
         Its keys are "<name>:..." in every tier, so processes that use the same tiers and name share
         prefixes. Raises ValueError for a name outside [0-9a-z_-]{1,32}.
         """
-        view = self._view(name)
+        self._view(name)  # checks the name, and lists it in names
         with self._lock:
             cache = self._caches.get(name)
             if cache is None:
-                cache = self._caches[name] = PromptCache(
-                    view, block_size=block_size, shared=self.config.shared
-                )
+                cache = self._caches[name] = tiered_cache(self.store, name, block_size=block_size)
             return cache
 
     @property
@@ -213,7 +184,7 @@ class CacheManager:
         with self._lock:
             built = self._artefacts.get(kind)
             if built is None:
-                built = self._artefacts[kind] = getattr(self.config, kind)()
+                built = self._artefacts[kind] = self.config.artefact_cache(kind)
             return built
 
     @property
@@ -237,7 +208,7 @@ class CacheManager:
         out = {}
         for kind in ARTEFACT_CACHES:
             opened = kind in self._artefacts
-            if opened or (getattr(self.config, f"{kind}_path") / "index.sqlite").exists():
+            if opened or (self.config.artefact(kind).path / "index.sqlite").exists():
                 out[kind] = self._artefact(kind).store
         return out
 
@@ -266,7 +237,15 @@ class CacheManager:
         else:
             self._view(cache).clear()
 
-    # -- reporting ------------------------------------------------------------------------------
+    def _opened_artefact_stores(self) -> list[tuple[str, ArtefactStore]]:
+        with self._lock:
+            return [(kind, cache.store) for kind, cache in self._artefacts.items()]
+
+    def _named_caches(self) -> list[tuple[str, PromptCache]]:
+        with self._lock:
+            return list(self._caches.items())
+
+    # -- reporting (reporting.py) ---------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """hit_rate, memory_usage, disk_usage, redis_usage (bytes; None without that tier),
@@ -277,75 +256,9 @@ class CacheManager:
         entries, bytes, capacity_bytes, usage, policy, hits, misses, hit_rate, eviction_count,
         expirations, path), "cleanup" the background cleanup's runs and totals.
         """
-        store = self.store.stats()
-        tiers: dict[str, dict[str, Any]] = {}
-        for name, raw in self.store.tier_stats().items():
-            row = dict(raw)
-            hits, misses = int(row.get("hits", 0)), int(row.get("misses", 0))
-            nbytes, capacity = int(row.get("bytes", 0)), int(row.get("capacity_bytes", 0))
-            row["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
-            row["usage"] = nbytes / capacity if capacity and nbytes >= 0 else 0.0
-            row["eviction_count"] = int(row.pop("evictions", 0))
-            tiers[name] = row
-        caches = self._cache_stats()
-        artefacts = self._artefact_stats()
-
-        def usage(tier: str) -> int | None:
-            nbytes = int(tiers[tier]["bytes"]) if tier in tiers else -1
-            return nbytes if nbytes >= 0 else None  # -1: the tier could not be asked (Redis away)
-
-        return {
-            "hit_rate": store["hit_rate"],
-            "hits": store["hits"],
-            "misses": store["misses"],
-            "promotions": store["promotions"],
-            "memory_usage": usage("memory"),
-            "disk_usage": usage("disk"),
-            "redis_usage": usage("redis"),
-            "eviction_count": sum(t["eviction_count"] for t in tiers.values()),
-            "tiers": tiers,
-            "caches": caches,
-            "artefacts": artefacts,
-            "cleanup": {
-                "interval_s": self.config.cleanup_interval,
-                "tier_interval_s": {
-                    t.name: self.config.tier_cleanup_interval(t.name) for t in self.store.tiers
-                },
-                "running": self.running,
-                "runs": self.cleanup_runs,
-                "errors": self.cleanup_errors,
-                **self._cleanup_totals,
-                "last": self.last_cleanup,
-            },
-        }
-
-    _CACHE_STATS = (
-        "sequences",
-        "lookups",
-        "hits",
-        "hit_rate",
-        "tokens_looked_up",
-        "tokens_reused",
-        "hits_by_tier",
-        "bytes_written",
-    )
-
-    def _artefact_stats(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for kind, store in self.artefact_stores().items():
-            try:
-                row = dict(store.stats())
-            except PromptCacheError as exc:
-                out[kind] = {"error": str(exc), "path": str(store.path)}
-                continue
-            hits, misses = int(row.get("hits", 0)), int(row.get("misses", 0))
-            row["hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
-            capacity = int(row.get("capacity_bytes", 0))
-            row["usage"] = int(row.get("bytes", 0)) / capacity if capacity else 0.0
-            row["eviction_count"] = int(row.pop("evictions", 0))
-            row["path"] = str(store.path)
-            out[kind] = row
-        return out
+        return reporting.stats(
+            self.store, self._named_caches(), self.artefact_stores(), self._cleanup.report()
+        )
 
     async def get_metrics(self) -> dict[str, Any]:
         """LlamaHome's metrics: hit_rate, memory_usage (bytes in the RAM tier; artefacts live on disk,
@@ -357,54 +270,7 @@ class CacheManager:
 
     def metrics(self) -> dict[str, Any]:
         """What get_metrics() returns, for synchronous callers."""
-        report = self.stats()
-        tiers = report["tiers"]
-        by_type: dict[str, dict[str, Any]] = {
-            "prompt": {
-                "hit_rate": report["hit_rate"],
-                "hits": report["hits"],
-                "misses": report["misses"],
-                "memory_usage": report["memory_usage"],
-                "bytes": sum(max(int(t.get("bytes", 0)), 0) for t in tiers.values()),
-                "capacity_bytes": sum(int(t.get("capacity_bytes", 0)) for t in tiers.values()),
-                "eviction_count": report["eviction_count"],
-            }
-        }
-        for kind, row in report["artefacts"].items():
-            if "error" in row:
-                by_type[kind] = dict(row)
-                continue
-            by_type[kind] = {
-                "hit_rate": row["hit_rate"],
-                "hits": row["hits"],
-                "misses": row["misses"],
-                "memory_usage": 0,
-                "bytes": row["bytes"],
-                "capacity_bytes": row["capacity_bytes"],
-                "eviction_count": row["eviction_count"],
-            }
-        for row in by_type.values():
-            if "capacity_bytes" in row:
-                cap = row["capacity_bytes"]
-                row["usage"] = row["bytes"] / cap if cap else 0.0
-        rows = [r for r in by_type.values() if "error" not in r]
-        hits, lookups = sum(r["hits"] for r in rows), sum(r["hits"] + r["misses"] for r in rows)
-        return {
-            "hit_rate": hits / lookups if lookups else 0.0,
-            "memory_usage": report["memory_usage"],
-            "eviction_count": sum(r["eviction_count"] for r in rows),
-            "by_type": by_type,
-        }
-
-    def _cache_stats(self) -> dict[str, dict[str, Any]]:
-        """Each named PromptCache's lookups and reuse (a subset of its stats())."""
-        with self._lock:
-            named = list(self._caches.items())
-        out = {}
-        for name, cache in named:
-            s = cache.stats()
-            out[name] = {k: s[k] for k in self._CACHE_STATS}
-        return out
+        return reporting.metrics(self.stats())
 
     def inspect(self, limit: int | None = None, *, tier: str | None = None) -> list[EntryInfo]:
         """The entries of every tier and artefact cache (or of `tier`: memory, disk, redis,
@@ -414,135 +280,44 @@ class CacheManager:
         it counts as a hit and refreshes its recency; artefacts are listed from their index only
         (tokens None, fingerprint ""). Tiers that cannot be listed are skipped.
         """
-        from promptcache.codec.llama_state import LlamaStateCodec
+        return reporting.inspect(self.store, self.artefact_stores(), limit, tier)
 
-        codec = LlamaStateCodec()
-        now = time.time()
-        out: list[EntryInfo] = []
-        for store in self.store.tiers:
-            if tier is not None and store.name != tier:
-                continue
-            try:
-                rows = store.entries()
-            except PromptCacheError as exc:
-                log.warning("cannot list the %s tier: %s", store.name, exc)
-                continue
-            for row in rows[:limit] if limit is not None else rows:
-                key = str(row["key"])
-                value = store.get(key)
-                tokens = None
-                if value is not None:
-                    try:
-                        tokens = codec.n_tokens(value)
-                    except CodecError:
-                        tokens = None
-                name, _, _rest = key.partition(":")
-                ctime = row.get("ctime")
-                out.append(
-                    EntryInfo(
-                        tier=store.name,
-                        cache=name if _rest else "",
-                        key=key,
-                        fingerprint=str(row.get("fingerprint", "")),
-                        bytes=int(row.get("size") or (len(value) if value is not None else 0)),
-                        tokens=tokens,
-                        age_s=now - float(ctime) if ctime is not None else None,
-                    )
-                )
-        for kind, artefacts in self.artefact_stores().items():
-            if tier is not None and kind != tier:
-                continue
-            try:
-                listed = sorted(artefacts.entries(), key=lambda a: a.atime, reverse=True)
-            except PromptCacheError as exc:
-                log.warning("cannot list the %s: %s", kind, exc)
-                continue
-            for info in listed[:limit] if limit is not None else listed:
-                out.append(EntryInfo(kind, kind, info.key, "", info.size, None, now - info.ctime))
-        return out
+    # -- cleanup (cleanup.py) -------------------------------------------------------------------
 
-    # -- cleanup --------------------------------------------------------------------------------
+    @property
+    def cleanup_runs(self) -> int:
+        return self._cleanup.runs
 
-    def _cleanup_intervals(self) -> dict[str, float]:
-        """Seconds between cleanups of each KV tier (by name) and of the artefact caches ("artefacts")."""
-        intervals = {t.name: self.config.tier_cleanup_interval(t.name) for t in self.store.tiers}
-        intervals["artefacts"] = self.config.cleanup_interval
-        return intervals
+    @property
+    def cleanup_errors(self) -> int:
+        return self._cleanup.errors
+
+    @property
+    def last_cleanup(self) -> dict[str, Any]:
+        return self._cleanup.last
 
     def run_cleanup(self, parts: list[str] | None = None) -> dict[str, Any]:
         """Enforce max_age and capacity now in every tier and every artefact cache that exists (or in
         `parts`: tier names, and "artefacts" for the artefact caches this manager opened); returns
         the counts by tier and artefact cache name (see DiskStore.gc, ArtefactStore.gc),
         {"error": ...} for one that failed."""
-        t0 = time.perf_counter()
-        counts: dict[str, Any] = {}
-        jobs: list[tuple[str, Any]] = [
-            (t.name, t) for t in self.store.tiers if parts is None or t.name in parts
-        ]
-        if parts is None:
-            try:
-                jobs += list(self.artefact_stores().items())
-            except PromptCacheError as exc:
-                counts["artefacts"] = {"error": str(exc)}
-        elif "artefacts" in parts:  # the background cleanup: only the caches this manager opened
-            with self._lock:
-                jobs += [(kind, cache.store) for kind, cache in self._artefacts.items()]
-        for name, target in jobs:
-            try:
-                counts[name] = dict(target.gc())
-            except Exception as exc:  # noqa: BLE001 - the cleanup thread must outlive any one failure
-                log.warning("cache cleanup of %s failed: %s", name, exc)
-                counts[name] = {"error": str(exc)}
-        for part_counts in counts.values():
-            if "error" in part_counts:
-                self.cleanup_errors += 1
-            self._cleanup_totals["expired"] += int(part_counts.get("expired", 0))
-            self._cleanup_totals["evicted"] += int(part_counts.get("evicted", 0))
-        self.cleanup_runs += 1
-        self.last_cleanup = {**counts, "at": time.time(), "ms": (time.perf_counter() - t0) * 1000}
-        return counts
+        return self._cleanup.run(parts)
 
     async def cleanup(self) -> dict[str, Any]:
         """run_cleanup() in a worker thread, for event loops (LlamaHome schedules `cleanup`)."""
         return await asyncio.to_thread(self.run_cleanup)
 
-    def _cleanup_loop(self) -> None:
-        intervals = self._cleanup_intervals()
-        now = time.monotonic()
-        due = {part: now + seconds for part, seconds in intervals.items()}
-        while not self._stop.wait(max(0.0, min(due.values()) - time.monotonic())):
-            now = time.monotonic()
-            parts = [part for part, at in due.items() if at <= now]
-            if not parts:
-                continue
-            self.run_cleanup(parts)
-            for part in parts:
-                due[part] = time.monotonic() + intervals[part]
-
     def start(self) -> Done:
         """Start the background cleanup (no-op when it runs already). Call it or await it."""
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return _DONE
-            self._stop.clear()
-            self._thread = threading.Thread(
-                target=self._cleanup_loop, name="promptcache-cleanup", daemon=True
-            )
-            self._thread.start()
-        return _DONE
+        return self._cleanup.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._cleanup.running
 
     def stop(self, timeout: float | None = 30.0) -> Done:
         """Stop the background cleanup, waiting for a run in progress to finish. Call it or await it."""
-        self._stop.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-        self._thread = None
-        return _DONE
+        return self._cleanup.stop(timeout)
 
     def close(self) -> Done:
         """Stop the cleanup and close the tiers' and artefact caches' connections. Never raises; the
@@ -556,7 +331,7 @@ class CacheManager:
                 artefact.close()
             except Exception as exc:  # noqa: BLE001 - close never raises
                 log.debug("closing an artefact cache: %s", exc)
-        return _DONE
+        return DONE
 
     async def __aenter__(self) -> CacheManager:
         return self
