@@ -186,3 +186,20 @@ def test_from_pretrained_builds_on_the_default_model():
     )
     assert isinstance(lm.engine, Engine) and lm.backend == "llama_cpp" and lm.cache_size == 8
     assert lm.engine.exact and lm.llm.cache is None
+
+
+def test_more_concurrent_awaits_than_sequences_all_complete(reference):
+    """Particles awaiting more queries at once than the engine has sequences (one pinned by cache_kv)
+    are evaluated in several rounds, each answer the same bits as alone."""
+    lm = CachedCausalLM(LLM(cache=None, n_ctx=256), n_seq=3, n_ctx=256)
+    prompt = lm.tokenizer.encode(PROMPT)
+    lm.cache_kv(prompt)
+    lists = [prompt + [t] for t in range(100, 109)]  # 9 queries, 2 free sequences
+
+    async def run() -> list[np.ndarray]:
+        return await asyncio.gather(*(lm.next_token_logprobs(ids) for ids in lists))
+
+    out = asyncio.run(run())
+    for ids, x in zip(lists, out, strict=True):
+        assert np.array_equal(x, uncached_logprobs(reference, ids))
+    assert lm.engine.stats.evictions > 0

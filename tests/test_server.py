@@ -28,8 +28,8 @@ SYSTEM = "You are a terse assistant for the Northwind test suite. Answer in a fe
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Server]]:
     """Two servers sharing one session directory, started together (loading in parallel):
-    `open`: 2 workers, no key, a RAM cache; `keyed`: 1 worker, an API key, a queue of 1 (to see 503s)
-    and a tiered cache (RAM, then disk) from a config file's [cache] table."""
+    `open`: 2 workers, no key, a RAM cache; `keyed`: 1 worker of one sequence, an API key, a queue
+    of 1 (to see 503s) and a tiered cache (RAM, then disk) from a config file's [cache] table."""
     tmp = tmp_path_factory.mktemp("server")
     sessions = tmp / "sessions"
     config = tmp / "promptcache.toml"
@@ -52,6 +52,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Ser
         "keyed": _Server(
             tmp / "keyed.log",
             "--workers",
+            "1",
+            "--parallel",
             "1",
             "--max-queue",
             "1",
@@ -240,7 +242,7 @@ def _long_prompt(tag: str) -> str:
 def test_full_queue_answers_503_with_retry_after(servers: dict[str, _Server]) -> None:
     keyed = servers[
         "keyed"
-    ]  # 1 worker, 1 waiting slot: of 5 requests sent at once, at least 3 are turned away
+    ]  # 1 sequence, 1 waiting place: of 5 requests sent at once, at least 3 are turned away
     headers = {"Authorization": f"Bearer {API_KEY}"}
     tag = os.urandom(2).hex()  # fresh prompts: nothing cached makes these requests quick
 

@@ -208,3 +208,36 @@ def test_one_client_past_its_stream_limit_gets_429(tmp_path: Path):
         proc.stop()
     log = proc.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_more_requests_than_sequences_wait_their_turn_and_all_complete(tmp_path: Path, reference):
+    """A full server queues: after earlier requests left live sequences behind, N + 1 and then 2N
+    streamed requests sent at once to a server of N sequences all complete, none fails, and each
+    gets the library's answer."""
+    proc = ServerProcess(
+        tmp_path / "server.log", "--parallel", str(PARALLEL), "--n-ctx", str(N_CTX)
+    )
+    try:
+        proc.wait_ready()
+        client = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="x", max_retries=0, timeout=600)
+        for q in QUESTIONS:  # earlier requests: their sequences stay live, idle
+            complete(client, SHARED + q)
+        prompts = [f"{SHARED} Question {i}: which item is number {i}?" for i in range(2 * PARALLEL)]
+        want = {p: uncached(reference, p)[0] for p in prompts}
+
+        def streamed(prompt: str) -> str:
+            chunks = client.completions.create(
+                model="default", prompt=prompt, max_tokens=GEN, temperature=0, stream=True
+            )
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+
+        for batch in (prompts[: PARALLEL + 1], prompts):
+            with ThreadPoolExecutor(len(batch)) as pool:
+                got = list(pool.map(streamed, batch))
+            assert got == [want[p] for p in batch]
+        stats = httpx.get(f"{proc.url}/v1/cache/stats").json()["workers"]["batching"]
+        assert stats["evictions"] > 0 and stats["peak_sequences"] > 1
+    finally:
+        proc.stop()
+    log = proc.log.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]

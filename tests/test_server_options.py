@@ -31,6 +31,7 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "threads": (["--threads", "3"], 3),
     "parallel": (["--parallel", "4"], 4),
     "prefill_budget": (["--prefill-budget", "64"], 64),
+    "exact_chunk": (["--exact-chunk", "32"], 32),
     "max_kv_bytes": (["--max-kv-bytes", "1048576"], 1 << 20),
     "max_streams_per_client": (["--max-streams-per-client", "2"], 2),
     "max_queue": (["--max-queue", "0"], 0),

@@ -357,7 +357,8 @@ class EnginePool:
                 if ending.then is not None:
                     ending.then()
             except Exception as exc:  # noqa: BLE001 - a failed write must not stop the writer
-                log.exception("ending a request failed")
+                if not isinstance(exc, self.expected):
+                    log.exception("ending a request failed")
                 job.emit(Failed(exc))
             self._ended(job)
 

@@ -51,14 +51,13 @@ def _prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
     stops = list(prompt.stops)
     if prompt.messages is not None:
         try:
-            text, template_stops = llm.apply_chat_template(prompt.messages)
+            tokens, template_stops = llm.chat_format.render(prompt.messages)
         except PromptCacheError as exc:
             raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
         except Exception as exc:  # noqa: BLE001 - a Jinja template may reject a conversation it cannot render
             raise ApiError(
                 400, f"the chat template rejected these messages: {exc}", param="messages"
             ) from None
-        tokens = llm.tokenize(text, add_bos=False, special=True)
         stops = template_stops + stops
     elif prompt.text is not None:
         tokens = llm.tokenize(prompt.text) if prompt.text else []

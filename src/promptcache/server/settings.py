@@ -112,6 +112,13 @@ class ServerSettings(BaseSettings):
     exact: bool = Field(
         True, description="Exact mode: cached answers equal uncached ones bit for bit (see README)."
     )
+    exact_chunk: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="The aligned schedule's chunk C instead of the probe's choice (exact mode, models "
+        "with no exact batch size such as gemma3; for tests and measurements).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="uvicorn and promptcache log level."
     )

@@ -111,6 +111,7 @@ def load_workers(settings: ServerSettings, expected: tuple[type[Exception], ...]
         n_ctx=n_ctx,
         n_threads=settings.threads_per_worker(),
         exact=settings.exact,
+        exact_chunk=settings.exact_chunk,
     )
     _ = first.exact_batch, first.fingerprint  # probe now, not during the first request
     engines = [first] + [first.sibling() for _ in range(settings.workers - 1)]

@@ -90,8 +90,15 @@ class ChatFormat:
         self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
     ) -> list[int]:
         """The prompt tokens for `messages` (the template writes any BOS itself)."""
-        text, _ = self.apply(messages, add_generation_prompt=add_generation_prompt)
-        return self.model.tokenize(text, add_bos=self.fallback, special=True)
+        return self.render(messages, add_generation_prompt=add_generation_prompt)[0]
+
+    def render(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> tuple[list[int], list[str]]:
+        """The prompt tokens for `messages` and the stop strings (apply, then tokenize: a template
+        writes its own BOS; the fallback gets the model's)."""
+        text, stops = self.apply(messages, add_generation_prompt=add_generation_prompt)
+        return self.model.tokenize(text, add_bos=self.fallback, special=True), stops
 
     def next_turn_prefix(self, messages: Sequence[dict[str, Any]], reply: str) -> list[int] | None:
         """The tokens every next turn of this chat starts with (prompt, reply, turn separator), found

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from promptcache.codec import OpaqueCodec, StateCodec
+from promptcache.config import build_cache
 from promptcache.engines.llama_cpp import probe
 from promptcache.engines.llama_cpp.cached_states import CachedStates
 from promptcache.engines.llama_cpp.context import (
@@ -127,24 +128,14 @@ def _check(s: Settings) -> None:
         )
 
 
-def resolve_cache(cache: PromptCache | str | None) -> PromptCache | None:
-    """The PromptCache `cache` names: itself, "ram", "disk", "tiered" (CacheConfig's tiers) or None."""
-    from promptcache.cache import PromptCache
-
-    if cache is None or isinstance(cache, PromptCache):
-        return cache
-    from promptcache.config import build_cache
-
-    return build_cache(cache)
-
-
 class Engine(Closing):
     """Next-token logits for many token lists, in one llama.cpp context of `n_seq` sequences.
 
     model: a Model, a GGUF path, or None for the default model (a Model is shared, not reloaded).
     n_ctx: tokens one sequence may hold (a lone-sequence engine grows its context for a query that
     needs more, up to the model's training context). cache: a PromptCache, "ram", "disk", "tiered"
-    or None. exact: see the module docstring. exact_batch: skip the probe and trust this batch size.
+    (the tiers CacheConfig reads from PROMPTCACHE_* variables and $PROMPTCACHE_CONFIG), "none" or
+    None (promptcache.config.build_cache, the one factory). exact: see the module docstring. exact_batch: skip the probe and trust this batch size.
     exact_chunk: the aligned schedule with this C instead of the probe's choice (exact mode).
     whole_states: cache states uncut. min_restore: restore from the cache only when it supplies at
     least this many tokens more than a live sequence (particles' one-token steps skip the lookup).
@@ -174,7 +165,7 @@ class Engine(Closing):
         )  # fmt: skip
         _check(self.settings)
         self.model = model if isinstance(model, Model) else Model(model, verbose=verbose)
-        self.cache = resolve_cache(cache)
+        self.cache = build_cache(cache)
         self.exact = exact
         self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab
@@ -765,4 +756,4 @@ def _splitting_codec() -> StateCodec:
     return LlamaStateCodec()
 
 
-__all__ = ["Advance", "Engine", "EngineStats", "KEEP_MIN_TOKENS", "resolve_cache"]
+__all__ = ["Advance", "Engine", "EngineStats", "KEEP_MIN_TOKENS"]

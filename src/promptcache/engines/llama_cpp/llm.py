@@ -499,8 +499,7 @@ class LLM(Closing):
         **overrides: Any,
     ) -> str | Iterator[str]:
         """The assistant's reply to `messages`, using the model's chat template."""
-        tokens = self.chat_tokens(messages)
-        prompt, stops = self.apply_chat_template(messages)
+        tokens, stops = self.chat_format.render(messages)
         cfg = self._config(config, overrides)
         if stops and not cfg.stop:
             cfg = replace(cfg, stop=stops)

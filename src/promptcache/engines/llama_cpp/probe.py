@@ -32,7 +32,7 @@ PROBE_TEXT = (  # varied text: repetitive probes can agree by accident where rea
     "Question: how long do refunds take? Answer: five business days, counted from the day the "
     "parcel reaches the warehouse in Leeds; card payments may need two more days to appear."
 )
-PROBE_VERSION = 4
+PROBE_VERSION = 5
 CANDIDATES = (32, 16, 8, 4, 2)  # a 1-token batch is never trusted: DESIGN.md measured it inexact
 # The aligned schedule's chunk: the smallest candidate whose cold prefill of TIMING_TOKENS costs at
 # most CHUNK_TOLERANCE x one plain batch (DESIGN.md: 1,024 tokens on gemma3-270m, C = 64 costs
@@ -43,6 +43,11 @@ TIMING_TOKENS = 320
 # Sequences of one llama_decode measured for the one-row steps of generation (DESIGN.md, "Many
 # sequences in one batch": on gemma3 rows of a batch of 4 and more took other kernels than alone).
 MAX_DECODE_GROUP = 16
+# Whether a shape keeps the bits depends on the content too (on gemma3, 4 rows matched 1 row at some
+# prompt lengths and not at others): each shape is tried after several prefixes, for several steps.
+DECODE_GROUPS = (2, 3, 4, 6, 8, 12, 16)  # tried in order; the first that differs ends the search
+PROBE_PREFIXES = (24, 40, 56)
+PROBE_STEPS = 3
 GROUP_ROWS = (1, 2, 4, 8)  # candidate row counts q: sequences' batches of m rows, m a multiple of q
 PROBE_SEQUENCES = MAX_DECODE_GROUP + 1
 PROBE_CELLS = 512  # per probe sequence: TIMING_TOKENS and the probe text fit
@@ -213,67 +218,82 @@ def measure(context: Context, tokens: list[int], codec: StateCodec) -> ProbeResu
 
 
 def measure_decode_group(context: Context, tokens: list[int]) -> int:
-    """The largest G <= MAX_DECODE_GROUP such that one-row steps of 2, 3, ..., G sequences (each in
-    its own KV stream, holding the same tokens) in one llama_decode each give the logits of that step
-    alone. Identical sequences make any difference the kernels' choice, never the content. Leaves
-    the context empty."""
-    n = min(len(tokens) - 1, 48)
-    prefix, token = tokens[:n], tokens[n]
-    context.clear()
-    context.decode_tokens(prefix, 0)
-    context.decode([(token, n, 0, True)])
-    alone = context.logits(0)
-    group = 1
-    for size in range(2, min(MAX_DECODE_GROUP, context.n_seq) + 1):
-        for seq in range(size - 1):
-            context.drop(seq, n)
-        context.copy(0, size - 1, n)
-        context.decode([(token, n, seq, True) for seq in range(size)])
-        if not all(np.array_equal(context.logits(i), alone) for i in range(size)):
-            break
-        group = size
+    """The largest G <= MAX_DECODE_GROUP such that one-row steps of each size in DECODE_GROUPS up to
+    G (sequences in their own KV streams, all holding the same tokens) in one llama_decode give, after
+    each of PROBE_PREFIXES and for PROBE_STEPS greedy steps, the logits of those steps alone. Identical
+    sequences make any difference the kernels' choice, never the content. Leaves the context empty."""
+    sizes = [s for s in DECODE_GROUPS if s <= min(MAX_DECODE_GROUP, context.n_seq)]
+    group = sizes[-1] if sizes else 1
+    for n in (n for n in PROBE_PREFIXES if n + PROBE_STEPS < len(tokens)):
+        context.clear()
+        context.decode_tokens(tokens[:n], 0)
+        steps, alone, token = [], [], tokens[n]
+        for i in range(PROBE_STEPS):  # the chain alone
+            context.decode([(token, n + i, 0, True)])
+            steps.append(token)
+            alone.append(context.logits(0))
+            token = int(np.argmax(alone[-1]))
+        context.drop(0, n)
+        for size in (s for s in sizes if s <= group):
+            for seq in range(1, size):
+                context.copy(0, seq, n)
+            same = True
+            for i, token in enumerate(steps):
+                context.decode([(token, n + i, seq, True) for seq in range(size)])
+                same = same and all(
+                    np.array_equal(context.logits(j), alone[i]) for j in range(size)
+                )
+            context.drop(0, n)
+            if not same:
+                group = max([1, *(s for s in sizes if s < size)])
+                break
     context.clear()
     return group
 
 
-def _grouped_batch_exact(context: Context, tokens: list[int], m: int, k: int) -> bool:
-    """Whether k sequences holding the same prefix, each evaluating the same m tokens, in one
-    llama_decode of k x m rows, get the last logits those m tokens get alone."""
-    start = len(tokens) - m
-    context.clear()
-    context.decode_tokens(tokens[:start], 0)
-    context.decode_tokens(tokens[start:], start)
+def _grouped_batches_exact(context: Context, tokens: list[int], n: int, m: int, k: int) -> bool:
+    """Whether k sequences holding tokens[:n] (sequence 0 holds them), each evaluating the next m
+    tokens, in one llama_decode of k x m rows, get the last logits those m tokens get alone."""
+    rows = tokens[n : n + m]
+    context.decode_tokens(rows, n)
     alone = context.logits(-1)
-    context.drop(0, start)
+    context.drop(0, n)
     for seq in range(1, k):
-        context.copy(0, seq, start)
-    last = len(tokens) - 1
-    context.decode([(tokens[p], p, s, p == last) for s in range(k) for p in range(start, last + 1)])
-    return all(np.array_equal(context.logits((s + 1) * m - 1), alone) for s in range(k))
+        context.copy(0, seq, n)
+    last = n + m - 1
+    context.decode([(t, p, s, p == last) for s in range(k) for p, t in enumerate(rows, n)])
+    same = all(np.array_equal(context.logits((s + 1) * m - 1), alone) for s in range(k))
+    context.drop(0, n)
+    return same
 
 
 def measure_group_rows(context: Context, tokens: list[int]) -> int:
-    """The smallest q in GROUP_ROWS such that batches of m rows (m = q, 2q, 3q, 5q) of 2 and of 3
-    sequences share a llama_decode exactly (_grouped_batch_exact); 0 if none does. On gemma3 here
-    q = 4 (a 4-row matmul kernel: batches of other sizes changed with their neighbours' rows).
-    Leaves the context empty."""
-    found = 0
+    """The smallest q in GROUP_ROWS such that batches of m rows (m = q, 2q, 3q) of 2 and of 3
+    sequences share a llama_decode exactly after each of PROBE_PREFIXES (_grouped_batches_exact); 0
+    if none does. On gemma3 here q = 8 (a 4-row matmul kernel: batches of other sizes changed with
+    their neighbours' rows, and 4-row ones did after some prompts). Leaves the context empty."""
     for q in GROUP_ROWS:
-        sizes = [m for m in (q, 2 * q, 3 * q, 5 * q) if m + 8 <= len(tokens)]
-        if sizes and all(
-            _grouped_batch_exact(context, tokens[: m + 24], m, k)
-            for m in sizes
-            for k in (2, 3)
-            if k <= context.n_seq
-        ):
-            found = q
-            break
+        if all(_group_rows_hold(context, tokens, n, q) for n in PROBE_PREFIXES):
+            context.clear()
+            return q
     context.clear()
-    return found
+    return 0
+
+
+def _group_rows_hold(context: Context, tokens: list[int], n: int, q: int) -> bool:
+    context.clear()
+    context.decode_tokens(tokens[:n], 0)
+    shapes = [(m, k) for m in (q, 2 * q, 3 * q) for k in (2, 3)]
+    return all(
+        _grouped_batches_exact(context, tokens, n, m, k)
+        for m, k in shapes
+        if n + m <= len(tokens) and k <= context.n_seq
+    )
 
 
 __all__ = [
     "CHUNKS",
+    "DECODE_GROUPS",
     "MAX_DECODE_GROUP",
     "PROBE_CELLS",
     "PROBE_SEQUENCES",
