@@ -24,6 +24,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cachetools import LRUCache
 
 from promptcache.engines.llama_cpp.engine import Engine
 
@@ -226,8 +227,11 @@ class CachedCausalLM:
         self.cache_bytes = cache_bytes
         self.batch_size = batch_size
         self.tokenizer = GGUFTokenizer(self.engine.model.handle, self.engine.model.path)
-        self._results: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
-        self._results_bytes = 0
+        # Log-probabilities by token list, with their size (array and key), least recently used
+        # out first past cache_bytes, and past cache_size entries (evicted before an insert).
+        self._results: LRUCache[tuple[int, ...], tuple[np.ndarray, int]] = LRUCache(
+            max(1, cache_bytes), getsizeof=lambda entry: entry[1]
+        )
         self._lock = threading.RLock()
         self._queue: OrderedDict[tuple[int, ...], asyncio.Future[np.ndarray]] = OrderedDict()
         self._flush_handle: asyncio.Handle | None = None
@@ -327,10 +331,10 @@ class CachedCausalLM:
     def _cached(self, key: tuple[int, ...]) -> np.ndarray | None:
         with self._lock:
             found = self._results.get(key)
-            if found is not None:
-                self._results.move_to_end(key)
-                self.hits += 1
-            return found
+            if found is None:
+                return None
+            self.hits += 1
+            return found[0]
 
     def _remember(self, key: tuple[int, ...], logits: np.ndarray) -> np.ndarray:
         logprobs = log_softmax(logits)
@@ -339,19 +343,15 @@ class CachedCausalLM:
         with self._lock:
             self.misses += 1
             if self.cache_size and size <= self.cache_bytes and key not in self._results:
-                self._results[key] = logprobs
-                self._results_bytes += size
-                while (
-                    len(self._results) > self.cache_size or self._results_bytes > self.cache_bytes
-                ):
-                    old_key, old = self._results.popitem(last=False)
-                    self._results_bytes -= old.nbytes + 8 * len(old_key)
+                while len(self._results) >= self.cache_size:
+                    self._results.popitem()
+                self._results[key] = (logprobs, size)
         return logprobs
 
     @property
     def cache_nbytes(self) -> int:
         """Bytes the log-probability cache holds (arrays and keys)."""
-        return self._results_bytes
+        return int(self._results.currsize)
 
     def _evaluate(self, keys: list[tuple[int, ...]]) -> list[np.ndarray]:
         with self._lock:
@@ -465,7 +465,6 @@ class CachedCausalLM:
         """Forget cached log-probabilities and this LM's KV (as llamppl's hf backend does)."""
         with self._lock:
             self._results.clear()
-            self._results_bytes = 0
             self.clear_kv_cache()
 
 

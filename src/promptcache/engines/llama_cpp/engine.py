@@ -164,8 +164,11 @@ class Engine(Closing):
             whole_states, min_restore, verbose,
         )  # fmt: skip
         _check(self.settings)
+        self._lock = threading.RLock()
         self.model = model if isinstance(model, Model) else Model(model, verbose=verbose)
-        self.cache = build_cache(cache)
+        self.cache: PromptCache | None = None
+        self._cached: CachedStates | None = None
+        self.use_cache(cache)
         self.exact = exact
         self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab
@@ -177,33 +180,24 @@ class Engine(Closing):
         self._n_ctx_seq = min(n_ctx, self.model.n_ctx_train)
         self._context: Context | None = None
         self._table = SequenceTable(n_seq)
-        self._lock = threading.RLock()
         self.stats = EngineStats()
-        self._cached = (
-            CachedStates(self.cache, lambda: self.fingerprint, lambda: self.codec, self._to_whole)
-            if self.cache is not None
-            else None
-        )
+
+    def use_cache(self, cache: PromptCache | str | None) -> None:
+        """Read and write states through `cache` from now on (a PromptCache, a name or None)."""
+        with self._lock:
+            self.cache = build_cache(cache)
+            self._cached = (
+                CachedStates(self.cache, lambda: self.fingerprint, lambda: self.codec, self._to_whole)
+                if self.cache is not None
+                else None
+            )
 
     def sibling(self, **changes: Any) -> Engine:
         """Another engine over the same model and cache, with these settings changed (n_seq, n_ctx,
         exact, min_restore, ...): the weights are not loaded again."""
-        s = replace(self.settings, **changes)
-        return Engine(
-            self.model,
-            cache=self.cache,
-            n_seq=s.n_seq,
-            n_ctx=s.n_ctx,
-            n_batch=s.n_batch,
-            n_threads=s.n_threads,
-            exact=s.exact,
-            exact_batch=s.exact_batch,
-            exact_chunk=s.exact_chunk,
-            flash_attn=s.flash_attn,
-            whole_states=s.whole_states or not self.codec.splittable,
-            min_restore=s.min_restore,
-            verbose=s.verbose,
-        )
+        whole = self.settings.whole_states or not self.codec.splittable
+        settings = replace(self.settings, whole_states=whole, **changes)
+        return Engine(self.model, cache=self.cache, **asdict(settings))
 
     # ------------------------------------------------------------ identity and rules
 

@@ -132,7 +132,12 @@ class LLM(Closing):
 
     @property
     def cache(self) -> PromptCache | None:
+        """The prefix cache (a PromptCache or None); setting a PromptCache, a name or None switches."""
         return self.engine.cache
+
+    @cache.setter
+    def cache(self, cache: PromptCache | str | None) -> None:
+        self.engine.use_cache(cache)
 
     @property
     def codec(self) -> StateCodec:

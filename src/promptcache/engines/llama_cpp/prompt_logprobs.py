@@ -15,9 +15,10 @@ a cold evaluation computes because the KV they were computed over is exact (READ
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from hashlib import blake2b
+
+from cachetools import LRUCache
 
 from promptcache.engines.llama_cpp.generation import TokenLogprob
 
@@ -43,7 +44,7 @@ class PromptLogprobs:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
-        self._entries: OrderedDict[PositionKey, TokenLogprob] = OrderedDict()
+        self._entries: LRUCache[PositionKey, TokenLogprob] = LRUCache(max_entries)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -54,10 +55,9 @@ class PromptLogprobs:
         out = []
         with self._lock:
             for key in keys[1:]:
-                entry = self._entries.get(key)
+                entry = self._entries.get(key)  # a hit is the most recently used
                 if entry is None:
                     break
-                self._entries.move_to_end(key)
                 out.append(entry)
         return out
 
@@ -66,9 +66,6 @@ class PromptLogprobs:
         with self._lock:
             for key, entry in zip(keys[1:], entries, strict=False):
                 self._entries[key] = entry
-                self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
