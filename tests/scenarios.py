@@ -176,6 +176,7 @@ for i in range(100000):
     for s in sequences({seed} + i, 4):
         cache.insert(s, synthetic_state(s), FP)
         cache.lookup(s + [1], FP)
+    print(i, flush=True)  # round i is written: the reader looks up the last ones
 """
 
 
@@ -207,17 +208,20 @@ def killed_writers(runs: int, workdir: Path, *, writers: int = 3, seed: int = 0)
         for p in procs:
             time.sleep(rng.uniform(0, 0.1))
             p.send_signal(signal.SIGKILL)
+        done = []  # the last round each writer finished (its later entries evicted the first ones)
         for p in procs:
             p.wait()
             if p.returncode != -signal.SIGKILL:  # a writer died on its own before the kill
                 log.error("writer exited %s: %s", p.returncode, p.stderr.read().decode()[-2000:])
                 tally["crash"] += 1
+            rounds = [int(x) for x in p.stdout.read().decode().split() if x.isdigit()]
+            done.append(rounds[-1] if rounds else -1)
             p.stdout.close()
             p.stderr.close()
         store = DiskStore(root, capacity_bytes=cap)
         reader = _cache(store)
         for w in range(writers):
-            for i in range(3):
+            for i in range(max(0, done[w] - 1), done[w] + 2):  # the last two and the one cut short
                 for s in sequences((run * 10 + w) * 100000 + i, 4):
                     tally[judge_lookup(reader, s)] += 1
         try:

@@ -78,13 +78,14 @@ def _schema() -> dict[str, Any]:
 
     from promptcache.server import app as server_app
     from promptcache.server.protocol import ChatCompletionRequest, CompletionRequest
+    from promptcache.server.routes import install_routes
 
     app = FastAPI()
     from promptcache.server.settings import ServerSettings
 
-    server = object.__new__(server_app._Server)  # routes read only settings when installed
+    server = object.__new__(server_app.Server)  # routes read only settings when installed
     server.settings = ServerSettings(max_body_bytes=MAX_BODY)
-    server_app._install_routes(app, server)
+    install_routes(app, server)
     doc = app.openapi()
     bodies = {
         "/v1/completions": CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}"),

@@ -219,10 +219,10 @@ def _install_generation_routes(app: FastAPI, server: Server) -> None:
 
 def _install_status_routes(app: FastAPI, server: Server) -> None:
     """/health, /v1/models, /v1/cache/stats and /metrics."""
-    pool = server.pool
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        pool = server.pool
         return {
             "status": "ok",
             "model": server.model_id,
@@ -252,7 +252,7 @@ def _install_status_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/cache/stats")
     async def stats() -> dict[str, Any]:
-        cache = server.cache
+        cache, pool = server.cache, server.pool
         return {
             "model": server.model_id,
             "fingerprint": server.fingerprint,
@@ -284,10 +284,10 @@ def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
     """vLLM's /tokenize, /detokenize and /tokenizer_info: what lm-evaluation-harness's remote
     tokenizer (local-completions, tokenizer_backend=remote) needs to score token-exact requests."""
     limit = server.settings.max_body_bytes
-    model = server.tokenizer.model  # tokenizing reads only the vocabulary: any thread
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
+        model = server.tokenizer.model  # tokenizing reads only the vocabulary: any thread
         return {
             "tokenizer_class": "llama.cpp",
             "eos_token": model.token_text(model.handle.token_eos()),

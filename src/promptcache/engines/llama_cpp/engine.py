@@ -187,7 +187,9 @@ class Engine(Closing):
         with self._lock:
             self.cache = build_cache(cache)
             self._cached = (
-                CachedStates(self.cache, lambda: self.fingerprint, lambda: self.codec, self._to_whole)
+                CachedStates(
+                    self.cache, lambda: self.fingerprint, lambda: self.codec, self._to_whole
+                )
                 if self.cache is not None
                 else None
             )
