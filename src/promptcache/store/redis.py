@@ -55,25 +55,15 @@ class RedisStore(BaseStore):
     DiskStore's; readers decompress by the entry's flags. Clients sharing a namespace should agree
     on policy and capacity.
 
-    Accounting across nodes (redis_ledger.py): values carry no hash tag, so they spread over every
-    slot and node; the accounting (order, write times, sizes, the byte total, leases) carries the
-    tag {namespace}, one slot on one node, where each Lua script runs atomically. A put reserves
-    its bytes and dooms its victims (one script), deletes the victims' values and writes its own
-    (one pipeline, to whichever nodes hold them), then commits (one script); a delete dooms,
-    deletes the value, then releases. Bytes are counted from before a value is written until
-    after it is deleted, so the values held never outweigh the counted total and the total never
-    passes the capacity: capacity and LRU order are the whole store's, exactly as on one server.
-    A client that dies mid-put leaves a lease that another client may take over after
-    `lease_seconds`; gc() deletes such leftovers.
-
-    Why one accounting slot and not per-group counters (measured on a loopback 3-master cluster,
-    2026-12-03, 600 entries of 16 KB, tests/test_redis_cluster.py and bench notes in
-    docs/configuration.md): the values, 99.2% of the bytes, split 33/34/33% over the masters; the
-    accounting node holds 0.8% of the bytes (about 280 bytes an entry) and answers 2 script calls
-    a put and one ZADD a hit, about 20k puts a second on one core, far above the rate at which
-    KV segments of 100 KB and more fill a network. Per-group counters summed would spread those
-    calls, but a put could then hold capacity only by reading every group, and LRU would be per
-    group: more round trips for a load that is not the bottleneck.
+    Accounting across nodes (redis_ledger.py, with the measurements behind it): values carry no
+    hash tag, so they spread over every slot and node; the accounting (order, write times, sizes,
+    the byte total, leases) carries the tag {namespace}: one slot, where each Lua script runs
+    atomically. A put reserves its bytes once they fit (first dooming victims, deleting their
+    values and releasing them), writes its value, then commits; a delete dooms, deletes the value,
+    then releases. Bytes are counted from before a value is written until after it is deleted, so
+    the counted total never passes the capacity and the values on all nodes never outweigh it:
+    capacity and LRU order are the whole store's, as on one server. A client that dies mid-put
+    leaves a lease another client may take over after `lease_seconds`; gc() deletes what it left.
 
     Availability: the client connects lazily with short timeouts and no retries of its own. When a
     call finds Redis unreachable, it is a miss (get), False (contains, delete) or a no-op (put), one
@@ -139,18 +129,6 @@ class RedisStore(BaseStore):
         return self._conn.cluster if self._conn is not None else self._target.cluster
 
     @property
-    def unavailable(self) -> int:
-        return self._outages.unavailable
-
-    @property
-    def outages(self) -> int:
-        return self._outages.outages
-
-    @property
-    def errors(self) -> int:
-        return self._outages.errors
-
-    @property
     def available(self) -> bool:
         """False while an outage is being waited out (no call is made to find out)."""
         return self._outages.available
@@ -195,19 +173,7 @@ class RedisStore(BaseStore):
         """Remove key's value only if it is still `blob` (a writer may have replaced it), and its
         accounting with it."""
         digest = hashlib.sha1(blob, usedforsecurity=False).hexdigest()
-
-        def forget(c: Connection) -> None:
-            now = self._clock()
-            (code,) = c.ledger.doom([key], now)
-            if code == 0:
-                return  # another client writes or deletes it right now
-            removed = int(c.delete_if_unchanged(keys=[self._vkey(key)], args=[digest]))
-            if code == 1 and removed < 0:
-                c.ledger.revive(key, now)
-            elif code == 1:
-                c.ledger.release([key])
-
-        self._call("delete", forget, None)
+        self._call("delete", lambda c: upkeep.remove_if_unchanged(c, key, digest, self._clock()), 0)
         log.warning("Redis cache entry %s is unusable, removed it: %s", self._vkey(key), why)
 
     # -- the Store protocol ---------------------------------------------------------------------
@@ -377,9 +343,9 @@ class RedisStore(BaseStore):
         entries, nbytes = self._call("read", read, (-1, -1))
         return {
             **base_stats(self, entries, nbytes),
-            "unavailable": self.unavailable,
-            "outages": self.outages,
-            "errors": self.errors,
+            "unavailable": self._outages.unavailable,
+            "outages": self._outages.outages,
+            "errors": self._outages.errors,
             "available": int(self.available),
             "url": redact(self.url),
             "cluster": -1 if self.cluster is None else int(self.cluster),

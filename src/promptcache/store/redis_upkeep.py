@@ -48,6 +48,20 @@ def remove(c: Connection, members: list[str], now: float) -> int:
     return max(deleted, c.ledger.release(doomed))
 
 
+def remove_if_unchanged(c: Connection, key: str, digest: str, now: float) -> int:
+    """Remove key's value if its sha1 is still `digest`, and its accounting with it; a value
+    replaced meanwhile is kept (its entry committed again). 1 removed, 0 not."""
+    (code,) = c.ledger.doom([key], now)
+    if code == 0:
+        return 0  # another client writes or deletes it right now
+    removed = int(c.delete_if_unchanged(keys=[c.keys.value(key)], args=[digest]))
+    if code == 1 and removed < 0:
+        c.ledger.revive(key, now)
+    elif code == 1:
+        c.ledger.release([key])
+    return int(removed > 0)
+
+
 def reclaim(c: Connection, now: float) -> int:
     """Delete what clients that died mid-write or mid-delete left (leases past their time)."""
     members = c.ledger.reclaim(now)
@@ -138,4 +152,5 @@ __all__ = [
     "reclaim",
     "reconcile",
     "remove",
+    "remove_if_unchanged",
 ]
