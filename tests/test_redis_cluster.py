@@ -155,6 +155,7 @@ def test_the_cluster_url_forms(
     forms = [
         RedisStore(comma, namespace=NS),
         RedisStore(redis_cluster.urls, namespace=NS),  # a Python list
+        RedisStore(["redis://127.0.0.1:1", *redis_cluster.urls[1:]], namespace=NS),  # one down
         RedisStore(redis_cluster.urls[2], namespace=NS, cluster=True),  # said, not asked
         CacheConfig(redis_url=redis_cluster.urls, namespace=NS).redis_store(),
         CacheConfig(
@@ -166,7 +167,7 @@ def test_the_cluster_url_forms(
     for store in forms:
         assert store is not None and store.get("k", fingerprint=FP) == b"shared", store
         assert store.cluster is True and store.stats()["cluster"] == 1
-    assert forms[1].url == forms[3].url == forms[5].url == comma
+    assert forms[1].url == forms[4].url == forms[6].url == comma
     assert CacheConfig(redis_url=redis_cluster.urls).redis_url == comma
     # A cluster node's URL told it is one server: every key of another node's slots is refused
     # (MOVED), counted as errors, never raised.
