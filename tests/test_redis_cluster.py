@@ -212,7 +212,7 @@ def test_a_client_that_dies_mid_put_holds_its_bytes_until_its_lease_is_reclaimed
     dead = RedisStore(any_redis.url, 10_000, namespace=NS)
     blob = envelope.pack("k1", b"x" * 3000, FP)
     conn = dead._connection()
-    assert conn.ledger.reserve("k1", len(blob), dead.capacity_bytes, time.time(), [])[0] == 1
+    assert conn.ledger.reserve("k1", len(blob), dead.capacity_bytes, [])[0] == 1
     conn.client.set(conn.keys.value("k1"), blob)  # ...and the process dies before committing
     other = RedisStore(any_redis.url, 10_000, namespace=NS)
     other.lease_seconds = 0.5

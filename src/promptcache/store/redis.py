@@ -116,6 +116,7 @@ class RedisStore(BaseStore):
         self._owner = uuid.uuid4().hex[:12]  # names this client's leases
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self.hits = self.misses = self.puts = self.evictions = self.expirations = 0
         self.corrupt = 0
 
@@ -147,7 +148,7 @@ class RedisStore(BaseStore):
 
     def _connection(self) -> Connection:
         """The connection, made at the first call (raises what redis-py raises when Redis is away)."""
-        with self._lock:
+        with self._connect_lock:  # not self._lock: counters need not wait for a cluster's slot map
             if self._conn is None:
                 client, cluster = self._target.connect(*self._timeouts)
                 ledger = Ledger(client, self._keys, self._owner, self.lease_seconds)
@@ -205,7 +206,7 @@ class RedisStore(BaseStore):
         blob, member = reply
         if blob is None:
             if member:  # accounted for but gone: expired by TTL, or evicted by Redis's maxmemory
-                self._call("delete", lambda c: upkeep.remove(c, [key], self._clock()), 0)
+                self._call("delete", lambda c: upkeep.remove(c, [key]), 0)
             self._bump("misses")
             return None
         try:
@@ -253,11 +254,11 @@ class RedisStore(BaseStore):
         now = self._clock()
         status, evicted, released, reclaimed = -1, 0, [], False
         for _attempt in range(_RESERVE_ATTEMPTS):
-            status, victims = c.ledger.reserve(key, len(blob), self.capacity_bytes, now, released)
+            status, victims = c.ledger.reserve(key, len(blob), self.capacity_bytes, released)
             evicted, released = evicted + len(released), []
             if status == -1 and not reclaimed:  # leases a dead client left may hold the room
                 reclaimed = True
-                if upkeep.reclaim(c, now):
+                if upkeep.reclaim(c):
                     continue
             if status != 2:
                 break
@@ -278,7 +279,7 @@ class RedisStore(BaseStore):
     def delete(self, key: str) -> bool:
         """Remove key; True if it was there (False also when Redis is unreachable). Raises ValueError for a malformed key."""
         self._check_key(key)
-        return bool(self._call("delete", lambda c: upkeep.remove(c, [key], self._clock()), 0))
+        return bool(self._call("delete", lambda c: upkeep.remove(c, [key]), 0))
 
     def contains(self, key: str) -> bool:
         """Whether the value key exists (no checksum check); False when Redis is unreachable."""
@@ -359,8 +360,8 @@ class RedisStore(BaseStore):
         """Drop entries written more than ttl seconds ago (values and accounting); returns how many."""
         if not self.ttl:
             return 0
-        now = self._clock()
-        n = int(self._call("expire", lambda c: upkeep.expire(c, now, now - self.ttl), 0))
+        cutoff = self._clock() - self.ttl
+        n = int(self._call("expire", lambda c: upkeep.expire(c, cutoff), 0))
         self._bump("expirations", n)
         return n
 
@@ -375,9 +376,8 @@ class RedisStore(BaseStore):
         """
         zeros = {"reclaimed": 0, "stale_rows": 0, "orphans_removed": 0, "evicted": 0}
         expired = self.expire()
-        now = self._clock()
         counts = self._call(
-            "collect garbage", lambda c: upkeep.reconcile(c, now, self.capacity_bytes), zeros
+            "collect garbage", lambda c: upkeep.reconcile(c, self.capacity_bytes), zeros
         )
         self._bump("evictions", counts["evicted"])
         return {"expired": expired, **counts}
@@ -397,7 +397,7 @@ class RedisStore(BaseStore):
 
     def close(self) -> None:
         """Close this client's connections; later calls reconnect. Never raises."""
-        with self._lock:
+        with self._connect_lock:
             conn, self._conn = self._conn, None
         if conn is None:
             return

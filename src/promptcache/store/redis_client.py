@@ -68,7 +68,14 @@ class RedisTarget:
         Raises ValueError for a malformed URL, a list with cluster=False, a unix:// socket or a db
         other than 0 in a cluster, or nodes of one cluster with different credentials or schemes.
         """
-        parts = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+        if isinstance(url, str):
+            parts = [u.strip() for u in url.split(",")]
+        elif isinstance(url, (list, tuple)):
+            parts = list(url)
+        else:
+            raise ValueError(
+                f"a Redis URL is a str or a list of str, got {type(url).__name__}; {_FORMS}"
+            )
         if not parts or not all(isinstance(u, str) and u.startswith(_SCHEMES) for u in parts):
             raise ValueError(f"invalid Redis URL {redact(str(url))!r}; {_FORMS}")
         options = []

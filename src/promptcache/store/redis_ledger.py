@@ -42,6 +42,9 @@ from typing import Any
 # `bytes` never exceeds the capacity of the client that reserved.
 _PRELUDE = """
 local ORDER, CTIME, SIZES, BYTES, LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+-- Leases are timed by the clock of the node that holds them: clients' clocks may disagree.
+local TIME = redis.call('TIME')
+local NOW = tonumber(TIME[1]) + tonumber(TIME[2]) / 1000000
 local function total_bytes()
   -- a damaged counter (not a number) is rebuilt from the size hash instead of failing every write
   local total = tonumber(redis.call('GET', BYTES) or '0')
@@ -57,14 +60,14 @@ local function lease_of(m)
   local state, owner, start, score = string.match(l, '^(%a) (%S+) (%S+) ?(%S*)$')
   return state, owner, tonumber(start), score
 end
-local function in_flight_for_others(m, owner, now, lease)
+local function in_flight_for_others(m, owner, lease)
   local state, holder, start = lease_of(m)
-  return state ~= nil and holder ~= owner and start + lease > now
+  return state ~= nil and holder ~= owner and start + lease > NOW
 end
-local function doom(m, owner, now)
+local function doom(m, owner)
   local score = redis.call('ZSCORE', ORDER, m) or ''
   redis.call('ZREM', ORDER, m)
-  redis.call('HSET', LEASES, m, 'd ' .. owner .. ' ' .. now .. ' ' .. score)
+  redis.call('HSET', LEASES, m, 'd ' .. owner .. ' ' .. NOW .. ' ' .. score)
 end
 local function release(m, owner)
   local state, holder = lease_of(m)
@@ -82,7 +85,7 @@ local function release(m, owner)
 end
 -- Dooms committed entries, first victims first, until total - freed + need <= room; returns them,
 -- or nil (dooming none) when the committed entries are too few and `partial` is false.
-local function victims(room, need, owner, now, partial)
+local function victims(room, need, owner, partial)
   local total = total_bytes()
   local freed, picked, i = 0, {}, 0
   while total - freed + need > room do
@@ -95,12 +98,12 @@ local function victims(room, need, owner, now, partial)
     picked[#picked + 1] = m
     i = i + 1
   end
-  for _, m in ipairs(picked) do doom(m, owner, now) end
+  for _, m in ipairs(picked) do doom(m, owner) end
   return picked
 end
 """
 
-# ARGV: member, size, capacity, owner, now, lease, released... Releases the members this client
+# ARGV: member, size, capacity, owner, lease, released... Releases the members this client
 # doomed and has since deleted the values of, then reserves the member's bytes if they fit now.
 # Returns {1} (reserved: write the value, then COMMIT), {2, {victims...}} (not reserved: delete
 # the victims' values, then RESERVE again releasing them), {0} (another client writes or deletes
@@ -108,9 +111,9 @@ end
 _RESERVE = (
     _PRELUDE
     + """
-local m, size, room, owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-for i = 7, #ARGV do release(ARGV[i], owner) end
-if in_flight_for_others(m, owner, now, lease) then return {0} end
+local m, size, room, owner, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+for i = 6, #ARGV do release(ARGV[i], owner) end
+if in_flight_for_others(m, owner, lease) then return {0} end
 local counted = tonumber(redis.call('HGET', SIZES, m) or '0') or 0
 local need = math.max(counted, size) - counted
 if total_bytes() + need <= room then
@@ -119,12 +122,12 @@ if total_bytes() + need <= room then
     redis.call('INCRBY', BYTES, need)
   end
   redis.call('ZREM', ORDER, m)
-  redis.call('HSET', LEASES, m, 'w ' .. owner .. ' ' .. now)
+  redis.call('HSET', LEASES, m, 'w ' .. owner .. ' ' .. NOW)
   return {1}
 end
 local score = redis.call('ZSCORE', ORDER, m)
 redis.call('ZREM', ORDER, m)  -- never its own victim
-local picked = victims(room, need, owner, now, false)
+local picked = victims(room, need, owner, false)
 if score then redis.call('ZADD', ORDER, score, m) end
 if not picked then return {-1} end
 return {2, picked}
@@ -151,22 +154,22 @@ return 1
 """
 )
 
-# ARGV: owner, now, lease, members... One code per member: 1 doomed (delete its value, then
+# ARGV: owner, lease, members... One code per member: 1 doomed (delete its value, then
 # RELEASE), 2 no accounting (a value alone, if any: delete it), 0 in flight for another client.
 _DOOM = (
     _PRELUDE
     + """
-local owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local owner, lease = ARGV[1], tonumber(ARGV[2])
 local codes = {}
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   local m = ARGV[i]
-  if in_flight_for_others(m, owner, now, lease) then
+  if in_flight_for_others(m, owner, lease) then
     codes[#codes + 1] = 0
   elseif redis.call('HEXISTS', SIZES, m) == 0 then
     redis.call('HDEL', LEASES, m)
     codes[#codes + 1] = 2
   else
-    doom(m, owner, now)
+    doom(m, owner)
     codes[#codes + 1] = 1
   end
 end
@@ -199,15 +202,15 @@ return 1
 """
 )
 
-# ARGV: owner, now, cutoff, limit. Dooms up to `limit` committed entries written before cutoff.
+# ARGV: owner, cutoff, limit. Dooms up to `limit` committed entries written before cutoff.
 _EXPIRED = (
     _PRELUDE
     + """
-local old = redis.call('ZRANGEBYSCORE', CTIME, '-inf', '(' .. ARGV[3], 'LIMIT', 0, tonumber(ARGV[4]))
+local old = redis.call('ZRANGEBYSCORE', CTIME, '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 local picked = {}
 for _, m in ipairs(old) do
   if redis.call('ZSCORE', ORDER, m) then
-    doom(m, ARGV[1], ARGV[2])
+    doom(m, ARGV[1])
     picked[#picked + 1] = m
   end
 end
@@ -215,7 +218,7 @@ return picked
 """
 )
 
-# ARGV: owner, now, capacity. Recounts the byte counter from the size hash, then dooms victims
+# ARGV: owner, capacity. Recounts the byte counter from the size hash, then dooms victims
 # until the namespace fits its capacity (as far as committed entries allow).
 _TRIM = (
     _PRELUDE
@@ -223,24 +226,24 @@ _TRIM = (
 local total = 0
 for _, s in ipairs(redis.call('HVALS', SIZES)) do total = total + (tonumber(s) or 0) end
 redis.call('SET', BYTES, total)
-return victims(tonumber(ARGV[3]), 0, ARGV[1], ARGV[2], true)
+return victims(tonumber(ARGV[2]), 0, ARGV[1], true)
 """
 )
 
-# ARGV: owner, now, lease. Leases older than `lease` seconds (their client died or stalled
+# ARGV: owner, lease. Leases older than `lease` seconds (their client died or stalled
 # mid-write or mid-delete) become this owner's dooms: delete their values, then RELEASE.
 _RECLAIM = (
     _PRELUDE
     + """
-local owner, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local owner, lease = ARGV[1], tonumber(ARGV[2])
 local picked = {}
 local all = redis.call('HGETALL', LEASES)
 for i = 1, #all, 2 do
   local m = all[i]
   local _, _, start = lease_of(m)
-  if start == nil or start + lease <= now then
+  if start == nil or start + lease <= NOW then
     redis.call('ZREM', ORDER, m)
-    redis.call('HSET', LEASES, m, 'd ' .. owner .. ' ' .. now .. ' ')
+    redis.call('HSET', LEASES, m, 'd ' .. owner .. ' ' .. NOW .. ' ')
     picked[#picked + 1] = m
   end
 end
@@ -251,9 +254,9 @@ return picked
 # KEYS: one value key. ARGV: the sha1 of the value a reader found unusable. Deletes the value only
 # if it is still that one: 1 deleted, 0 already gone, -1 replaced meanwhile (kept).
 DELETE_IF_UNCHANGED = """
-local now = redis.call('GET', KEYS[1])
-if not now then return 0 end
-if redis.sha1hex(now) ~= ARGV[1] then return -1 end
+local held = redis.call('GET', KEYS[1])
+if not held then return 0 end
+if redis.sha1hex(held) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
 return 1
 """
@@ -326,12 +329,12 @@ class Ledger:
         return self._scripts[name](keys=self._meta, args=list(args))
 
     def reserve(
-        self, key: str, size: int, capacity: int, now: float, released: list[str]
+        self, key: str, size: int, capacity: int, released: list[str]
     ) -> tuple[int, list[str]]:
         """Release `released` (doomed, values deleted), then (status, victims): 1 reserved, 2 not
         yet (the victims are doomed: delete their values, then reserve again releasing them),
         0 in flight elsewhere, -1 no room (see _RESERVE)."""
-        reply = self._run("reserve", key, size, capacity, self.owner, now, self.lease, *released)
+        reply = self._run("reserve", key, size, capacity, self.owner, self.lease, *released)
         victims = reply[1] if len(reply) > 1 else []
         return int(reply[0]), [v.decode() for v in victims]
 
@@ -339,9 +342,9 @@ class Ledger:
         """Commit key (its value is written); False when its reservation is gone."""
         return bool(self._run("commit", key, size, score, now, self.owner))
 
-    def doom(self, members: list[str], now: float) -> list[int]:
+    def doom(self, members: list[str]) -> list[int]:
         """Per member: 1 doomed, 2 no accounting, 0 in flight elsewhere (see _DOOM)."""
-        return [int(c) for c in self._run("doom", self.owner, now, self.lease, *members)]
+        return [int(c) for c in self._run("doom", self.owner, self.lease, *members)]
 
     def release(self, members: list[str]) -> int:
         """Forget doomed members whose values are deleted; returns how many."""
@@ -351,17 +354,17 @@ class Ledger:
         """Commit a doomed member again (its value changed instead of being deleted)."""
         return bool(self._run("revive", self.owner, now, key))
 
-    def expired(self, now: float, cutoff: float, limit: int) -> list[str]:
+    def expired(self, cutoff: float, limit: int) -> list[str]:
         """Doom up to `limit` committed entries written before cutoff."""
-        return [m.decode() for m in self._run("expired", self.owner, now, cutoff, limit)]
+        return [m.decode() for m in self._run("expired", self.owner, cutoff, limit)]
 
-    def trim(self, now: float, capacity: int) -> list[str]:
+    def trim(self, capacity: int) -> list[str]:
         """Recount the bytes, doom victims until capacity holds."""
-        return [m.decode() for m in self._run("trim", self.owner, now, capacity)]
+        return [m.decode() for m in self._run("trim", self.owner, capacity)]
 
-    def reclaim(self, now: float) -> list[str]:
-        """Take over, as dooms, the leases older than `lease` seconds."""
-        return [m.decode() for m in self._run("reclaim", self.owner, now, self.lease)]
+    def reclaim(self) -> list[str]:
+        """Take over, as dooms, the leases older than `lease` seconds (by the node's clock)."""
+        return [m.decode() for m in self._run("reclaim", self.owner, self.lease)]
 
 
 __all__ = ["DELETE_IF_UNCHANGED", "Ledger", "RedisKeys"]

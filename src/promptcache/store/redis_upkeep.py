@@ -40,9 +40,9 @@ def delete_values(c: Connection, members: list[str]) -> int:
     return sum(int(n) for n in pipe.execute())
 
 
-def remove(c: Connection, members: list[str], now: float) -> int:
+def remove(c: Connection, members: list[str]) -> int:
     """Doom, delete the values, release: how many members had a value or accounting."""
-    codes = c.ledger.doom(members, now)
+    codes = c.ledger.doom(members)
     deleted = delete_values(c, [m for m, code in zip(members, codes, strict=True) if code])
     doomed = [m for m, code in zip(members, codes, strict=True) if code == 1]
     return max(deleted, c.ledger.release(doomed))
@@ -51,7 +51,7 @@ def remove(c: Connection, members: list[str], now: float) -> int:
 def remove_if_unchanged(c: Connection, key: str, digest: str, now: float) -> int:
     """Remove key's value if its sha1 is still `digest`, and its accounting with it; a value
     replaced meanwhile is kept (its entry committed again). 1 removed, 0 not."""
-    (code,) = c.ledger.doom([key], now)
+    (code,) = c.ledger.doom([key])
     if code == 0:
         return 0  # another client writes or deletes it right now
     removed = int(c.delete_if_unchanged(keys=[c.keys.value(key)], args=[digest]))
@@ -62,29 +62,29 @@ def remove_if_unchanged(c: Connection, key: str, digest: str, now: float) -> int
     return int(removed > 0)
 
 
-def reclaim(c: Connection, now: float) -> int:
+def reclaim(c: Connection) -> int:
     """Delete what clients that died mid-write or mid-delete left (leases past their time)."""
-    members = c.ledger.reclaim(now)
+    members = c.ledger.reclaim()
     delete_values(c, members)
     return c.ledger.release(members)
 
 
-def expire(c: Connection, now: float, cutoff: float) -> int:
+def expire(c: Connection, cutoff: float) -> int:
     """Remove the committed entries written before cutoff (values and accounting); how many."""
     total = 0
     while True:
-        members = c.ledger.expired(now, cutoff, BATCH)
+        members = c.ledger.expired(cutoff, BATCH)
         delete_values(c, members)
         total += c.ledger.release(members)
         if len(members) < BATCH:
             return total
 
 
-def reconcile(c: Connection, now: float, capacity: int) -> dict[str, int]:
+def reconcile(c: Connection, capacity: int) -> dict[str, int]:
     """Take over dead clients' leases, drop accounting whose value is gone, remove values without
     accounting and the untagged layout's keys, and trim to capacity. Returns counts: reclaimed,
     stale_rows, orphans_removed, evicted."""
-    counts = {"reclaimed": reclaim(c, now), "stale_rows": 0, "orphans_removed": 0}
+    counts = {"reclaimed": reclaim(c), "stale_rows": 0, "orphans_removed": 0}
     members = [m.decode() for m, _ in c.client.zscan_iter(c.keys.metadata[1], count=1000)]
     for i in range(0, len(members), BATCH):
         chunk = members[i : i + BATCH]
@@ -92,7 +92,7 @@ def reconcile(c: Connection, now: float, capacity: int) -> dict[str, int]:
         for m in chunk:
             pipe.exists(c.keys.value(m))
         gone = [m for m, exists in zip(chunk, pipe.execute(), strict=True) if not exists]
-        counts["stale_rows"] += remove(c, gone, now) if gone else 0
+        counts["stale_rows"] += remove(c, gone) if gone else 0
     prefix = c.keys.value_prefix.encode()
     values = list(c.client.scan_iter(match=c.keys.value_prefix + "*", count=1000))
     for i in range(0, len(values), BATCH):
@@ -104,7 +104,7 @@ def reconcile(c: Connection, now: float, capacity: int) -> dict[str, int]:
         if orphans:  # unaccounted: not even reserved, so no writer is about to commit them
             counts["orphans_removed"] += int(c.client.unlink(*orphans))
     c.client.unlink(*c.keys.legacy)
-    victims = c.ledger.trim(now, capacity)
+    victims = c.ledger.trim(capacity)
     delete_values(c, victims)
     counts["evicted"] = c.ledger.release(victims)
     return counts
