@@ -169,6 +169,8 @@ def test_the_cluster_url_forms(
         assert store.cluster is True and store.stats()["cluster"] == 1
     assert forms[1].url == forms[4].url == forms[6].url == comma
     assert CacheConfig(redis_url=redis_cluster.urls).redis_url == comma
+    with_db = RedisStore(f"{redis_cluster.urls[0]}/2", namespace=NS)  # a cluster has only db 0
+    assert with_db.get("k", fingerprint=FP) == b"shared" and with_db.cluster is True
     # A cluster node's URL told it is one server: every key of another node's slots is refused
     # (MOVED), counted as errors, never raised.
     single = RedisStore(redis_cluster_url, namespace=NS, cluster=False)

@@ -20,6 +20,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import parse_url
 from redis.retry import Retry
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 Client = redis.Redis | RedisCluster
 
@@ -51,6 +53,15 @@ def redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _without_db(url: str) -> str:
+    """`url` naming no database (a redis:// path or a db= query), so that a client selects db 0."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return url
+    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("db="))
+    return urlunsplit(parts._replace(path="", query=query))
 
 
 @dataclass(frozen=True)
@@ -132,18 +143,24 @@ class RedisTarget:
             "retry": Retry(NoBackoff(), 1),
             "health_check_interval": 0,
         }
-        cluster = self.cluster
-        if cluster is None:
-            with redis.Redis.from_url(self.urls[0], **common) as probe:
+        first, cluster = self.urls[0], self.cluster
+        if (
+            cluster is None
+        ):  # one URL (a list is a cluster): ask its node, in db 0 (SELECT fails there)
+            in_db0 = _without_db(first)
+            with redis.Redis.from_url(in_db0, **common) as probe:
                 cluster = bool(probe.info("cluster").get("cluster_enabled"))
-            if cluster:
-                self._check_cluster_nodes(list(self.urls), [parse_url(u) for u in self.urls])
+            if cluster and parse_url(first).get("db", 0) != 0:
+                log.warning(
+                    "%s is a Redis Cluster node: using db 0, a cluster's only db", redact(first)
+                )
+                first = in_db0
         if not cluster:
-            return redis.Redis.from_url(self.urls[0], **common), False
+            return redis.Redis.from_url(first, **common), False
         others = [
             ClusterNode(o["host"], o.get("port", 6379)) for o in map(parse_url, self.urls[1:])
         ]
-        return RedisCluster(url=self.urls[0], startup_nodes=others, **common), True
+        return RedisCluster(url=first, startup_nodes=others, **common), True
 
 
 class Outages:
