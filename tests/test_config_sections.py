@@ -21,6 +21,7 @@ SAMPLES = {
     "max_items": ("9", 9),
     "use_mmap": ("true", True),
     "url": ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0"),
+    "cluster": ("true", True),
     "max_age": ("2h", 7200.0),
     "format": ("safetensors", "safetensors"),
     "batch_buffer": ("9", 9),
@@ -72,7 +73,7 @@ def test_every_setting_has_a_row_in_the_documented_table() -> None:
     rows = [line for line in doc.splitlines() if line.startswith("| `")]
     documented = {name for line in rows for name in line.split("|")[1].split("`")[1::2]}
     assert set(SETTING_NAMES) <= documented
-    assert len(SETTING_NAMES) == 39
+    assert len(SETTING_NAMES) == 40
 
 
 def test_nested_form_round_trips_and_flat_names_outrank_it(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""RedisStore against a real redis-server: capacity, TTL, corrupt and foreign values, outages, and two
-processes sharing prefixes through one Redis with the real engine."""
+"""RedisStore against a real redis-server (and, where a test takes `any_redis`, a real Redis Cluster):
+capacity, TTL, corrupt and foreign values, outages, and two processes sharing prefixes through one
+Redis with the real engine (tests/test_redis_cluster.py: what only a cluster has)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ from promptcache.store.redis import RedisStore, redact
 from promptcache.store.tiered import TieredStore
 
 if TYPE_CHECKING:
+    from redis_cluster_fixture import RedisUnderTest
     from redis_fixture import RedisServer
 
-pytest_plugins = ["redis_fixture"]  # a real redis-server on a free loopback port
+# A real redis-server on a free loopback port, and a real 3-master Redis Cluster: the tests that take
+# `any_redis` run on both.
+pytest_plugins = ["redis_fixture", "redis_cluster_fixture"]
 
 FP = "model-a"
 COMPRESSIBLE = b"the same few words again and again " * 300
@@ -35,24 +39,24 @@ def entry_bytes(key: str, value: bytes, fingerprint: str = FP) -> int:
     return len(envelope.pack(key, value, fingerprint))
 
 
-def test_stats_say_redis_is_available(redis_url: str) -> None:
+def test_stats_say_redis_is_available(any_redis: RedisUnderTest) -> None:
     """The round trip, capacity and accounting are the contract's (test_store_contract.py)."""
-    store = RedisStore(redis_url, 1 << 20)
+    store = RedisStore(any_redis.url, 1 << 20)
     store.put("k1", b"value one", fingerprint=FP)
     s = store.stats()
     assert (s["available"], s["unavailable"], s["url"], s["namespace"]) == (
         1,
         0,
-        redis_url,
+        any_redis.url,
         "promptcache",
     )
 
 
-def test_lru_capacity_is_held_across_clients(redis_url: str) -> None:
+def test_lru_capacity_is_held_across_clients(any_redis: RedisUnderTest) -> None:
     value = b"x" * 1000
     size = entry_bytes("k0", value)
-    a = RedisStore(redis_url, 3 * size)
-    b = RedisStore(redis_url, 3 * size)  # another process or machine, same namespace
+    a = RedisStore(any_redis.url, 3 * size)
+    b = RedisStore(any_redis.url, 3 * size)  # another process or machine, same namespace
     a.put("k0", value, fingerprint=FP)
     b.put("k1", value, fingerprint=FP)
     a.put("k2", value, fingerprint=FP)
@@ -67,8 +71,8 @@ def test_lru_capacity_is_held_across_clients(redis_url: str) -> None:
 
 
 @pytest.mark.parametrize(("policy", "evicted"), [("fifo", "k0"), ("size", "big")])
-def test_other_policies(redis_url: str, policy: str, evicted: str) -> None:
-    store = RedisStore(redis_url, 3000, policy=policy)
+def test_other_policies(any_redis: RedisUnderTest, policy: str, evicted: str) -> None:
+    store = RedisStore(any_redis.url, 3000, policy=policy)
     store.put("k0", b"a" * 500, fingerprint=FP)
     store.put("big", b"b" * 1200, fingerprint=FP)
     store.get("k0", fingerprint=FP)  # fifo and size ignore reads
@@ -78,10 +82,10 @@ def test_other_policies(redis_url: str, policy: str, evicted: str) -> None:
     assert store.size() <= 3000
 
 
-def test_corrupt_values_are_removed_misses(redis_url: str, redis_server: RedisServer) -> None:
-    store = RedisStore(redis_url, 1 << 20)
+def test_corrupt_values_are_removed_misses(any_redis: RedisUnderTest) -> None:
+    store = RedisStore(any_redis.url, 1 << 20)
     store.put("k1", b"good value", fingerprint=FP)
-    with redis_server.client() as raw:
+    with any_redis.client() as raw:
         raw.set("promptcache:v:k1", b"garbage that is no envelope")
         assert store.get("k1", fingerprint=FP) is None
         assert raw.exists("promptcache:v:k1") == 0
@@ -98,32 +102,30 @@ def test_corrupt_values_are_removed_misses(redis_url: str, redis_server: RedisSe
     assert store.size() == 0 and len(store) == 0  # the accounting went with the values
 
 
-def test_foreign_values_are_removed_misses(redis_url: str, redis_server: RedisServer) -> None:
-    store = RedisStore(redis_url, 1 << 20)
+def test_foreign_values_are_removed_misses(any_redis: RedisUnderTest) -> None:
+    store = RedisStore(any_redis.url, 1 << 20)
     store.put("k1", b"another model's state", fingerprint="model-b")
     assert store.get("k1", fingerprint=FP) is None  # another model fingerprint
     assert not store.contains("k1")
     store.put("k2", b"value of k2", fingerprint=FP)
-    with redis_server.client() as raw:
+    with any_redis.client() as raw:
         raw.set("promptcache:v:k3", raw.get("promptcache:v:k2"))  # another key's entry
     assert store.get("k3", fingerprint=FP) is None
     assert store.get("k2", fingerprint=FP) == b"value of k2"
     assert store.stats()["corrupt"] == 2
 
 
-def test_a_replaced_value_is_not_removed_by_a_stale_reader(
-    redis_url: str, redis_server: RedisServer
-) -> None:
+def test_a_replaced_value_is_not_removed_by_a_stale_reader(any_redis: RedisUnderTest) -> None:
     """Removal of a corrupt value is conditional: a writer that replaced it meanwhile keeps its entry."""
-    store = RedisStore(redis_url, 1 << 20)
+    store = RedisStore(any_redis.url, 1 << 20)
     store.put("k1", b"good", fingerprint=FP)
     store._forget_if_unchanged("k1", b"the corrupt bytes we had read", "test")
     assert store.get("k1", fingerprint=FP) == b"good"
 
 
-def test_namespaces_share_nothing(redis_url: str) -> None:
-    a = RedisStore(redis_url, 1 << 20, namespace="team-a")
-    b = RedisStore(redis_url, 1 << 20, namespace="team-b")
+def test_namespaces_share_nothing(any_redis: RedisUnderTest) -> None:
+    a = RedisStore(any_redis.url, 1 << 20, namespace="team-a")
+    b = RedisStore(any_redis.url, 1 << 20, namespace="team-b")
     a.put("k", b"a's", fingerprint=FP)
     assert b.get("k", fingerprint=FP) is None and len(b) == 0
     b.put("k", b"b's", fingerprint=FP)
@@ -131,16 +133,16 @@ def test_namespaces_share_nothing(redis_url: str) -> None:
     assert a.get("k", fingerprint=FP) == b"a's" and len(b) == 0
 
 
-def test_compressed_values_are_read_by_any_client(redis_url: str) -> None:
-    zstd = RedisStore(redis_url, 1 << 20, compression="zstd")
+def test_compressed_values_are_read_by_any_client(any_redis: RedisUnderTest) -> None:
+    zstd = RedisStore(any_redis.url, 1 << 20, compression="zstd")
     zstd.put("k1", COMPRESSIBLE, fingerprint=FP)
     assert zstd.size() < len(COMPRESSIBLE) / 5
-    assert RedisStore(redis_url, 1 << 20).get("k1", fingerprint=FP) == COMPRESSIBLE
+    assert RedisStore(any_redis.url, 1 << 20).get("k1", fingerprint=FP) == COMPRESSIBLE
 
 
-def test_ttl_expires_values_and_gc_drops_their_accounting(redis_url: str) -> None:
+def test_ttl_expires_values_and_gc_drops_their_accounting(any_redis: RedisUnderTest) -> None:
     store = RedisStore(
-        redis_url, 1 << 20, ttl=1.5
+        any_redis.url, 1 << 20, ttl=1.5
     )  # room for a loaded CI machine between put and get
     store.put("k1", b"short-lived", fingerprint=FP)
     store.put("k2", b"short-lived", fingerprint=FP)
@@ -153,19 +155,19 @@ def test_ttl_expires_values_and_gc_drops_their_accounting(redis_url: str) -> Non
     assert len(store) == 0 and store.size() == 0
 
 
-def test_gc_reconciles_and_enforces_capacity(redis_url: str, redis_server: RedisServer) -> None:
-    big = RedisStore(redis_url, 1 << 20)  # a client with a larger capacity wrote these
+def test_gc_reconciles_and_enforces_capacity(any_redis: RedisUnderTest) -> None:
+    big = RedisStore(any_redis.url, 1 << 20)  # a client with a larger capacity wrote these
     for i in range(10):
         big.put(f"k{i}", b"v" * 1000, fingerprint=FP)
-    with redis_server.client() as raw:
+    with any_redis.client() as raw:
         raw.delete("promptcache:v:k0")  # value gone (maxmemory, by hand): stale accounting
         raw.set("promptcache:v:orphan", b"no accounting")  # value without accounting
-    small = RedisStore(redis_url, 5000)
+    small = RedisStore(any_redis.url, 5000)
     counts = small.gc()
     assert counts["stale_rows"] == 1 and counts["orphans_removed"] == 1
     assert counts["evicted"] == 5
     assert small.size() <= 5000 and len(small) == 4
-    with redis_server.client() as raw:
+    with any_redis.client() as raw:
         assert raw.exists("promptcache:v:orphan") == 0
     assert {e["key"] for e in small.entries()} == set(small.keys())
     assert all(e["fingerprint"] == FP and e["size"] > 1000 for e in small.entries())

@@ -5,8 +5,9 @@ capabilities (store.base.BaseStore), the view read (get_view: no copy where the 
 held after any operations (a hypothesis model of the latest value of each key), and a foreign
 fingerprint is a removed miss. PersistedStoreContract adds what a persisted store owes: another
 instance sees the entries (a large one as a mapped view where a disk tier holds it), and a corrupt
-entry is a removed miss. One subclass per store: memory, disk, redis (a real redis-server), tiered, namespaced. Each
-store's own file keeps only the tests specific to it.
+entry is a removed miss. One subclass per store: memory, disk, redis (a real redis-server, and a
+real 3-master Redis Cluster), tiered, namespaced. Each store's own file keeps only the tests
+specific to it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from promptcache.store.policies import POLICIES
 from promptcache.store.redis import RedisStore
 from promptcache.store.tiered import NamespacedStore, TieredStore
 
-pytest_plugins = ["redis_fixture"]  # a real redis-server on a free loopback port
+pytest_plugins = [
+    "redis_fixture",  # a real redis-server on a free loopback port
+    "redis_cluster_fixture",  # a real 3-master Redis Cluster on loopback
+]
 
 FP, OTHER_FP = "model-a", "model-b"
 CAPACITY = 8000
@@ -61,8 +65,15 @@ def corrupt_disk(store: DiskStore, key: str) -> None:
     path.write_bytes(flip_a_byte(path.read_bytes()))
 
 
+def raw_client(store: RedisStore) -> redis.Redis | redis.RedisCluster:
+    """A plain redis-py client of the store's Redis: a cluster client where the store found one."""
+    if store.cluster:
+        return redis.RedisCluster.from_url(store.url.split(",")[0])
+    return redis.Redis.from_url(store.url)
+
+
 def corrupt_redis(store: RedisStore, key: str) -> None:
-    with redis.Redis.from_url(store.url) as client:
+    with raw_client(store) as client:
         vkey = f"{store.namespace}:v:{key}"
         client.set(vkey, flip_a_byte(client.get(vkey)), keepttl=True)
 
@@ -364,6 +375,20 @@ class TestRedisStore(PersistedStoreContract):
 
     def corrupt(self, store: RedisStore, key: str) -> None:
         corrupt_redis(store, key)
+
+
+class TestRedisClusterStore(TestRedisStore):
+    """The same contract on a real 3-master Redis Cluster, reached by one node's URL: the values
+    spread over the masters, the accounting in one slot (tests/test_redis_cluster.py checks both)."""
+
+    @pytest.fixture
+    def make(self, redis_cluster_url: str, new_namespace, closing) -> Make:
+        def make(capacity: int) -> RedisStore:
+            store = RedisStore(redis_cluster_url, capacity, namespace=new_namespace())
+            assert store.ping() and store.cluster is True  # detected, not configured
+            return closing(store)
+
+        return make
 
 
 def corrupt_tiers(tiers: TieredStore, key: str) -> None:

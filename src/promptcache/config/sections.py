@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from promptcache.config.units import is_off, parse_count, parse_seconds, parse_size
 from promptcache.files import user_cache_dir
@@ -150,7 +150,12 @@ class RedisSettings(TierSettings):
     )
     url: str | None = Field(
         None,
-        description="Redis of the shared tier (redis://host:port/db, rediss://..., unix:///path); none: no Redis tier.",
+        description="Redis of the shared tier (redis://host:port/db, rediss://..., unix:///path), or a Redis "
+        "Cluster: any node's URL, or several comma-separated (a list in a file); none: no Redis tier.",
+    )
+    cluster: bool | None = Field(
+        None,
+        description="Whether url is a Redis Cluster; none: several URLs are, one URL is asked (INFO cluster).",
     )
 
     @field_validator("url", mode="before")
@@ -158,14 +163,31 @@ class RedisSettings(TierSettings):
     def _url(cls, value: object) -> str | None:
         if is_off(value):
             return None
-        if not isinstance(value, str) or not value.strip().startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ValueError(
-                f"{value!r} is not a Redis URL; use redis://host:port/db, rediss://host:port/db, "
-                "unix:///path/to/socket, or none for no Redis tier"
-            )
-        return value.strip()
+        parts = value.split(",") if isinstance(value, str) else value
+        if isinstance(parts, (list, tuple)) and all(isinstance(p, str) for p in parts):
+            parts = [p.strip() for p in parts]
+            if parts and all(p.startswith(("redis://", "rediss://", "unix://")) for p in parts):
+                return ",".join(parts)
+        raise ValueError(
+            f"{value!r} is not a Redis URL; use redis://host:port/db, rediss://host:port/db, "
+            "unix:///path/to/socket, a Redis Cluster's nodes as 'redis://host:port,redis://host:port' "
+            "(or a list), or none for no Redis tier"
+        )
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _cluster(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("auto", "", "none", "null"):
+            return None
+        return value  # pydantic reads true/false/yes/no/on/off/1/0
+
+    @model_validator(mode="after")
+    def _target(self) -> RedisSettings:
+        if self.url is not None:
+            from promptcache.store.redis_client import RedisTarget  # redis-py loads only with a URL
+
+            RedisTarget.parse(self.url, self.cluster)  # raises ValueError saying what is wrong
+        return self
 
 
 class ArtefactSettings(Section):

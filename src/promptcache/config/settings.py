@@ -354,7 +354,7 @@ class CacheConfig(BaseSettings):
         )
 
     def redis_store(self) -> RedisStore | None:
-        """The Redis tier, or None without a redis_url. Sends nothing until first used."""
+        """The Redis tier (one server or a cluster), or None without a redis_url. Sends nothing until first used."""
         if not self.redis.url:
             return None
         from promptcache.store.redis import RedisStore  # redis-py loads only where a URL is set
@@ -366,6 +366,7 @@ class CacheConfig(BaseSettings):
             ttl=self.max_age,
             policy=self.tier_policy("redis"),
             compression=self.compressor("redis"),
+            cluster=self.redis.cluster,
         )
 
     def build_store(self) -> TieredStore:
