@@ -1,7 +1,8 @@
 """The ledger: which sequences are cached (a RadixIndex per fingerprint) and which segments they use.
 
-Owns the segments' reference counts and sizes, the bytes held, and eviction (leaf sequences, least
-recently used first); never plans a lookup, reads a segment or writes one (the coordinator does).
+Owns the segments' reference counts and sizes, the bytes held, eviction (leaf sequences, least
+recently used first) and telling listeners (holdings.py) which sequences come and go; never plans
+a lookup, reads a segment or writes one (the coordinator does).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from promptcache.cache.stats import CacheStats
 from promptcache.errors import PromptCacheError
+from promptcache.holdings import HoldingsListener
 from promptcache.index import Node, RadixIndex
 from promptcache.memo import PersistedMerges
 from promptcache.store import Store
@@ -51,6 +53,7 @@ class Ledger:
         self._refs: dict[str, int] = {}  # segment key -> how many cached sequences use it
         self._sizes: dict[str, int] = {}
         self.nbytes = 0
+        self._listeners: list[tuple[str | None, HoldingsListener]] = []
 
     # ------------------------------------------------ segments
 
@@ -98,12 +101,38 @@ class Ledger:
     def sequences(self) -> int:
         return sum(len(ix) for ix in self.indexes.values())
 
+    def insert(self, fingerprint: str, tokens_le: bytes, record: Record) -> tuple[Node, bool]:
+        """Index a sequence (its record replaces an existing one's); returns (its node, whether it
+        is new). Listeners hear a new one."""
+        node, is_new = self.index(fingerprint).insert(tokens_le, record)
+        if is_new:
+            self._tell(fingerprint, tokens_le, tokens_le)
+        return node, is_new
+
     def clear(self) -> None:
         """Forget every sequence and segment (the store is the caller's to clear)."""
         self.indexes.clear()
         self._refs.clear()
         self._sizes.clear()
         self.nbytes = 0
+        for _, listener in self._listeners:
+            listener.cleared()
+
+    def listen(self, listener: HoldingsListener, fingerprint: str | None = None) -> None:
+        """Tell `listener` every sequence cached (under `fingerprint`, or any) as it is indexed and
+        as it is forgotten (holder: (fingerprint, tokens as uint32 LE bytes)), those cached now
+        first."""
+        self._listeners.append((fingerprint, listener))
+        for fp, index in self.indexes.items():
+            if fingerprint in (None, fp):
+                for node in index.sequences():
+                    tokens_le = index.tokens_of(node)
+                    listener.holds((fp, tokens_le), tokens_le)
+
+    def _tell(self, fingerprint: str, tokens_le: bytes, tokens: bytes) -> None:
+        for fp, listener in self._listeners:
+            if fp in (None, fingerprint):
+                listener.holds((fingerprint, tokens_le), tokens)
 
     def still_cached(self, index: RadixIndex, tokens_le: bytes, fingerprint: str) -> bool:
         """Whether exactly these tokens are cached with every segment in the store (touched if so).
@@ -126,11 +155,14 @@ class Ledger:
             return
         gone = set(keys)
         for node in [n for n in index.sequences() if not gone.isdisjoint(n.value.keys)]:
-            self.forget(index, node)
+            self.forget(fingerprint, node)
 
-    def forget(self, index: RadixIndex, node: Node) -> None:
+    def forget(self, fingerprint: str, node: Node) -> None:
         """Remove one cached sequence; the segments, merge and whole state only it used go too."""
         record: Record = node.value
+        index = self.indexes[fingerprint]
+        if self._listeners:
+            self._tell(fingerprint, index.tokens_of(node), b"")
         index.remove(node)
         for key in self._release(record.keys):
             if not self.shared:
@@ -149,12 +181,12 @@ class Ledger:
         capacity: a shared prefix outlives its branches."""
         while self.nbytes + new_bytes > capacity:
             victim = None
-            for index in self.indexes.values():
+            for fingerprint, index in self.indexes.items():
                 leaf = index.lru_leaf(exclude=protect)
                 if leaf is not None and (
                     victim is None or leaf.last_access < victim[1].last_access
                 ):
-                    victim = (index, leaf)
+                    victim = (fingerprint, leaf)
             if victim is None:  # unreachable: the caller checked new_bytes <= capacity
                 raise PromptCacheError("nothing left to evict")
             self.forget(*victim)

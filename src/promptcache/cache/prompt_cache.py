@@ -27,6 +27,7 @@ from promptcache.cache.stats import CacheStats
 from promptcache.cache.wholes import WholeStates, whole_state_key
 from promptcache.codec import OpaqueCodec, StateCodec
 from promptcache.errors import CapacityError, CodecError
+from promptcache.holdings import HoldingsListener
 from promptcache.index import RadixIndex
 from promptcache.store import MemoryStore, Store
 
@@ -196,7 +197,7 @@ class PromptCache:
                     f"a {n}-token state needs {new_bytes} bytes, more than the cache's capacity of "
                     f"{self.capacity_bytes}; raise capacity_bytes"
                 )
-            node, _ = index.insert(tb, Record(keys, sizes))
+            node, _ = self._ledger.insert(fingerprint, tb, Record(keys, sizes))
             self._ledger.hold(keys)
             self._ledger.make_room(new_bytes, self.capacity_bytes, protect=node)
             written = self._write_new(keys, new, segments, sizes, fingerprint)
@@ -231,7 +232,7 @@ class PromptCache:
         with self._lock:
             if not all(k in self._ledger or self.store.contains(k) for k in keys):
                 return False
-            node, is_new = self._ledger.index(fingerprint).insert(tb, Record(keys, [0] * len(keys)))
+            node, is_new = self._ledger.insert(fingerprint, tb, Record(keys, [0] * len(keys)))
             if is_new:
                 self._ledger.hold(keys, size=0)
             return True
@@ -244,8 +245,15 @@ class PromptCache:
             node = index.find(tb) if index else None
             if node is None:
                 return False
-            self._ledger.forget(index, node)
+            self._ledger.forget(fingerprint, node)
             return True
+
+    def listen(self, listener: HoldingsListener, fingerprint: str | None = None) -> None:
+        """Tell `listener` which sequences this cache's index holds (under `fingerprint`, or any),
+        now and as they are inserted, evicted, removed and cleared (holdings.py; the ledger, which
+        stores and evicts, tells it)."""
+        with self._lock:
+            self._ledger.listen(listener, fingerprint)
 
     def clear(self) -> None:
         """Forget everything and empty the store."""

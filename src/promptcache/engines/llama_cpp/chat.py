@@ -67,12 +67,24 @@ class ChatFormat:
         return formatter
 
     def apply(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> tuple[str, list[str]]:
         """The prompt text for `messages` (with the assistant turn opened unless told otherwise) and
-        the template's stop strings. Raises ValueError for malformed messages and whatever the
-        template raises for a conversation it refuses."""
+        the template's stop strings. continue_final_message: the text ends right after the final
+        message's content, so the reply continues it (as vLLM and transformers cut it; it excludes
+        add_generation_prompt). Raises ValueError for malformed messages, for both options at once or
+        a final message the template does not reproduce, and whatever the template raises for a
+        conversation it refuses."""
         messages = check_messages(messages)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true: set "
+                "add_generation_prompt to false to continue the final message"
+            )
         if self.fallback and not self._warned:
             log.warning(
                 "%s has no chat template; chat uses a plain 'Role: content' format",
@@ -80,11 +92,14 @@ class ChatFormat:
             )
             self._warned = True
         formatted = self._formatter(add_generation_prompt)(messages=messages)
+        text = formatted.prompt
+        if continue_final_message:
+            text = _cut_after_final(text, messages[-1]["content"])
         stop = formatted.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if self.fallback:
             stops += FALLBACK_STOPS
-        return formatted.prompt, stops
+        return text, stops
 
     def tokens(
         self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
@@ -93,12 +108,23 @@ class ChatFormat:
         return self.render(messages, add_generation_prompt=add_generation_prompt)[0]
 
     def render(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        add_special_tokens: bool = False,
     ) -> tuple[list[int], list[str]]:
         """The prompt tokens for `messages` and the stop strings (apply, then tokenize: a template
-        writes its own BOS; the fallback gets the model's)."""
-        text, stops = self.apply(messages, add_generation_prompt=add_generation_prompt)
-        return self.model.tokenize(text, add_bos=self.fallback, special=True), stops
+        writes its own BOS; the fallback gets the model's, and so does add_special_tokens, as
+        vLLM's chat adds the tokenizer's special tokens to the rendered text)."""
+        text, stops = self.apply(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+        add_bos = self.fallback or add_special_tokens
+        return self.model.tokenize(text, add_bos=add_bos, special=True), stops
 
     def next_turn_prefix(self, messages: Sequence[dict[str, Any]], reply: str) -> list[int] | None:
         """The tokens every next turn of this chat starts with (prompt, reply, turn separator), found
@@ -114,6 +140,22 @@ class ChatFormat:
             log.debug("no next-turn prefix: %s", exc)
             return None
         return a[: common_prefix(a, b)]
+
+
+def _cut_after_final(text: str, final: str) -> str:
+    """`text` cut right after the last place the final message's content appears (transformers'
+    continue_final_message: a template that strips the content's spaces is followed, one that
+    drops part of it is a ValueError)."""
+    if final.strip() not in text:
+        raise ValueError(
+            "continue_final_message: the final message does not appear in the rendered chat "
+            "(the chat template changes it)"
+        )
+    at = text.rindex(final.strip())
+    kept = final.lstrip()
+    if text[at : at + len(kept)] != kept:
+        kept = final.strip()  # the template trimmed the content's trailing spaces
+    return text[: at + len(kept)]
 
 
 __all__ = ["ChatFormat", "FALLBACK_STOPS", "FALLBACK_TEMPLATE", "check_messages"]

@@ -43,6 +43,7 @@ from promptcache.engines.llama_cpp.planner import plan_round
 from promptcache.engines.llama_cpp.rounds import Step, Unit, pack, waves
 from promptcache.engines.llama_cpp.sequences import Held, SequenceTable
 from promptcache.errors import ContextOverflowError, PromptCacheError
+from promptcache.holdings import HoldingsListener
 
 if TYPE_CHECKING:
     from promptcache.cache import PromptCache
@@ -439,6 +440,21 @@ class Engine(Closing):
                 self._context.clear(data=data)
             self._table.clear()
 
+    def free_idle(self, busy: set[int]) -> int:
+        """Drop every sequence that is neither pinned nor in `busy` (the ones running requests
+        hold); returns how many were dropped."""
+        with self._lock:
+            idle = [h.seq_id for h in self._table if h.seq_id not in busy and not h.pinned]
+            for seq in idle:
+                self._drop(seq)
+            return len(idle)
+
+    def listen(self, listener: HoldingsListener, granularity: int = 1) -> None:
+        """Tell `listener` which prefixes the live sequences can serve (each one's reusable part, cut
+        to a multiple of `granularity` tokens), now and whenever that changes; see holdings.py."""
+        with self._lock:
+            self._table.listen(listener, granularity)
+
     def settle(self, seq: int) -> Held:
         """Drop the cells of `seq` past its reusable part (decoded tokens, in exact mode), so that
         what it holds may be cached and reused; returns it."""
@@ -449,6 +465,7 @@ class Engine(Closing):
                 held.tokens = held.tokens[: held.n_reusable]
                 if held.prompt_end != len(held.tokens):
                     held.prompt_end = -1
+                self._table.report(held)
             return held
 
     def finish_query(
@@ -696,6 +713,7 @@ class Engine(Closing):
                 exact = chunk or end - step.start >= self.exact_batch
                 held.n_reusable = end if exact else step.start
             held.n_reusable = min(held.n_reusable, len(held.tokens))
+            self._table.report(held)
             # Its cells are now the lone evaluation of the query's prompt (and what it decoded)
             # once the prefill part is done; a prefill stopped short of it is not yet.
             held.prompt_end = q.n_prefill if step.stop >= q.n_prefill else -1

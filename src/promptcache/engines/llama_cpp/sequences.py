@@ -1,16 +1,21 @@
 """Sequences: which tokens each llama.cpp sequence id of an engine holds, and which one a query reuses.
 
 Owns the table of live sequences (tokens, how many are reusable, recency, pins, pending checkpoints),
-finding the live sequence a query reuses most of, and picking a sequence id to free (least recently
-used first). Never calls llama.cpp (the engine drops and copies cells) and never touches a cache.
+finding the live sequence a query reuses most of, picking a sequence id to free (least recently
+used first), and telling listeners (holdings.py) which reusable prefixes it holds as they change.
+Never calls llama.cpp (the engine drops and copies cells) and never touches a cache.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from promptcache.engines.llama_cpp.plan import LiveSequence, Query, ReuseRules, common_prefix
+from promptcache.holdings import HoldingsListener
+
+_table_names = itertools.count()
 
 
 @dataclass
@@ -37,13 +42,26 @@ class Match:
     whole: bool = False
 
 
+@dataclass
+class _Listening:
+    """One listener, the token granularity it hears at, and the prefix it last heard per sequence."""
+
+    listener: HoldingsListener
+    granularity: int
+    heard: dict[int, list[int]] = field(default_factory=dict)
+
+
 class SequenceTable:
-    """The live sequences of a context of `n_seq` sequence ids."""
+    """The live sequences of a context of `n_seq` sequence ids. Listeners hear each sequence's
+    reusable prefix (holder: (the table's name, the sequence id)) whenever the table adds, removes
+    or clears one, and whenever the engine reports that it changed what one holds (report())."""
 
     def __init__(self, n_seq: int) -> None:
         self.n_seq = n_seq
+        self.name = next(_table_names)  # tells the holders of several tables apart
         self._held: dict[int, Held] = {}
         self._tick = 0
+        self._listening: list[_Listening] = []
 
     def __len__(self) -> int:
         return len(self._held)
@@ -74,13 +92,50 @@ class SequenceTable:
         n = len(tokens) if n_reusable is None else n_reusable
         held = Held(list(tokens), n, seq_id=seq_id, last_used=self.tick())
         self._held[seq_id] = held
+        self.report(held)
         return held
 
     def remove(self, seq_id: int) -> Held | None:
-        return self._held.pop(seq_id, None)
+        held = self._held.pop(seq_id, None)
+        self._tell(seq_id, [])
+        return held
 
     def clear(self) -> None:
-        self._held.clear()
+        for seq_id in list(self._held):
+            self.remove(seq_id)
+
+    # ------------------------------------------------------------ listeners
+
+    def listen(self, listener: HoldingsListener, granularity: int = 1) -> None:
+        """Tell `listener` each sequence's reusable prefix, cut to a multiple of `granularity`
+        tokens (so that decoding one token at a time is heard once a block), now and on every
+        change."""
+        if not isinstance(granularity, int) or granularity < 1:
+            raise ValueError("granularity must be an int >= 1")
+        self._listening.append(_Listening(listener, granularity))
+        for held in self._held.values():
+            self.report(held)
+
+    def report(self, held: Held) -> None:
+        """The engine changed what `held` holds (its tokens or reusable part): tell the listeners
+        whose view of it changed. Costs one list comparison per listener when nothing did."""
+        for listening in self._listening:
+            n = held.n_reusable // listening.granularity * listening.granularity
+            heard = listening.heard.get(held.seq_id)
+            if heard is not None and len(heard) == n and held.tokens[:n] == heard:
+                continue
+            self._tell_one(listening, held.seq_id, held.tokens[:n])
+
+    def _tell(self, seq_id: int, tokens: list[int]) -> None:
+        for listening in self._listening:
+            self._tell_one(listening, seq_id, tokens)
+
+    def _tell_one(self, listening: _Listening, seq_id: int, tokens: list[int]) -> None:
+        if tokens:
+            listening.heard[seq_id] = tokens
+        elif listening.heard.pop(seq_id, None) is None:
+            return  # it held nothing heard: nothing to release
+        listening.listener.holds((self.name, seq_id), tuple(tokens))
 
     def free_id(self) -> int | None:
         """A sequence id no live sequence uses, or None when all are taken."""
