@@ -57,6 +57,7 @@ operations = st.lists(
         st.tuples(st.just("hold"), holders, token_lists),
         st.tuples(st.just("release"), holders, st.just([])),
         st.tuples(st.just("restate"), st.just(0), st.just([])),
+        st.tuples(st.just("release_all"), st.just(0), st.just([])),
     ),
     max_size=30,
 )
@@ -75,6 +76,9 @@ def test_announced_blocks_are_the_blocks_some_holder_covers(block_size: int, ops
         elif op == "release":
             sub.apply(counts.release(holder))
             model.pop(holder, None)
+        elif op == "release_all":
+            sub.apply(counts.release_all())
+            model.clear()
         else:  # AllBlocksCleared, then everything stated again from scratch
             restated = counts.restate()
             sub = Subscriber(block_size)

@@ -44,6 +44,11 @@ NON_DEFAULT: dict[str, tuple[list[str], Any]] = {
     "cache_dir": (["--cache-dir", "/tmp/pc-kv"], Path("/tmp/pc-kv")),
     "session_dir": (["--session-dir", "/tmp/pc-sessions"], Path("/tmp/pc-sessions")),
     "exact": (["--no-exact"], False),
+    "kv_events": (["--kv-events", "tcp://*:5557"], "tcp://*:5557"),
+    "kv_events_block_size": (["--kv-events-block-size", "8"], 8),
+    "kv_events_layout": (["--kv-events-layout", "array"], "array"),
+    "kv_events_topic": (["--kv-events-topic", "kv@pod-1@SmolLM2"], "kv@pod-1@SmolLM2"),
+    "kv_events_replay": (["--kv-events-replay", "tcp://*:5567"], "tcp://*:5567"),
     "log_level": (["--log-level", "debug"], "debug"),
 }
 

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from promptcache.cache import PromptCache
 from promptcache.engines.llama_cpp import LLM
 from promptcache.server.jobs import Limits
+from promptcache.server.kv_events import KVEventPublisher
 from promptcache.server.metrics import Metrics
 from promptcache.server.pool import EnginePool
 from promptcache.server.protocol import ApiError, error_body
@@ -52,6 +53,10 @@ class Server:
     @property
     def cache(self) -> PromptCache | None:
         return self.workers.cache
+
+    @property
+    def events(self) -> KVEventPublisher | None:
+        return self.workers.events
 
     @property
     def tokenizer(self) -> LLM:
@@ -111,7 +116,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     server = Server(
         settings=settings,
         workers=workers,
-        metrics=Metrics(workers.cache, lambda: pool_ref[0] if pool_ref else None),
+        metrics=Metrics(workers.cache, lambda: pool_ref[0] if pool_ref else None, workers.events),
         sessions=SessionDirectory(settings.sessions_path),
         streams=ClientStreams(settings.max_streams_per_client),
     )

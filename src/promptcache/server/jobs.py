@@ -241,8 +241,12 @@ def generation_job(
         job.emit(Usage(usage(len(tokens), stats.tokens_generated, stats.tokens_reused)))
         if ask.prompt.messages is not None and ask.n == 1 and loops:
             # A chat's reply comes back in its next turn: re-read it (README, "Exactness").
-            target = worker.llm.chat_format.next_turn_prefix(
-                ask.prompt.messages, loops[0].text.text
+            # (A reply that continues the final message has no next turn to read ahead: the prompt
+            # and reply are re-read as they are.)
+            target = (
+                worker.llm.chat_format.next_turn_prefix(ask.prompt.messages, loops[0].text.text)
+                if ask.prompt.opens_reply
+                else None
             )
             seq = placed[0] if placed[0] in engine.sequences else None
             reread = engine.finish_query(seq, tokens, target, True) if seq is not None else None

@@ -105,10 +105,13 @@ class BlockCounts:
         """`holder` covers nothing now."""
         return self.hold(holder, b"")
 
-    def clear(self) -> None:
-        """Forget every holder and block at once (the caller announces that all are cleared)."""
+    def release_all(self) -> list[Removed]:
+        """Every holder covers nothing now: one removal of every announced block, deepest first (a
+        block is announced after its parent, so the reverse of that order)."""
+        gone = tuple(reversed(self._blocks))
         self._holders.clear()
         self._blocks.clear()
+        return [Removed(gone)] if gone else []
 
     def restate(self) -> list[Stored]:
         """Stores that announce every block again, parents first (after an AllBlocksCleared)."""

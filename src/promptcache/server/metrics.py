@@ -25,6 +25,7 @@ from promptcache.errors import PromptCacheError
 if TYPE_CHECKING:
     from promptcache.cache import PromptCache
     from promptcache.engines.llama_cpp import RunStats
+    from promptcache.server.kv_events import KVEventPublisher
     from promptcache.server.pool import EnginePool
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -41,14 +42,22 @@ def tier_stats(cache: PromptCache) -> list[dict[str, Any]]:
 
 
 class _CacheCollector(Collector):
-    """Series read from PromptCache.stats() and the pool at each scrape."""
+    """Series read from PromptCache.stats(), the pool and the KV-event publisher at each scrape."""
 
-    def __init__(self, cache: PromptCache | None, pool: Callable[[], EnginePool | None]) -> None:
+    def __init__(
+        self,
+        cache: PromptCache | None,
+        pool: Callable[[], EnginePool | None],
+        events: KVEventPublisher | None = None,
+    ) -> None:
         self.cache = cache
         self.pool = pool
+        self.events = events
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pool_metrics()
+        if self.events is not None:
+            yield from _event_metrics(self.events.stats())
         if self.cache is None:
             return
         try:
@@ -135,10 +144,42 @@ class _CacheCollector(Collector):
         yield from counters.values()
 
 
+def _event_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The KV-event publisher's counters (kv_events.KVEventPublisher.stats)."""
+    events = CounterMetricFamily(
+        "promptcache_kv_events", "KV events published, by type.", labels=["type"]
+    )
+    for kind, n in stats["events"].items():
+        events.add_metric([kind], n)
+    yield events
+    yield CounterMetricFamily(
+        "promptcache_kv_event_batches", "KV-event batches published.", value=stats["batches"]
+    )
+    blocks = CounterMetricFamily(
+        "promptcache_kv_event_blocks", "Blocks announced stored or removed.", labels=["event"]
+    )
+    blocks.add_metric(["stored"], stats["blocks_stored"])
+    blocks.add_metric(["removed"], stats["blocks_removed"])
+    yield blocks
+    announced = GaugeMetricFamily(
+        "promptcache_kv_event_blocks_announced",
+        "Blocks announced servable now, by medium (GPU: live sequences, CPU: RAM, DISK: disk).",
+        labels=["medium"],
+    )
+    for medium, n in stats["blocks_announced"].items():
+        announced.add_metric([medium], n)
+    yield announced
+
+
 class Metrics:
     """The server's registry, plus plain counters for /v1/cache/stats."""
 
-    def __init__(self, cache: PromptCache | None, pool: Callable[[], EnginePool | None]) -> None:
+    def __init__(
+        self,
+        cache: PromptCache | None,
+        pool: Callable[[], EnginePool | None],
+        events: KVEventPublisher | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -171,7 +212,7 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        r.register(_CacheCollector(cache, pool))
+        r.register(_CacheCollector(cache, pool, events))
         self._lock = threading.Lock()
         self._totals: dict[str, int] = {
             "prompt_tokens": 0,
@@ -180,6 +221,7 @@ class Metrics:
             "completion_tokens": 0,
         }
         self._outcomes: dict[str, int] = {}
+        self._reused_by_source: dict[str, int] = {}
 
     def request(self, endpoint: str, outcome: str) -> None:
         """Count one request: ok, cancelled, rejected (503), or an error code."""
@@ -202,10 +244,19 @@ class Metrics:
             self._totals["tokens_reused"] += stats.tokens_reused
             self._totals["tokens_evaluated"] += stats.tokens_evaluated
             self._totals["completion_tokens"] += stats.tokens_generated
+            if stats.tokens_reused:
+                by_source = self._reused_by_source
+                by_source[stats.source] = by_source.get(stats.source, 0) + stats.tokens_reused
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"tokens": dict(self._totals), "requests": dict(self._outcomes)}
+            return {
+                "tokens": dict(self._totals),
+                # Where reused prompt tokens came from: live (a sequence this server holds), memory,
+                # disk or redis (the prefix cache's tiers).
+                "tokens_reused_by_source": dict(self._reused_by_source),
+                "requests": dict(self._outcomes),
+            }
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -33,6 +33,10 @@ class Worker:
     engine: Engine
     llm: LLM
     prompt_logprobs: PromptLogprobs
+    # Held by the worker's thread while it starts jobs or runs a round; outside it, `busy` is every
+    # sequence the live jobs hold (the rest are idle: free_idle may drop them).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,15 @@ class EnginePool:
                 out[name] = max(out.get(name, 0), value) if peak else out.get(name, 0) + value
         return out
 
+    def free_idle(self) -> int:
+        """Drop every sequence no running job holds (between rounds), in every engine; returns
+        how many (any thread: each worker's lock is taken in turn)."""
+        dropped = 0
+        for worker in self.workers:
+            with worker.lock:
+                dropped += worker.engine.free_idle(worker.busy)
+        return dropped
+
     # ------------------------------------------------------------ the event loop's side
 
     def submit(self, job: Job) -> None:
@@ -250,15 +263,18 @@ class EnginePool:
                         return
                 if held.cancelled or held.slots <= free or not live:
                     job, held = held, None
-                    item = self._start(worker, job)
+                    with worker.lock:
+                        item = self._start(worker, job)
                     if item is not None:
                         live.append(item)
                         free -= job.slots
                     continue
                 break
-            live = [item for item in live if not self._left(item)]
-            if live:
-                live = self._round(worker, live)
+            with worker.lock:
+                live = [item for item in live if not self._left(item)]
+                if live:
+                    live = self._round(worker, live)
+                worker.busy = {seq for item in live for seq in item.seqs.values()}
 
     def _start(self, worker: Worker, job: Job) -> _Live | None:
         """Begin a job: make its run and take its first queries (or its ending)."""

@@ -15,6 +15,7 @@ from promptcache.errors import PromptCacheError
 from promptcache.server.protocol import (
     ApiError,
     ChatCompletionRequest,
+    ChatTemplateFields,
     CompletionRequest,
     message_text,
 )
@@ -22,18 +23,40 @@ from promptcache.server.protocol import (
 
 @dataclass
 class Prompt:
-    """What a worker turns into prompt tokens: text, token ids, or chat messages (and user stop strings)."""
+    """What a worker turns into prompt tokens: text, token ids, or chat messages (and user stop
+    strings). Chat messages are rendered as vLLM renders them: add_generation_prompt opens the
+    reply, continue_final_message ends the text inside the final message; add_special_tokens adds
+    the tokenizer's BOS (None: the endpoint's default, yes for text and no for messages)."""
 
     text: str | None = None
     tokens: list[int] | None = None
     messages: list[dict[str, str]] | None = None
     stops: list[str] = field(default_factory=list)
     param: str = "prompt"
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+
+    @property
+    def opens_reply(self) -> bool:
+        """Whether the prompt opens a new assistant turn (so a reply's next turn can be read ahead)."""
+        return self.add_generation_prompt and not self.continue_final_message
 
 
 def prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
     """Prompt tokens and stop strings (the chat template's plus the request's); runs in a worker.
     Raises ApiError 400 for an empty prompt or messages the chat template cannot render."""
+    tokens, stops = render_prompt(llm, prompt)
+    if not tokens:
+        raise ApiError(400, "the prompt is empty: give at least one token", param=prompt.param)
+    return tokens, stops
+
+
+def render_prompt(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
+    """The tokens a generation evaluates for `prompt` (none for an empty text) and the stop strings:
+    the one rendering /v1/*/completions, /tokenize and the render endpoints share. Runs on any thread
+    (it reads only the vocabulary and the chat template). Raises ApiError 400 for messages the chat
+    template cannot render."""
     try:
         return _prompt_tokens(llm, prompt)
     except (
@@ -51,7 +74,12 @@ def _prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
     stops = list(prompt.stops)
     if prompt.messages is not None:
         try:
-            tokens, template_stops = llm.chat_format.render(prompt.messages)
+            tokens, template_stops = llm.chat_format.render(
+                prompt.messages,
+                add_generation_prompt=prompt.add_generation_prompt,
+                continue_final_message=prompt.continue_final_message,
+                add_special_tokens=bool(prompt.add_special_tokens),
+            )
         except PromptCacheError as exc:
             raise ApiError(400, str(exc), param="messages", code="no_chat_template") from None
         except Exception as exc:  # noqa: BLE001 - a Jinja template may reject a conversation it cannot render
@@ -60,11 +88,10 @@ def _prompt_tokens(llm: LLM, prompt: Prompt) -> tuple[list[int], list[str]]:
             ) from None
         stops = template_stops + stops
     elif prompt.text is not None:
-        tokens = llm.tokenize(prompt.text) if prompt.text else []
+        add_bos = prompt.add_special_tokens is not False
+        tokens = llm.tokenize(prompt.text, add_bos=add_bos) if prompt.text else []
     else:
         tokens = list(prompt.tokens or [])
-    if not tokens:
-        raise ApiError(400, "the prompt is empty: give at least one token", param=prompt.param)
     return tokens, stops
 
 
@@ -102,7 +129,28 @@ def completion_prompt(req: CompletionRequest, n_vocab: int) -> Prompt:
     return Prompt(tokens=list(prompt), stops=req.stops())
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_prompt(req: ChatTemplateFields) -> Prompt:
+    """The Prompt of a conversation (a chat completion, or its /tokenize or render); a 400 naming
+    continue_final_message when add_generation_prompt is true too (vLLM refuses the pair)."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise ApiError(
+            400,
+            "continue_final_message needs add_generation_prompt: false (the reply either continues "
+            "the final message or opens a new one)",
+            param="continue_final_message",
+            code="invalid_value",
+        )
+    return Prompt(
+        messages=chat_messages(req),
+        stops=req.stops() if isinstance(req, ChatCompletionRequest) else [],
+        param="messages",
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        add_special_tokens=req.add_special_tokens,
+    )
+
+
+def chat_messages(req: ChatTemplateFields) -> list[dict[str, str]]:
     """The request's messages as the chat template takes them."""
     # The chat templates of small models know system, user and assistant; OpenAI's "developer" is a system turn.
     return [

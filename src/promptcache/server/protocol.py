@@ -109,12 +109,35 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatTemplateFields(_Strict):
+    """vLLM's chat-template fields: chat completions, /tokenize and the render endpoints take them
+    alike (routers such as vllm-router send them), so each renders a conversation the same way."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+
+
+class ChatCompletionRequest(_GenerationRequest, ChatTemplateFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)
     tools: list[Any] | None = None
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    """vLLM's /tokenize of a conversation."""
+
+    model: str | None = None
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /tokenize of a text (lm-evaluation-harness sends this one)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
 
 
 def _param(loc: tuple[int | str, ...]) -> str:

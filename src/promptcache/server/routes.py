@@ -16,14 +16,17 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from promptcache import __version__
 from promptcache.server.jobs import Ask, generation_job, sampling
 from promptcache.server.metrics import cache_stats, tier_stats
-from promptcache.server.prompts import Prompt, chat_messages, completion_prompt
+from promptcache.server.prompts import Prompt, chat_prompt, completion_prompt, render_prompt
 from promptcache.server.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     Envelope,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     parse_request,
 )
 from promptcache.server.responses import (
@@ -46,6 +49,7 @@ def install_routes(app: FastAPI, server: Server) -> None:
     _install_status_routes(app, server)
     _install_generation_routes(app, server)
     _install_tokenizer_routes(app, server)
+    _install_fleet_routes(app, server)
     _install_session_routes(app, server)
 
 
@@ -205,7 +209,7 @@ def _install_generation_routes(app: FastAPI, server: Server) -> None:
         )
         ask = Ask(
             "chat",
-            Prompt(messages=chat_messages(req), stops=req.stops(), param="messages"),
+            chat_prompt(req),
             max_tokens,
             n=req.n,
             sampling=sampling(req, server.n_vocab),
@@ -268,6 +272,7 @@ def _install_status_routes(app: FastAPI, server: Server) -> None:
             "queue": {"waiting": pool.waiting, "capacity": pool.max_queue},
             "cache": cache_stats(cache) if cache is not None else None,
             "tiers": tier_stats(cache) if cache is not None else [],
+            "kv_events": server.events.stats() if server.events is not None else None,
             **server.metrics.snapshot(),
         }
 
@@ -281,8 +286,11 @@ def _install_status_routes(app: FastAPI, server: Server) -> None:
 
 
 def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
-    """vLLM's /tokenize, /detokenize and /tokenizer_info: what lm-evaluation-harness's remote
-    tokenizer (local-completions, tokenizer_backend=remote) needs to score token-exact requests."""
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, and the render endpoints: what
+    lm-evaluation-harness's remote tokenizer and prefix-aware routers (vllm-router's cache_aware and
+    kv_aware ask every worker for a request's tokens) need. Each answers with exactly the tokens the
+    generation endpoint evaluates for that request (prompts.render_prompt, the one rendering), on a
+    thread of its own: never queued behind generation."""
     limit = server.settings.max_body_bytes
 
     @app.get("/tokenizer_info")
@@ -297,14 +305,35 @@ def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
             "chat_template": model.metadata.get("tokenizer.chat_template"),
         }
 
+    async def render(prompt: Prompt) -> list[int]:
+        tokens, _ = await asyncio.to_thread(render_prompt, server.tokenizer, prompt)
+        return tokens
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request, limit)
-        prompt, add_special = body.get("prompt"), body.get("add_special_tokens", True)
-        if not isinstance(prompt, str) or not isinstance(add_special, bool):
-            raise ApiError(400, "send {'prompt': str, 'add_special_tokens': bool}", param="prompt")
-        tokens = await asyncio.to_thread(server.tokenizer.tokenize, prompt, add_bos=add_special)
+        if "messages" in body:
+            req = parse_request(TokenizeChatRequest, body)
+            server.check_model(req.model)
+            prompt = chat_prompt(req)
+        else:
+            text = parse_request(TokenizeCompletionRequest, body)
+            server.check_model(text.model)
+            prompt = Prompt(text=text.prompt, add_special_tokens=text.add_special_tokens)
+        tokens = await render(prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.n_ctx}
+
+    @app.post("/v1/completions/render")
+    async def render_completion(request: Request) -> dict[str, Any]:
+        req = parse_request(CompletionRequest, await read_json(request, limit))
+        server.check_model(req.model)
+        return _rendered(server, await render(completion_prompt(req, server.n_vocab)))
+
+    @app.post("/v1/chat/completions/render")
+    async def render_chat(request: Request) -> dict[str, Any]:
+        req = parse_request(ChatCompletionRequest, await read_json(request, limit))
+        server.check_model(req.model)
+        return _rendered(server, await render(chat_prompt(req)))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
@@ -318,6 +347,65 @@ def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
         return {
             "prompt": await asyncio.to_thread(server.tokenizer.detokenize, tokens, special=True)
         }
+
+
+# ------------------------------------------------------------------------------------ fleet
+
+
+def _install_fleet_routes(app: FastAPI, server: Server) -> None:
+    """What routers in front of several servers ask of one: vLLM's /reset_prefix_cache, and
+    sglang's /get_server_info and /get_load (sglang-router reads them; so do people)."""
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        await asyncio.to_thread(server.workers.reset_prefix_cache)
+        return Response(status_code=200)
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        events = server.events
+        return {
+            "model_path": server.model_path,
+            "served_model_name": server.model_id,
+            "context_length": server.n_ctx,
+            "max_running_requests": server.pool.slots,
+            "version": __version__,
+            "kv_events": (
+                {
+                    "endpoint": events.endpoint,
+                    "replay_endpoint": events.replay_endpoint,
+                    "topic": events.topic,
+                    "block_size": events.block_size,
+                    "layout": events.layout,
+                }
+                if events is not None
+                else None
+            ),
+        }
+
+    @app.get("/get_load")
+    async def load() -> list[dict[str, Any]]:
+        pool = server.pool
+        held = await asyncio.to_thread(lambda: [e.sequences for e in pool.engines])
+        return [
+            {
+                "dp_rank": 0,
+                "num_reqs": pool.busy,
+                "num_waiting_reqs": pool.waiting,
+                "num_tokens": sum(len(t) for seqs in held for t in seqs.values()),
+            }
+        ]
+
+
+def _rendered(server: Server, tokens: list[int]) -> dict[str, Any]:
+    """A render endpoint's answer: the token ids a generation request would evaluate (vLLM's
+    field name, which vllm-router reads), their count and the context limit."""
+    return {
+        "model": server.model_id,
+        "token_ids": tokens,
+        "count": len(tokens),
+        "max_model_len": server.n_ctx,
+    }
 
 
 # ------------------------------------------------------------------------------------ sessions

@@ -119,6 +119,33 @@ class ServerSettings(BaseSettings):
         description="The aligned schedule's chunk C instead of the probe's choice (exact mode, models "
         "with no exact batch size such as gemma3; for tests and measurements).",
     )
+    kv_events: str | None = Field(
+        None,
+        description="Publish KV events (the prefixes this server can serve: its live sequences and "
+        "its own RAM or disk cache) on a ZMQ PUB socket bound here, e.g. tcp://*:5557, for "
+        "prefix-aware routers such as vllm-router --policy kv_aware (default: off).",
+    )
+    kv_events_block_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Tokens per block of the KV events: the router's --kv-event-block-size.",
+    )
+    kv_events_layout: Literal["map", "array"] = Field(
+        "map",
+        description="KV events as maps tagged 'type' (vllm-router, vLLM >= 0.26, Dynamo) or as "
+        "tagged arrays (vLLM <= 0.23, Dynamo, llm-d's indexer).",
+    )
+    kv_events_topic: str = Field(
+        "",
+        description="Topic frame of every KV-event batch: empty for vllm-router, "
+        "kv@<pod>@<model> for llm-d.",
+    )
+    kv_events_replay: str | None = Field(
+        None,
+        description="Also answer requests for missed KV-event batches on a ZMQ ROUTER socket bound "
+        "here, e.g. tcp://*:5567 (vllm-router --kv-event-replay-source; default: off).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="uvicorn and promptcache log level."
     )

@@ -1,8 +1,9 @@
 """The server's workers: the shared prefix cache, the model loaded once, and one Engine per worker with
-as many sequences as --parallel (auto: what the KV budget holds).
+as many sequences as --parallel (auto: what the KV budget holds), and the KV-event publisher that
+hears what they hold.
 
-Owns turning ServerSettings into engines and the pool over them; never speaks HTTP and never runs a
-request (pool.py and jobs.py do).
+Owns turning ServerSettings into engines, the pool over them and the publisher's listeners; never
+speaks HTTP and never runs a request (pool.py and jobs.py do).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from promptcache.cache import PromptCache
 from promptcache.engines.llama_cpp import Engine, Model
 from promptcache.errors import ConfigError
+from promptcache.server.kv_events import LIVE, KVEventPublisher, cache_medium
 from promptcache.server.pool import EnginePool
 from promptcache.server.settings import ServerSettings
 
@@ -37,13 +39,27 @@ class Workers:
     cache: PromptCache | None
     n_ctx: int
     managers: list[Any] = field(default_factory=list)
+    events: KVEventPublisher | None = None
 
     @property
     def engine(self) -> Engine:
         return self.pool.engines[0]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget what this server holds but what running requests use: the engines' idle
+        sequences and the prefix cache (vLLM's /reset_prefix_cache); KV-event consumers get
+        AllBlocksCleared and then what is still held. Returns the sequences dropped."""
+        dropped = self.pool.free_idle()
+        if self.cache is not None:
+            self.cache.clear()
+        if self.events is not None:
+            self.events.reset()
+        return dropped
+
     def close(self) -> None:
         self.pool.close()
+        if self.events is not None:
+            self.events.close()
         while self.managers:
             self.managers.pop().close()
 
@@ -115,6 +131,7 @@ def load_workers(settings: ServerSettings, expected: tuple[type[Exception], ...]
     )
     _ = first.exact_batch, first.fingerprint  # probe now, not during the first request
     engines = [first] + [first.sibling() for _ in range(settings.workers - 1)]
+    events = kv_events(settings, engines, cache)
     pool = EnginePool(
         engines, max_queue=settings.max_queue, budget=settings.prefill_budget, expected=expected
     )
@@ -126,7 +143,44 @@ def load_workers(settings: ServerSettings, expected: tuple[type[Exception], ...]
         settings.parallel,
         pool.kv_bytes / 2**20,
     )
-    return Workers(pool, cache, engines[0].n_ctx, managers)
+    return Workers(pool, cache, engines[0].n_ctx, managers, events)
 
 
-__all__ = ["AUTO_PARALLEL", "DEFAULT_N_CTX", "Workers", "load_workers", "parallel", "shared_cache"]
+def kv_events(
+    settings: ServerSettings, engines: list[Engine], cache: PromptCache | None
+) -> KVEventPublisher | None:
+    """The KV-event publisher (--kv-events), listening to every engine's live sequences (medium
+    GPU) and to the prefix cache's entries of the server's model (CPU for a RAM tier, DISK for a
+    disk tier; a Redis tier alone is shared by the fleet and says nothing about this server), or
+    None. Raises ConfigError when an endpoint cannot be bound."""
+    if not settings.kv_events:
+        return None
+    import zmq
+
+    try:
+        publisher = KVEventPublisher(
+            settings.kv_events,
+            block_size=settings.kv_events_block_size,
+            layout=settings.kv_events_layout,
+            topic=settings.kv_events_topic,
+            replay=settings.kv_events_replay,
+        )
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot publish KV events on {settings.kv_events}: {exc}") from None
+    for engine in engines:
+        engine.listen(publisher.listener(LIVE), granularity=settings.kv_events_block_size)
+    medium = cache_medium(cache.store) if cache is not None else None
+    if cache is not None and medium is not None:
+        cache.listen(publisher.listener(medium), fingerprint=engines[0].fingerprint)
+    return publisher
+
+
+__all__ = [
+    "AUTO_PARALLEL",
+    "DEFAULT_N_CTX",
+    "Workers",
+    "kv_events",
+    "load_workers",
+    "parallel",
+    "shared_cache",
+]
