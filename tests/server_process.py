@@ -1,4 +1,5 @@
-"""The server as a test drives it: `python -m promptcache.server` on a free loopback port.
+"""The server as a test drives it: `python -m promptcache.server` on a free loopback port (and any
+other HTTP service a test starts beside it, such as a router).
 
 Owns starting, waiting for and stopping server processes; never sends a request but /health.
 """
@@ -30,17 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`python -m promptcache.server` on a free loopback port (or `port`), its output in `log_path`."""
+class ChildProcess:
+    """An HTTP service run as `command` that answers on `port` of the loopback, its output in
+    `log_path`; ready once its /health answers 200."""
 
-    def __init__(self, log_path: Path, *flags: str, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, command: list[str], log_path: Path, port: int) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_path
-        self.flags = flags
         with log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "promptcache.server", "--port", str(self.port), *flags],
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**env_with_src(), "PYTHONUNBUFFERED": "1"},
@@ -78,6 +79,16 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+class ServerProcess(ChildProcess):
+    """`python -m promptcache.server` on a free loopback port (or `port`), its output in `log_path`."""
+
+    def __init__(self, log_path: Path, *flags: str, port: int | None = None) -> None:
+        port = port or free_port()
+        self.flags = flags
+        command = [sys.executable, "-m", "promptcache.server", "--port", str(port), *flags]
+        super().__init__(command, log_path, port)
 
 
 @contextmanager

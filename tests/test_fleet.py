@@ -1,6 +1,6 @@
 """A fleet: two real servers behind the real vllm-router (the test extra's 0.1.17), on loopback.
 
-Two conversations run at once, each turn's two requests sent 0.5 s apart in alternating order. A
+Two conversations run at once, each turn's two requests sent 0.2 s apart in alternating order. A
 router that knows nothing of the servers sends the first of a pair to worker 1 and the second to
 the idle worker 2 (measured: kv_aware without events swaps the conversations every other turn), so
 "every later turn lands where its conversation's first did" holds only when the router follows the
@@ -13,7 +13,6 @@ other computed.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,59 +21,39 @@ from pathlib import Path
 import httpx
 import pytest
 from redis_fixture import RedisServer
-from server_process import ServerProcess, free_port, serving
+from server_process import ChildProcess, ServerProcess, free_port, serving
 
 from promptcache.server.router import Worker, router_command
 
 BLOCK = 16
-STAGGER_S = 0.5
+STAGGER_S = 0.2  # orders the pair's arrival; a reply (16 tokens) takes longer than this
+TURNS = 3  # the first, then one in each order
 
 
-class RouterProcess:
+class RouterProcess(ChildProcess):
     """vllm-router on a free loopback port in front of `workers`, health-checked every second."""
 
     def __init__(self, log_path: Path, workers: list[Worker], policy: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         cmd = router_command(
             workers,
             policy=policy,
-            port=self.port,
+            port=port,
             prometheus_port=free_port(),
             block_size=BLOCK,
             health_check_secs=1,
         )
-        self.log = log_path
-        with log_path.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        super().__init__(cmd, log_path, port)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm-router exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    time.sleep(1.0)  # the SUB sockets connect to the servers' events (slow joiner)
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"vllm-router not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().wait_ready(timeout)
+        time.sleep(1.0)  # its SUB sockets connect to the servers' events (ZMQ's slow joiner)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Redis, then two servers (4 sequences each, a RAM tier and the shared Redis tier), each
-    publishing KV events with a replay socket."""
+    """Redis, then two servers (a thread and 4 sequences each, a RAM tier and the shared Redis
+    tier), each publishing KV events with a replay socket."""
     tmp = tmp_path_factory.mktemp("fleet")
     redis = RedisServer(tmp)
     redis.start()
@@ -88,7 +67,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         events, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
         servers[name] = ServerProcess(
             tmp / f"{name}.log",
-            *("--log-level", "warning", "--parallel", "4", "--n-ctx", "1024"),
+            *("--log-level", "warning", "--threads", "1", "--parallel", "4", "--n-ctx", "1024"),
             *("--cache", "tiered", "--config", str(config)),
             *("--kv-events", events, "--kv-events-replay", replay),
         )
@@ -119,7 +98,7 @@ def _chat(url: str, messages: list[dict[str, str]], delay: float) -> dict:
     time.sleep(delay)
     r = httpx.post(
         f"{url}/v1/chat/completions",
-        json={"model": "default", "messages": messages, "max_tokens": 8, "temperature": 0},
+        json={"model": "default", "messages": messages, "max_tokens": 16, "temperature": 0},
         timeout=300,
     )
     assert r.status_code == 200, r.text
@@ -144,7 +123,7 @@ def _run_conversations(fleet: dict, policy: str, tag: str) -> None:
         home: dict[str, int] = {}  # conversation -> the server that served its first turn
         last_prompt: dict[str, int] = {}
         with ThreadPoolExecutor(2) as pool:
-            for turn in range(4):
+            for turn in range(TURNS):
                 order = ["short", "long"] if turn % 2 == 0 else ["long", "short"]
                 for name, messages in convs.items():
                     messages.append({"role": "user", "content": f"Turn {turn} of {name}: why?"})
@@ -170,6 +149,8 @@ def _run_conversations(fleet: dict, policy: str, tag: str) -> None:
                     for name, i in landed.items():
                         live = after[i][1] - before[i][1]
                         assert live >= last_prompt[name], (policy, turn, name, live)
+                        details = replies[name]["usage"]["prompt_tokens_details"]
+                        assert details["cached_tokens_source"] == "live"
                 for name, reply in replies.items():
                     text = reply["choices"][0]["message"]["content"]
                     convs[name].append({"role": "assistant", "content": text})

@@ -315,3 +315,33 @@ def test_a_taken_endpoint_is_a_config_error() -> None:
             kv_events(settings, [], None)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_stats_command_shows_reuse_by_source_and_events(server: ServerProcess) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from promptcache.cli import app
+
+    prompt = "Stats: the same words twice. " * 6
+    for _ in range(2):
+        _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    stats = httpx.get(f"{server.url}/v1/cache/stats", timeout=30).json()
+    assert stats["tokens_reused_by_source"]["live"] > 0
+    runner = CliRunner()
+    done = runner.invoke(app, ["stats", "--server", server.url, "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)[server.url]
+    assert report["tokens_reused_by_source"]["live"] == stats["tokens_reused_by_source"]["live"]
+    assert report["kv_events"]["batches"] >= stats["kv_events"]["batches"] > 0
+    table = runner.invoke(app, ["stats", "--server", server.url, "--server", "http://127.0.0.1:9"])
+    assert table.exit_code == 0 and "servers" in table.output and "live" in table.output
+    values = {}
+    for line in httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['promptcache_prompt_tokens_reused_total{source="live"}'] > 0
+    assert values['promptcache_kv_events_total{type="BlockStored"}'] > 0
+    assert values["promptcache_kv_event_batches_total"] >= stats["kv_events"]["batches"]

@@ -259,16 +259,86 @@ def _artefact_table(name: str, row: dict) -> Table:
     return table
 
 
+_SOURCES = ("live", "memory", "disk", "redis")
+
+
+def _server_stats(urls: list[str], api_key: str | None) -> dict[str, Any]:
+    """Each running server's /v1/cache/stats (an "error" entry for one that does not answer)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out: dict[str, Any] = {}
+    for url in urls:
+        try:
+            r = httpx.get(f"{url.rstrip('/')}/v1/cache/stats", headers=headers, timeout=10)
+            r.raise_for_status()
+            out[url] = r.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            out[url] = {"error": str(exc)}
+    return out
+
+
+def _servers_table(report: dict[str, Any]) -> Table:
+    """Per server: where reused prompt tokens came from, and the KV events it published."""
+    table = Table(title="servers (tokens reused by source; KV events)", title_justify="left")
+    columns = ("server", "prompt tokens", *_SOURCES, "evaluated", "batches", "stored", "removed")
+    for column in (*columns, "cleared", "last seq"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for url, row in report.items():
+        if "error" in row:
+            table.add_row(url, f"[red]{row['error']}[/red]", *[""] * 10)
+            continue
+        reused = row.get("tokens_reused_by_source", {})
+        events = row.get("kv_events") or {}
+        counts = events.get("events", {})
+        table.add_row(
+            url,
+            f"{row['tokens']['prompt_tokens']:,}",
+            *(f"{reused.get(source, 0):,}" for source in _SOURCES),
+            f"{row['tokens']['tokens_evaluated']:,}",
+            *(
+                (
+                    str(events["batches"]),
+                    str(events["blocks_stored"]),
+                    str(events["blocks_removed"]),
+                    str(counts.get("AllBlocksCleared", 0)),
+                    str(events["last_seq"]),
+                )
+                if events
+                else ("off", "", "", "", "")
+            ),
+        )
+    return table
+
+
 @app.command()
 def stats(
     config: _ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    server: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--server",
+            help="A running server's URL (repeat for a fleet): show where its reused tokens came "
+            "from and the KV events it published, instead of this machine's tiers.",
+        ),
+    ] = None,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", help="The servers' --api-key, if any.")
+    ] = None,
 ) -> None:
     """Show each cache tier and artefact cache: entries, bytes, capacity, evictions (the RAM tier is per process)."""
     import json
 
     from promptcache.engines.llama_cpp import probe
 
+    if server:
+        servers = _server_stats(server, api_key)
+        if as_json:
+            console.print_json(json.dumps(servers, default=str))
+        else:
+            console.print(_servers_table(servers))
+        return
     with _cache_manager(config) as manager:
         report = manager.stats()
     # How exact mode reuses on this machine, per model the probe measured (LLM.exact_strategy).

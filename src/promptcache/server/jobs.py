@@ -238,7 +238,9 @@ def generation_job(
         for index in range(ask.n):
             job.emit(Done(index, finish[index]))
         metrics.request(endpoint, "ok")
-        job.emit(Usage(usage(len(tokens), stats.tokens_generated, stats.tokens_reused)))
+        job.emit(
+            Usage(usage(len(tokens), stats.tokens_generated, stats.tokens_reused, stats.source))
+        )
         if ask.prompt.messages is not None and ask.n == 1 and loops:
             # A chat's reply comes back in its next turn: re-read it (README, "Exactness").
             # (A reply that continues the final message has no next turn to read ahead: the prompt

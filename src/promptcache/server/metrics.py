@@ -100,12 +100,13 @@ class _CacheCollector(Collector):
             ("evicted_sequences", "Cached sequences evicted to stay within capacity."),
         ):
             yield CounterMetricFamily(f"promptcache_cache_{key}", doc, value=stats[key])
-        by_tier = CounterMetricFamily(
-            "promptcache_cache_hits_by_tier", "Hits by the slowest tier they read.", labels=["tier"]
+        yield _labelled(
+            CounterMetricFamily,
+            "promptcache_cache_hits_by_tier",
+            "Hits by the slowest tier they read.",
+            "tier",
+            stats["hits_by_tier"],
         )
-        for tier, n in stats["hits_by_tier"].items():
-            by_tier.add_metric([tier], n)
-        yield by_tier
         yield GaugeMetricFamily(
             "promptcache_cache_bytes", "Bytes of state the index references.", value=stats["bytes"]
         )
@@ -144,31 +145,44 @@ class _CacheCollector(Collector):
         yield from counters.values()
 
 
+def _labelled(
+    family: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    label: str,
+    values: dict[str, int],
+) -> Metric:
+    """One series per label value."""
+    out = family(name, doc, labels=[label])
+    for key, n in values.items():
+        out.add_metric([key], n)
+    return out
+
+
 def _event_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     """The KV-event publisher's counters (kv_events.KVEventPublisher.stats)."""
-    events = CounterMetricFamily(
-        "promptcache_kv_events", "KV events published, by type.", labels=["type"]
+    counter, gauge = CounterMetricFamily, GaugeMetricFamily
+    yield _labelled(
+        counter, "promptcache_kv_events", "KV events published, by type.", "type", stats["events"]
     )
-    for kind, n in stats["events"].items():
-        events.add_metric([kind], n)
-    yield events
-    yield CounterMetricFamily(
+    yield counter(
         "promptcache_kv_event_batches", "KV-event batches published.", value=stats["batches"]
     )
-    blocks = CounterMetricFamily(
-        "promptcache_kv_event_blocks", "Blocks announced stored or removed.", labels=["event"]
+    blocks = {"stored": stats["blocks_stored"], "removed": stats["blocks_removed"]}
+    yield _labelled(
+        counter,
+        "promptcache_kv_event_blocks",
+        "Blocks announced stored or removed.",
+        "event",
+        blocks,
     )
-    blocks.add_metric(["stored"], stats["blocks_stored"])
-    blocks.add_metric(["removed"], stats["blocks_removed"])
-    yield blocks
-    announced = GaugeMetricFamily(
+    yield _labelled(
+        gauge,
         "promptcache_kv_event_blocks_announced",
         "Blocks announced servable now, by medium (GPU: live sequences, CPU: RAM, DISK: disk).",
-        labels=["medium"],
+        "medium",
+        stats["blocks_announced"],
     )
-    for medium, n in stats["blocks_announced"].items():
-        announced.add_metric([medium], n)
-    yield announced
 
 
 class Metrics:

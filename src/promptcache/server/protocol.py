@@ -220,14 +220,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, source: str | None = None
+) -> dict[str, Any]:
     """OpenAI's usage block; cached_tokens counts the prompt tokens reused (live context or cache)
-    by the prompt's first evaluation (the n choices of a request share it)."""
+    by the prompt's first evaluation (the n choices of a request share it), and (an extension)
+    cached_tokens_source where they came from: live (a sequence this server holds), memory, disk or
+    redis."""
+    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    if cached_tokens and source:
+        details["cached_tokens_source"] = source
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": details,
     }
 
 
