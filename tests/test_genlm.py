@@ -22,8 +22,9 @@ from genlm.backend.llm.base import AsyncLM  # noqa: E402
 from genlm.backend.tokenization import decode_vocab  # noqa: E402
 
 from promptcache import PromptCache  # noqa: E402
-from promptcache.genlm import PromptcacheLM, vocabulary_disagreements  # noqa: E402
-from promptcache.model import default_model_path  # noqa: E402
+from promptcache.files import user_cache_dir  # noqa: E402
+from promptcache.genlm import PromptcacheLM, hf_tokenizer, vocabulary_disagreements  # noqa: E402
+from promptcache.model import default_model_path, model_identity  # noqa: E402
 from promptcache.store.disk import DiskStore  # noqa: E402
 
 PROMPT = (
@@ -151,3 +152,22 @@ def test_a_second_process_reuses_the_prompt_from_a_shared_disk_cache(tmp_path):
     assert torch.equal(got, torch.from_numpy(expected))  # restored, then the same bits
     lm.clear_cache()
     assert theirs <= set(DiskStore(tmp_path / "store").keys())  # the shared store is spared
+
+
+def test_the_gguf_tokenizer_is_converted_once_and_a_damaged_copy_again(
+    lm, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' user cache directory
+    path = default_model_path()
+    kept = user_cache_dir("tokenizers", model_identity(path)[:32])
+    assert str(kept).startswith(str(tmp_path))
+    kept.mkdir(parents=True)
+    (kept / "tokenizer.json").write_text("not a tokenizer")
+    with caplog.at_level(logging.WARNING, logger="promptcache.genlm"):
+        converted = hf_tokenizer(path)  # read from the GGUF: the damaged copy is replaced
+    assert "ignoring the kept tokenizer" in caplog.text
+    assert converted.name_or_path == str(path.parent)
+    again = hf_tokenizer(path)
+    assert again.name_or_path == str(kept)  # the kept copy, not the GGUF, this time
+    assert [bytes(t) for t in decode_vocab(again)[0]] == [bytes(t) for t in lm.byte_vocab]
+    assert again.encode(PROMPT) == converted.encode(PROMPT) == lm.lm.tokenizer.encode(PROMPT)

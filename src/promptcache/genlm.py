@@ -49,8 +49,8 @@ def hf_tokenizer(model_path: str | os.PathLike[str]) -> Any:
     kept = user_cache_dir("tokenizers", model_identity(path)[:32])
     if kept.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(kept))
-        except (OSError, ValueError) as exc:  # a damaged copy: convert again below
+            return AutoTokenizer.from_pretrained(str(kept), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged copy is converted again, never fatal
             log.warning("ignoring the kept tokenizer %s: %s", kept, exc)
             shutil.rmtree(kept, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
