@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 
 pytest.importorskip(
     "genlm.control", reason="the genlm-control examples need the lm extra: pip install -e '.[lm]'"
@@ -25,6 +26,7 @@ from genlm.control.constant import EndOfSequence  # noqa: E402
 from promptcache.genlm import PromptcacheLM  # noqa: E402
 
 EXAMPLES = Path(__file__).parent / "genlm_control_examples"
+README = Path(__file__).parents[1] / "README.md"
 HUB_LM = re.compile(r'PromptedLLM\.from_name\(\s*"openai-community/gpt2"')
 
 
@@ -120,3 +122,17 @@ def test_a_cfg_program_samples_only_sentences_of_its_grammar(lm):
     sentence = rb"(the|a)\s+(cat|dog)\s+(saw|chased)\s+(the|a)\s+(cat|dog)"
     for text in texts(sequences):
         assert re.fullmatch(sentence, text), text
+
+
+def test_the_readme_program_runs_as_written(capsys):
+    """README, "Probabilistic programs": the genlm-control program on PromptcacheLM, as printed."""
+    (program,) = [b for b in python_blocks(README.read_text()) if "PromptcacheLM" in b]
+    namespace: dict = {}
+    exec(program, namespace)  # builds its own LM on the default model, runs asyncio.run(...)
+    reply = rb" (cat|dog|owl)( [a-z]+)*"
+    for context, log_weight in namespace["sequences"]:
+        text = b"".join(t for t in context if not isinstance(t, EndOfSequence))
+        if np.isfinite(log_weight) and context and isinstance(context[-1], EndOfSequence):
+            assert re.fullmatch(reply, text), text
+        assert regex.fullmatch(reply, text, partial=True), text  # unfinished: a prefix of one
+    assert str(namespace["sequences"].decoded_posterior) in capsys.readouterr().out
