@@ -194,6 +194,21 @@ def _token_loops(worker: Worker, ask: Ask, n_new: int, stops: list[str]) -> dict
     return loops
 
 
+def _reread_reply(worker: Worker, ask: Ask, tokens: list[int], reply: str, seq: int) -> JobRun:
+    """A chat's reply comes back in its next turn: re-read it as a batch (README, "Exactness"),
+    with the template's turn separator read ahead. A reply that continues the final message has no
+    next turn to read ahead: the prompt and reply are re-read as they are."""
+    engine = worker.engine
+    if seq not in engine.sequences:
+        return None
+    opens = ask.prompt.opens_reply
+    target = worker.llm.chat_format.next_turn_prefix(ask.prompt.messages, reply) if opens else None
+    reread = engine.finish_query(seq, tokens, target, True)
+    if reread is not None:
+        yield {0: reread}
+    return None
+
+
 def generation_job(
     limits: Limits, metrics: Metrics, endpoint: str, ask: Ask
 ) -> Callable[[Worker, Job], JobRun]:
@@ -242,18 +257,7 @@ def generation_job(
             Usage(usage(len(tokens), stats.tokens_generated, stats.tokens_reused, stats.source))
         )
         if ask.prompt.messages is not None and ask.n == 1 and loops:
-            # A chat's reply comes back in its next turn: re-read it (README, "Exactness").
-            # (A reply that continues the final message has no next turn to read ahead: the prompt
-            # and reply are re-read as they are.)
-            target = (
-                worker.llm.chat_format.next_turn_prefix(ask.prompt.messages, loops[0].text.text)
-                if ask.prompt.opens_reply
-                else None
-            )
-            seq = placed[0] if placed[0] in engine.sequences else None
-            reread = engine.finish_query(seq, tokens, target, True) if seq is not None else None
-            if reread is not None:
-                yield {0: reread}
+            yield from _reread_reply(worker, ask, tokens, loops[0].text.text, placed[0])
         return Ending(cache=(0,))
 
     return run

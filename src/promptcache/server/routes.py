@@ -295,15 +295,7 @@ def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
-        model = server.tokenizer.model  # tokenizing reads only the vocabulary: any thread
-        return {
-            "tokenizer_class": "llama.cpp",
-            "eos_token": model.token_text(model.handle.token_eos()),
-            "bos_token": model.token_text(model.handle.token_bos()),
-            "pad_token": None,
-            "model_max_length": server.n_ctx,
-            "chat_template": model.metadata.get("tokenizer.chat_template"),
-        }
+        return _tokenizer_info(server)
 
     async def render(prompt: Prompt) -> list[int]:
         tokens, _ = await asyncio.to_thread(render_prompt, server.tokenizer, prompt)
@@ -347,6 +339,18 @@ def _install_tokenizer_routes(app: FastAPI, server: Server) -> None:
         return {
             "prompt": await asyncio.to_thread(server.tokenizer.detokenize, tokens, special=True)
         }
+
+
+def _tokenizer_info(server: Server) -> dict[str, Any]:
+    model = server.tokenizer.model  # tokenizing reads only the vocabulary: any thread
+    return {
+        "tokenizer_class": "llama.cpp",
+        "eos_token": model.token_text(model.handle.token_eos()),
+        "bos_token": model.token_text(model.handle.token_bos()),
+        "pad_token": None,
+        "model_max_length": server.n_ctx,
+        "chat_template": model.metadata.get("tokenizer.chat_template"),
+    }
 
 
 # ------------------------------------------------------------------------------------ fleet

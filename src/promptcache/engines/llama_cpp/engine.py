@@ -21,39 +21,31 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from promptcache.codec import OpaqueCodec, StateCodec
+from promptcache.codec import StateCodec
 from promptcache.config import build_cache
-from promptcache.engines.llama_cpp import probe
 from promptcache.engines.llama_cpp.cached_states import CachedStates
 from promptcache.engines.llama_cpp.context import (
     Closing,
     Context,
-    KVFullError,
-    bindings,
     check_room,
 )
+from promptcache.engines.llama_cpp.exactness import Exactness, Settings, check_settings
 from promptcache.engines.llama_cpp.model import Model
 from promptcache.engines.llama_cpp.plan import Query, ReuseRules, check_token_ids
 from promptcache.engines.llama_cpp.planner import plan_round
-from promptcache.engines.llama_cpp.rounds import Step, Unit, pack, waves
-from promptcache.engines.llama_cpp.sequences import Held, SequenceTable
+from promptcache.engines.llama_cpp.runner import KEEP_MIN_TOKENS, run_round
+from promptcache.engines.llama_cpp.sequence_ops import SequenceOps
+from promptcache.engines.llama_cpp.sequences import SequenceTable
 from promptcache.errors import ContextOverflowError, PromptCacheError
-from promptcache.holdings import HoldingsListener
 
 if TYPE_CHECKING:
     from promptcache.cache import PromptCache
 
 log = logging.getLogger(__name__)
-
-# A query that evaluates at least this many new tokens at once (a prompt, not a particle's step) goes
-# into the prefix cache unless it says otherwise (Query.insert), so another process restores it.
-KEEP_MIN_TOKENS = 32
-_MAX_SEQ = 255  # llama.cpp's LLAMA_MAX_SEQ is 256
 
 
 @dataclass
@@ -92,44 +84,7 @@ class Advance:
     done: bool = False
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How an engine runs (LLM's constructor arguments): see Engine."""
-
-    n_seq: int = 1
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_threads: int = 0
-    exact: bool = True
-    exact_batch: int | None = None
-    exact_chunk: int | None = None
-    flash_attn: bool = False
-    whole_states: bool = False
-    min_restore: int = 1
-    verbose: bool = False
-
-
-def _check(s: Settings) -> None:
-    """Settings checked before anything is loaded. Raises ValueError."""
-    if not isinstance(s.n_seq, int) or not 1 <= s.n_seq <= _MAX_SEQ:
-        raise ValueError(f"n_seq must be an int in [1, {_MAX_SEQ}]")
-    if not isinstance(s.n_ctx, int) or s.n_ctx < 16:
-        raise ValueError("n_ctx must be an int >= 16")
-    if not isinstance(s.n_batch, int) or s.n_batch < 64:
-        raise ValueError("n_batch must be an int >= 64 (smaller batches are not exact on CPU)")
-    if s.exact_batch is not None and (
-        not isinstance(s.exact_batch, int) or not 1 <= s.exact_batch <= 32
-    ):
-        raise ValueError("exact_batch must be an int in [1, 32] or None (probe it)")
-    if s.exact_chunk is not None and (
-        not isinstance(s.exact_chunk, int) or not 1 <= s.exact_chunk <= s.n_batch or not s.exact
-    ):
-        raise ValueError(
-            "exact_chunk must be an int in [1, n_batch] (exact mode) or None (measure it)"
-        )
-
-
-class Engine(Closing):
+class Engine(SequenceOps, Closing):
     """Next-token logits for many token lists, in one llama.cpp context of `n_seq` sequences.
 
     model: a Model, a GGUF path, or None for the default model (a Model is shared, not reloaded).
@@ -164,7 +119,7 @@ class Engine(Closing):
             n_seq, n_ctx, n_batch, threads, exact, exact_batch, exact_chunk, flash_attn,
             whole_states, min_restore, verbose,
         )  # fmt: skip
-        _check(self.settings)
+        check_settings(self.settings)
         self._lock = threading.RLock()
         self.model = model if isinstance(model, Model) else Model(model, verbose=verbose)
         self.cache: PromptCache | None = None
@@ -173,11 +128,7 @@ class Engine(Closing):
         self.exact = exact
         self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab
-        self.codec: StateCodec = OpaqueCodec() if whole_states else _splitting_codec()
-        self._probed: probe.ProbeResult | None = (
-            probe.ProbeResult(exact_batch, True, 0, 1, 0) if exact_batch is not None else None
-        )
-        self._fingerprint: str | None = None
+        self.exactness = Exactness(self.model, self.settings)
         self._n_ctx_seq = min(n_ctx, self.model.n_ctx_train)
         self._context: Context | None = None
         self._table = SequenceTable(n_seq)
@@ -189,7 +140,10 @@ class Engine(Closing):
             self.cache = build_cache(cache)
             self._cached = (
                 CachedStates(
-                    self.cache, lambda: self.fingerprint, lambda: self.codec, self._to_whole
+                    self.cache,
+                    lambda: self.fingerprint,
+                    lambda: self.codec,
+                    self.exactness.use_whole_states,
                 )
                 if self.cache is not None
                 else None
@@ -202,128 +156,45 @@ class Engine(Closing):
         settings = replace(self.settings, whole_states=whole, **changes)
         return Engine(self.model, cache=self.cache, **asdict(settings))
 
-    # ------------------------------------------------------------ identity and rules
+    # ------------------------------------------------------------ exactness (exactness.py)
 
-    def _probe(self) -> probe.ProbeResult:
-        """The probe result for this model, settings and machine (measured once, kept on disk)."""
-        if self._probed is None:
-            s = self.settings
-            key = probe.probe_key(self.model.path, flash_attn=s.flash_attn, n_threads=s.n_threads)
-            self._probed = probe.recorded(key, self._measure, self.model.name)
-            b, layout_ok, chunk = self._probed[:3]
-            if b == 0 and self.exact:
-                log.info(
-                    "%s: no batch size reproduces one batch's floats on this machine; exact mode "
-                    "uses the aligned schedule (chunks of %d tokens)",
-                    self.model.name,
-                    s.exact_chunk or chunk,
-                )
-            if not layout_ok and self.codec.splittable:
-                log.info("%s: state layout cannot be cut; caching whole states", self.model.name)
-                self._use_codec(OpaqueCodec())
-        return self._probed
-
-    def _measure(self) -> probe.ProbeResult:
-        s = self.settings
-        context = Context(
-            self.model,
-            n_seq=probe.PROBE_SEQUENCES,
-            n_ctx_seq=probe.PROBE_CELLS,
-            n_batch=s.n_batch,
-            n_threads=s.n_threads,
-            flash_attn=s.flash_attn,
-            split_streams=True,
-        )
-        try:
-            result = probe.measure(
-                context, self.model.tokenize(probe.PROBE_TEXT), _splitting_codec()
-            )
-        finally:
-            context.close()
-        log.debug("probe of %s: %s", self.model.path, result)
-        return result
-
-    def _use_codec(self, codec: StateCodec) -> None:
-        self.codec = codec
-        self._fingerprint = None  # the fingerprint names the codec
-
-    def _to_whole(self) -> None:
-        self._use_codec(OpaqueCodec())
+    @property
+    def codec(self) -> StateCodec:
+        return self.exactness.codec
 
     @property
     def exact_batch(self) -> int:
-        """The smallest batch whose floats match a large batch's (probed once per model, settings and
-        machine; kept in the user cache directory). 2 where the probe found none; 1 in fast mode,
-        which promises no match (a step reads its new token only)."""
-        if not self.exact:
-            return 1
-        return self._probe().exact_batch or 2
+        return self.exactness.exact_batch
 
     @property
     def exact_chunk(self) -> int:
-        """The aligned schedule's chunk C (0 where exact mode reuses at any token, or exact=False)."""
-        if not self.exact:
-            return 0
-        result = self._probe()
-        if self.settings.exact_chunk:
-            return self.settings.exact_chunk
-        return min(result.chunk, self.settings.n_batch) if not result.exact_batch else 0
+        return self.exactness.exact_chunk
 
     @property
     def may_reuse(self) -> bool:
-        """Whether restoring a prefix and evaluating the rest is allowed: in fast mode always; in
-        exact mode with an exact batch size or on the aligned schedule."""
-        return self._probe().exact_batch > 0 or not self.exact or self.exact_chunk > 0
+        return self.exactness.may_reuse
 
     @property
     def decode_group(self) -> int:
-        """One-row steps of this many sequences share a llama_decode (probe.measure_decode_group)."""
-        return self._probe().decode_group if self.exact else self.settings.n_batch
+        return self.exactness.decode_group
 
     @property
     def group_rows(self) -> int:
-        """Sequences' batches of m rows share a llama_decode where this divides m (0: never)."""
-        return self._probe().group_rows
-
-    @property
-    def rules(self) -> ReuseRules:
-        """The reuse rules in force (README, "Exactness")."""
-        n_batch = self._context.n_batch if self._context is not None else self.settings.n_batch
-        return ReuseRules(
-            exact_batch=self.exact_batch,
-            exact=self.exact,
-            may_reuse=self.may_reuse,
-            splittable=self.codec.splittable,
-            n_batch=n_batch,
-            chunk=min(self.exact_chunk, n_batch),
-        )
+        return self.exactness.group_rows
 
     @property
     def exact_strategy(self) -> str:
-        """How reuse stays exact: "token", "aligned", "fast" (exact=False) or "none"."""
-        return self.rules.strategy
+        return self.exactness.exact_strategy
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the GGUF's identity, the KV layout settings, the kernels and the reuse mode
-        (strategy and chunk: a state built on one schedule is never served to another)."""
-        if self._fingerprint is None:
-            self._probe()  # the probe settles the codec, which the fingerprint names
-            llama_cpp = bindings()
-            parts = [
-                "llama.cpp",
-                self.model.identity,
-                f"llama-cpp-python={llama_cpp.__version__}",
-                f"flash_attn={self.settings.flash_attn}",
-                "kv=f16/f16",
-                f"exact={self.exact}",
-                f"codec={self.codec.name}",
-                f"strategy={self.exact_strategy}",
-                f"chunk={self.exact_chunk}",
-                llama_cpp.llama_print_system_info().decode(errors="replace"),
-            ]
-            self._fingerprint = blake2b("\x00".join(parts).encode(), digest_size=16).hexdigest()
-        return self._fingerprint
+        return self.exactness.fingerprint
+
+    @property
+    def rules(self) -> ReuseRules:
+        """The reuse rules in force (README, "Exactness"), for the context's real batch size."""
+        n_batch = self._context.n_batch if self._context is not None else self.settings.n_batch
+        return self.exactness.rules(n_batch)
 
     @property
     def kv_bytes(self) -> int:
@@ -366,7 +237,7 @@ class Engine(Closing):
                 size *= 2
             self._n_ctx_seq = min(size, self.model.n_ctx_train)
             self._free_context()
-            self._probe()  # the probe's own context comes and goes before this one exists
+            self.exactness.probe()  # the probe's own context comes and goes before this one exists
             s = self.settings
             self._context = Context(
                 self.model,
@@ -393,154 +264,6 @@ class Engine(Closing):
         if lock is not None:
             with lock:
                 self._free_context()
-
-    # ------------------------------------------------------------ sequences
-
-    @property
-    def sequences(self) -> dict[int, tuple[int, ...]]:
-        """Live sequence ids and the tokens whose KV each holds."""
-        with self._lock:
-            return self._table.snapshot()
-
-    def held(self, seq: int) -> Held:
-        """The live sequence `seq` (tokens, reusable part). Raises ValueError when it is gone."""
-        return self._table.get(seq)
-
-    def fork(self, seq: int, n_tokens: int | None = None) -> int:
-        """A new sequence holding the first n_tokens (default all) of `seq`'s cells."""
-        with self._lock:
-            src = self._table.get(seq)
-            n = len(src.tokens) if n_tokens is None else int(n_tokens)
-            if not 0 <= n <= len(src.tokens):
-                raise ValueError(f"n_tokens must be in [0, {len(src.tokens)}]")
-            dst = self._free_id(keep={seq})
-            if dst is None:
-                raise PromptCacheError(f"all {self.n_seq} sequences are pinned: unpin one")
-            self._ctx().copy(seq, dst, n)
-            held = self._table.add(dst, src.tokens[:n], min(n, src.n_reusable))
-            held.prompt_end = src.prompt_end if src.prompt_end <= n else -1
-            self.stats.forks += 1
-            return dst
-
-    def free(self, seq: int) -> None:
-        """Drop a sequence; cells it shared with others stay theirs."""
-        with self._lock:
-            self._table.get(seq)
-            self._drop(seq)
-
-    def pin(self, seq: int, pinned: bool = True) -> None:
-        """A pinned sequence is never evicted nor extended in place: queries fork from it."""
-        with self._lock:
-            self._table.get(seq).pinned = pinned
-
-    def clear(self, *, data: bool = False) -> None:
-        """Drop every live sequence (the context stays; with data, its KV buffers are zeroed)."""
-        with self._lock:
-            if self._context is not None:
-                self._context.clear(data=data)
-            self._table.clear()
-
-    def free_idle(self, busy: set[int]) -> int:
-        """Drop every sequence that is neither pinned nor in `busy` (the ones running requests
-        hold); returns how many were dropped."""
-        with self._lock:
-            idle = [h.seq_id for h in self._table if h.seq_id not in busy and not h.pinned]
-            for seq in idle:
-                self._drop(seq)
-            return len(idle)
-
-    def listen(self, listener: HoldingsListener, granularity: int = 1) -> None:
-        """Tell `listener` which prefixes the live sequences can serve (each one's reusable part, cut
-        to a multiple of `granularity` tokens), now and whenever that changes; see holdings.py."""
-        with self._lock:
-            self._table.listen(listener, granularity)
-
-    def settle(self, seq: int) -> Held:
-        """Drop the cells of `seq` past its reusable part (decoded tokens, in exact mode), so that
-        what it holds may be cached and reused; returns it."""
-        with self._lock:
-            held = self._table.get(seq)
-            if held.n_reusable < len(held.tokens):
-                self._ctx().drop(seq, held.n_reusable)
-                held.tokens = held.tokens[: held.n_reusable]
-                if held.prompt_end != len(held.tokens):
-                    held.prompt_end = -1
-                self._table.report(held)
-            return held
-
-    def finish_query(
-        self, seq: int, prompt: list[int], target: list[int] | None, keep_reply: bool
-    ) -> Query | None:
-        """After a reply to `prompt` on `seq`: the query that re-reads what the next turn reuses
-        (plan.ReuseRules.finish: a chat's next-turn prefix `target`, or with keep_reply the prompt
-        and reply, as batches), or None when nothing is re-read (settle() then drops the decoded
-        cells in exact mode)."""
-        with self._lock:
-            held = self._table.get(seq)
-            caching = self.cache is not None
-            finish = self.rules.finish(prompt, held, target, keep_reply, caching=caching)
-            if not finish.batches:
-                return None
-            return Query(finish.tokens, logits=False, insert=False, hint=seq, max_checkpoints=1)
-
-    def state(self, seq: int) -> bytes:
-        """The sequence's llama.cpp state (one-stream layout: what the cache stores)."""
-        with self._lock:
-            self._table.get(seq)
-            return self._ctx().state_bytes(seq)
-
-    def load(self, tokens: Sequence[int], state: bytes, n_reusable: int | None = None) -> int:
-        """A sequence holding `tokens` from `state` (a session); returns its id. Raises
-        PromptCacheError when llama.cpp refuses the state or every sequence is pinned, and
-        ContextOverflowError when the tokens do not fit."""
-        with self._lock:
-            tokens = list(tokens)
-            self.reserve(len(tokens) + 1)
-            seq = self._free_id(keep=set())
-            if seq is None:
-                raise PromptCacheError(f"all {self.n_seq} sequences are pinned: unpin one")
-            if not self._ctx().load_state(seq, state):
-                raise PromptCacheError("llama.cpp refused the state")
-            self._table.add(seq, tokens, n_reusable)
-            return seq
-
-    # ------------------------------------------------------------ caching
-
-    def snapshot(self, seq: int) -> list[tuple[list[int], bytes]]:
-        """What caching `seq` writes: its pending checkpoints, and its state when all of it is
-        reusable (and, for a state that cannot be cut on the aligned schedule, only where it ends at
-        a restore point); (tokens, state) pairs for store(), read now, stored later (off a round)."""
-        with self._lock:
-            held = self._table.get(seq)
-            out, held.checkpoints = held.checkpoints, []
-            if self.cache is None or not self.may_reuse or not held.tokens:
-                return []
-            rules = self.rules
-            n = len(held.tokens)
-            if held.n_reusable == n and (self.codec.splittable or rules.align(n) == n):
-                if not (self._cached is not None and self._cached.contains(held.tokens)):
-                    out.append((list(held.tokens), self._ctx().state_bytes(seq)))
-            held.pending = 0
-            return out
-
-    def store(self, states: Sequence[tuple[list[int], bytes]]) -> int:
-        """Insert states from snapshot() into the prefix cache (any thread); returns bytes written."""
-        if self._cached is None:
-            return 0
-        written = 0
-        for tokens, state in states:
-            written += self._cached.insert(tokens, state)
-            self.stats.inserts += 1
-        return written
-
-    def save(self, seq: int) -> int:
-        """Insert a live sequence's state (and pending checkpoints) in the prefix cache now."""
-        return self.store(self.snapshot(seq))
-
-    def forget_cached(self) -> int:
-        """Remove from the prefix cache the sequences this engine inserted; returns how many."""
-        with self._lock:
-            return self._cached.forget_inserted() if self._cached is not None else 0
 
     # ------------------------------------------------------------ evaluation
 
@@ -612,7 +335,7 @@ class Engine(Closing):
                 raise PromptCacheError(
                     f"all {self.n_seq} sequences are pinned: no query can be evaluated; unpin one"
                 )
-            found = self._run(steps)
+            found = run_round(self, steps)
             results: list[Advance] = [Advance(None, None)] * len(unique)
             for step in steps:
                 results[step.index] = Advance(
@@ -625,104 +348,6 @@ class Engine(Closing):
                 )
             self.stats.queries += sum(1 for s in steps if s.done)
         return [results[first[q.key]] for q in asked]
-
-    # ------------------------------------------------------------ running a round
-
-    def _run(self, steps: list[Step]) -> dict[int, np.ndarray]:
-        """Decode every step's rows; returns the logits of each finished step by query index."""
-        out: dict[int, np.ndarray] = {}
-        busy = {s.seq for s in steps}
-        group = dict(
-            n_batch=self._ctx().n_batch,
-            decode_group=self.decode_group,
-            group_rows=self.group_rows,
-            exact=self.exact,
-        )
-        try:
-            for step in steps:
-                # A fork's stream is copied at the next decode: its state is not readable before.
-                if step.start in step.checkpoints and step.fork is None:
-                    self._checkpoint(step, step.start)
-            for wave in waves(steps):
-                for batch in pack(wave, **group):
-                    out.update(self._decode(batch, busy))
-            decodes = [Unit(st, st.decode, st.decode + 1) for st in steps if st.decode is not None]
-            for batch in pack(decodes, **group):
-                out.update(self._decode(batch, busy))
-        except BaseException:
-            for seq in busy:  # their cells are partly written: forget them rather than trust them
-                if seq in self._table:
-                    self._drop(seq)
-            raise
-        self._finish_round(steps)
-        return out
-
-    def _decode(self, batch: list[Unit], busy: set[int]) -> dict[int, np.ndarray]:
-        """One llama_decode of the units' rows; the logits each finished unit's query wants."""
-        rows = [r for unit in batch for r in unit.rows()]
-        context = self._ctx()
-        while True:
-            try:
-                context.decode(rows)
-                break
-            except KVFullError:
-                # Only a unified KV (fast mode) runs out of cells for a sequence that fits n_ctx.
-                if not self._evict(keep=busy):
-                    raise ContextOverflowError(
-                        f"the KV cells are full with {len(self._table)} live sequences: raise n_ctx"
-                    ) from None
-        self.stats.batches += 1
-        self.stats.tokens_evaluated += len(rows)
-        self.stats.peak_sequences = max(self.stats.peak_sequences, len(batch))
-        out: dict[int, np.ndarray] = {}
-        at = 0
-        for unit in batch:
-            step, q = unit.step, unit.step.query
-            m = unit.hi - unit.lo
-            if q.rows and unit.hi <= q.n_prefill:
-                block = np.stack([context.logits(at + i) for i in range(m)])
-                step.rows.append((unit.lo, block))
-            if unit.hi == len(q.tokens) and q.logits:
-                out[step.index] = context.logits(at + m - 1)
-            if unit.hi in step.checkpoints:
-                self._checkpoint(step, unit.hi)
-            at += m
-        return out
-
-    def _checkpoint(self, step: Step, n: int) -> None:
-        """Save the whole state of step.seq's first n tokens (it holds exactly those now)."""
-        held = self._table.find(step.seq)
-        if held is not None:
-            state = self._ctx().state_bytes(step.seq)
-            held.checkpoints.append((list(step.query.tokens[:n]), state))
-
-    def _finish_round(self, steps: list[Step]) -> None:
-        """Record what each sequence holds now and how much of it is reusable, and cache the
-        queries that ask for it (Query.insert) once their prefill is done."""
-        tick = self._table.tick()
-        chunk = self.rules.chunk
-        for step in steps:
-            held = self._table.get(step.seq)
-            q = step.query
-            held.tokens, held.last_used = list(q.tokens[: step.stop]), tick
-            if not self.exact:
-                held.n_reusable = step.stop
-            elif step.batches:
-                # Cells from a batch shorter than b (a prompt shorter than b) are not exact to reuse.
-                end = step.batches[-1][1]
-                exact = chunk or end - step.start >= self.exact_batch
-                held.n_reusable = end if exact else step.start
-            held.n_reusable = min(held.n_reusable, len(held.tokens))
-            self._table.report(held)
-            # Its cells are now the lone evaluation of the query's prompt (and what it decoded)
-            # once the prefill part is done; a prefill stopped short of it is not yet.
-            held.prompt_end = q.n_prefill if step.stop >= q.n_prefill else -1
-            held.pending += step.stop - step.start
-            if step.batches and step.batches[-1][1] == q.n_prefill:
-                insert = held.pending >= KEEP_MIN_TOKENS if q.insert is None else q.insert
-                if insert and self.cache is not None:
-                    self.save(step.seq)
-                held.pending = 0
 
     # ------------------------------------------------------------ internals
 
@@ -762,12 +387,6 @@ class Engine(Closing):
 
 def _with_hint(query: Query, hint: int | None) -> Query:
     return query if hint is None or query.hint == hint else replace(query, hint=hint)
-
-
-def _splitting_codec() -> StateCodec:
-    from promptcache.codec.llama_state import LlamaStateCodec
-
-    return LlamaStateCodec()
 
 
 __all__ = ["Advance", "Engine", "EngineStats", "KEEP_MIN_TOKENS"]

@@ -18,17 +18,15 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from promptcache.cache import PromptCache
-from promptcache.codec import StateCodec
-from promptcache.engines.llama_cpp import session
 from promptcache.engines.llama_cpp.chat import ChatFormat
-from promptcache.engines.llama_cpp.context import Closing, Context, check_room
+from promptcache.engines.llama_cpp.context import Closing, check_room
 from promptcache.engines.llama_cpp.engine import Advance, Engine
+from promptcache.engines.llama_cpp.engine_view import EngineView
 from promptcache.engines.llama_cpp.generation import (
     TOP_LOGPROBS_MAX,
     Completion,
@@ -42,15 +40,15 @@ from promptcache.engines.llama_cpp.generation import (
     TokenLoop,
     token_logprob,
 )
-from promptcache.engines.llama_cpp.plan import Query, ReuseRules
+from promptcache.engines.llama_cpp.plan import Query
 from promptcache.engines.llama_cpp.prompt_logprobs import PromptLogprobs, position_keys
-from promptcache.errors import ContextOverflowError, CorruptEntryError, PromptCacheError
-from promptcache.files import atomic_write
+from promptcache.engines.llama_cpp.session import SessionMethods
+from promptcache.errors import ContextOverflowError
 
 log = logging.getLogger(__name__)
 
 
-class LLM(Closing):
+class LLM(EngineView, SessionMethods, Closing):
     """A llama.cpp model with automatic prefix caching (cyllama-style API).
 
     model_path: a GGUF file (default: promptcache.default_model_path()). n_ctx: the smallest context
@@ -106,85 +104,7 @@ class LLM(Closing):
         self._lock = threading.RLock()
         self.last_stats = RunStats()
 
-    # ------------------------------------------------------------ the engine's facts
-
-    @property
-    def model_path(self) -> str:
-        return self.engine.model.path
-
-    @property
-    def model(self) -> Any:
-        """The loaded GGUF (engines.llama_cpp.Model): weights, vocabulary, metadata."""
-        return self.engine.model
-
-    @property
-    def vocab(self) -> Any:
-        """The model's llama_vocab pointer (for llama.cpp samplers such as grammars)."""
-        return self.engine.model.vocab
-
-    @property
-    def n_vocab(self) -> int:
-        return self.engine.model.n_vocab
-
-    @property
-    def n_ctx_train(self) -> int:
-        return self.engine.model.n_ctx_train
-
-    @property
-    def cache(self) -> PromptCache | None:
-        """The prefix cache (a PromptCache or None); setting a PromptCache, a name or None switches."""
-        return self.engine.cache
-
-    @cache.setter
-    def cache(self, cache: PromptCache | str | None) -> None:
-        self.engine.use_cache(cache)
-
-    @property
-    def codec(self) -> StateCodec:
-        return self.engine.codec
-
-    @property
-    def fingerprint(self) -> str:
-        """Hash of the model file, KV layout, kernels and reuse mode (Engine.fingerprint)."""
-        return self.engine.fingerprint
-
-    @property
-    def exact_batch(self) -> int:
-        return self.engine.exact_batch
-
-    @property
-    def exact_chunk(self) -> int:
-        return self.engine.exact_chunk
-
-    @property
-    def exact_strategy(self) -> str:
-        """How reuse stays exact: "token", "aligned", "fast" (exact=False) or "none"."""
-        return self.engine.exact_strategy
-
-    @property
-    def may_reuse(self) -> bool:
-        return self.engine.may_reuse
-
-    @property
-    def rules(self) -> ReuseRules:
-        return self.engine.rules
-
     # ------------------------------------------------------------ context
-
-    @property
-    def context(self) -> Context | None:
-        """The live llama.cpp context (None before the first call or after close)."""
-        return self.engine.context
-
-    @property
-    def context_size(self) -> int:
-        """Tokens the live context holds per sequence (0 before the first call or after close)."""
-        context = self.engine.context
-        return context.n_ctx_seq if context is not None else 0
-
-    @property
-    def contexts_created(self) -> int:
-        return self.engine.stats.contexts_created
 
     def reserve(self, n_ctx: int | None = None) -> None:
         """Create the context now (for n_ctx tokens, default the constructor's) instead of on the
@@ -231,24 +151,6 @@ class LLM(Closing):
         if self._seq is None or self._seq not in self.engine.sequences:
             return None
         return self.engine.held(self._seq)
-
-    # ------------------------------------------------------------ tokens
-
-    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
-        """Token ids of `text` (a BOS is added when the model wants one and add_bos is True)."""
-        return self.engine.model.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        """Text of token ids."""
-        return self.engine.model.detokenize(list(tokens), special=special)
-
-    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
-        """The bytes of one token (may be part of a UTF-8 character)."""
-        return self.engine.model.token_to_piece(token, special=special)
-
-    def is_eog(self, token: int) -> bool:
-        """Whether `token` ends a generation (end of text, end of turn)."""
-        return self.engine.model.is_eog(token)
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -511,56 +413,6 @@ class LLM(Closing):
         if stream:
             return self.stream(tokens, cfg, keep_reply=list(messages))
         return self.complete(tokens, cfg, keep_reply=list(messages)).text
-
-    # ------------------------------------------------------------ sessions
-
-    def session_bytes(self) -> bytes:
-        """The live conversation (tokens and state) as a self-checking, model-stamped blob."""
-        with self._lock:
-            held = self._held()
-            if held is None or not held.tokens:
-                raise PromptCacheError("nothing to save: the context holds no tokens yet")
-            state = self.engine.state(self._seq)  # type: ignore[arg-type]
-            return session.pack(
-                held, state, codec_name=self.codec.name, fingerprint=self.fingerprint
-            )
-
-    def save_session(self, path: str | os.PathLike[str]) -> int:
-        """Write the live conversation to `path` atomically; returns the bytes written."""
-        return atomic_write(path, self.session_bytes())
-
-    def load_session_bytes(self, blob: bytes) -> int:
-        """Restore a conversation saved by session_bytes(); returns its token count.
-
-        Raises ModelMismatchError for another model or layout and CorruptEntryError for damaged
-        bytes; either way the LLM stays usable (its sequence is emptied only when loading fails late).
-        """
-        live, state = session.unpack(blob, fingerprint=self.fingerprint)
-        with self._lock:
-            self.engine.reserve(len(live.tokens) + 1)
-            if self._seq is not None and self._seq in self.engine.sequences:
-                self.engine.free(self._seq)
-            self._seq = None
-            try:
-                self._seq = self.engine.load(live.tokens, state, live.n_reusable)
-            except PromptCacheError as exc:
-                raise CorruptEntryError(f"llama.cpp refused the session's state: {exc}") from exc
-            return len(live.tokens)
-
-    def load_session(self, path: str | os.PathLike[str]) -> int:
-        """Restore a conversation saved by save_session(); see load_session_bytes for errors."""
-        try:
-            blob = Path(path).read_bytes()
-        except OSError as exc:
-            raise PromptCacheError(f"cannot read session {path}: {exc}") from exc
-        return self.load_session_bytes(blob)
-
-    def state_bytes(self) -> bytes:
-        """The live sequence's llama.cpp state (what the cache would store for `tokens`)."""
-        with self._lock:
-            if self._held() is None:
-                raise PromptCacheError("no context yet: run a prompt first")
-            return self.engine.state(self._seq)  # type: ignore[arg-type]
 
 
 def prompt_entries(

@@ -1,19 +1,29 @@
-"""Session blobs: a live conversation (tokens, how many are reusable, state) as self-checking bytes.
+"""Sessions: a live conversation (tokens, how many are reusable, state) as self-checking bytes, and
+LLM's methods that save and restore one.
 
-Owns the session format inside the store's envelope (version, checksum, model fingerprint); never
-touches a context (llm.py reads and loads the state) and never unpickles.
+Owns the session format inside the store's envelope (version, checksum, model fingerprint) and
+SessionMethods (LLM's base class); the engine reads and loads states. Never unpickles.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from promptcache.engines.llama_cpp.plan import LiveSequence
-from promptcache.errors import CorruptEntryError, ModelMismatchError
+from promptcache.errors import CorruptEntryError, ModelMismatchError, PromptCacheError
+from promptcache.files import atomic_write
 from promptcache.store import envelope
+
+if TYPE_CHECKING:
+    from promptcache.codec import StateCodec
+    from promptcache.engines.llama_cpp.engine import Engine
 
 SESSION_KEY = "session"
 SESSION_FORMAT = "promptcache-session"
@@ -64,4 +74,63 @@ def unpack(blob: bytes, *, fingerprint: str) -> tuple[LiveSequence, bytes]:
     return LiveSequence(tokens, n_reusable), bytes(state)
 
 
-__all__ = ["pack", "unpack", "SESSION_KEY", "SESSION_FORMAT", "SESSION_VERSION"]
+class SessionMethods:
+    """Saving and restoring an LLM's conversation (LLM provides the attributes declared here)."""
+
+    engine: Engine
+    codec: StateCodec
+    fingerprint: str
+    _seq: int | None
+    _lock: threading.RLock
+
+    def _held(self) -> Any:  # pragma: no cover - the LLM's
+        raise NotImplementedError
+
+    def session_bytes(self) -> bytes:
+        """The live conversation (tokens and state) as a self-checking, model-stamped blob."""
+        with self._lock:
+            held = self._held()
+            if held is None or not held.tokens:
+                raise PromptCacheError("nothing to save: the context holds no tokens yet")
+            state = self.engine.state(self._seq)  # type: ignore[arg-type]
+            return pack(held, state, codec_name=self.codec.name, fingerprint=self.fingerprint)
+
+    def save_session(self, path: str | os.PathLike[str]) -> int:
+        """Write the live conversation to `path` atomically; returns the bytes written."""
+        return atomic_write(path, self.session_bytes())
+
+    def load_session_bytes(self, blob: bytes) -> int:
+        """Restore a conversation saved by session_bytes(); returns its token count.
+
+        Raises ModelMismatchError for another model or layout and CorruptEntryError for damaged
+        bytes; either way the LLM stays usable (its sequence is emptied only when loading fails late).
+        """
+        live, state = unpack(blob, fingerprint=self.fingerprint)
+        with self._lock:
+            self.engine.reserve(len(live.tokens) + 1)
+            if self._seq is not None and self._seq in self.engine.sequences:
+                self.engine.free(self._seq)
+            self._seq = None
+            try:
+                self._seq = self.engine.load(live.tokens, state, live.n_reusable)
+            except PromptCacheError as exc:
+                raise CorruptEntryError(f"llama.cpp refused the session's state: {exc}") from exc
+            return len(live.tokens)
+
+    def load_session(self, path: str | os.PathLike[str]) -> int:
+        """Restore a conversation saved by save_session(); see load_session_bytes for errors."""
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as exc:
+            raise PromptCacheError(f"cannot read session {path}: {exc}") from exc
+        return self.load_session_bytes(blob)
+
+    def state_bytes(self) -> bytes:
+        """The live sequence's llama.cpp state (what the cache would store for `tokens`)."""
+        with self._lock:
+            if self._held() is None:
+                raise PromptCacheError("no context yet: run a prompt first")
+            return self.engine.state(self._seq)  # type: ignore[arg-type]
+
+
+__all__ = ["SessionMethods", "pack", "unpack", "SESSION_KEY", "SESSION_FORMAT", "SESSION_VERSION"]
