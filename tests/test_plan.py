@@ -128,8 +128,8 @@ class Sim:
     def finish(self, prompt: list[int], target: list[int] | None, keep_reply: bool) -> Finish:
         r = self.rules
         finish = r.finish(prompt, self.live, target, keep_reply, caching=self.caching)
-        self.cells = self.cells[: finish.keep]
-        self.run(finish.tokens, finish.keep, finish.batches, finish.checkpoints)
+        self.cells = self.cells[: finish.kept]
+        self.run(finish.tokens, finish.kept, finish.batches, finish.checkpoints)
         self.live.set(finish.tokens, finish.n_reusable)
         if self.caching and r.may_reuse:
             for tokens, cells in self.checkpoints:
@@ -208,9 +208,9 @@ def test_conversations_follow_the_exactness_rules(rules, turns, caching):
         if rules.chunk:
             kept = turn["keep_reply"] and turn["generated"]
             if target is not None and len(target) > n:
-                assert finish.tokens == target and finish.keep == rules.align(n)
+                assert finish.tokens == target and finish.kept == rules.align(n)
             elif kept:
-                assert sim.live.tokens == reply and finish.keep == rules.align(n)
+                assert sim.live.tokens == reply and finish.kept == rules.align(n)
             else:
                 assert sim.live.tokens == prompt
             continue

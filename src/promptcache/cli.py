@@ -76,7 +76,7 @@ def demo(
     console.print(table)
     console.print(f"[bold]Answer:[/bold] {rows[0].answer}")
     console.print(
-        f"Disk cache: {totals['cache_entries']} chunks, {_fmt_bytes(totals['cache_bytes'])} in {totals['cache_dir']}"
+        f"Disk cache: {totals['cache_entries']} segments, {_fmt_bytes(totals['cache_bytes'])} in {totals['cache_dir']}"
     )
 
 

@@ -73,7 +73,11 @@ class _CacheCollector(Collector):
         if pool is not None:
             for name, doc, value in (
                 ("promptcache_workers", "LLM worker threads.", pool.size),
-                ("promptcache_slots", "Requests served at once (workers x parallel).", pool.slots),
+                (
+                    "promptcache_slots",
+                    "Requests served at once (workers x parallel).",
+                    pool.sequences,
+                ),
                 ("promptcache_workers_busy", "Requests running now.", pool.busy),
                 (
                     "promptcache_kv_cache_bytes",

@@ -63,15 +63,18 @@ class QueueFullError(Exception):
 
 class Job:
     """One request: `fn(worker, job)` makes its JobRun in the worker's thread and reports through
-    `emit`; the event loop reads `events` (then END) and may `cancel()` at any time. `slots`: the
+    `emit`; the event loop reads `events` (then END) and may `cancel()` at any time. `sequences`: the
     sequences it holds at once (a request's n choices)."""
 
     def __init__(
-        self, fn: Callable[[Worker, Job], JobRun], loop: asyncio.AbstractEventLoop, slots: int = 1
+        self,
+        fn: Callable[[Worker, Job], JobRun],
+        loop: asyncio.AbstractEventLoop,
+        sequences: int = 1,
     ) -> None:
         self.fn = fn
         self.loop = loop
-        self.slots = slots
+        self.sequences = sequences
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.submitted = time.perf_counter()
@@ -170,7 +173,7 @@ class EnginePool:
         return self.workers[0].engine.n_seq
 
     @property
-    def slots(self) -> int:
+    def sequences(self) -> int:
         """Requests served at once."""
         return sum(e.n_seq for e in self.engines)
 
@@ -211,10 +214,10 @@ class EnginePool:
     def submit(self, job: Job) -> None:
         """Queue `job`. Raises QueueFullError when every sequence is taken and max_queue jobs wait."""
         with self._lock:
-            if self._in_flight >= self.slots + self.max_queue:
+            if self._in_flight >= self.sequences + self.max_queue:
                 waiting = self._in_flight - self._busy
                 raise QueueFullError(
-                    max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.slots)))
+                    max(1, min(60, math.ceil(self._mean_job_s * (waiting + 1) / self.sequences)))
                 )
             self._in_flight += 1
         self._queue.put(job)
@@ -249,7 +252,7 @@ class EnginePool:
         live: list[_Live] = []
         held: Job | None = None  # taken from the queue, waiting for enough free sequences
         while True:
-            free = engine.n_seq - sum(item.job.slots for item in live)
+            free = engine.n_seq - sum(item.job.sequences for item in live)
             while True:
                 if held is None:
                     try:
@@ -261,13 +264,13 @@ class EnginePool:
                             item.job.cancel()
                             self._drop(item)
                         return
-                if held.cancelled or held.slots <= free or not live:
+                if held.cancelled or held.sequences <= free or not live:
                     job, held = held, None
                     with worker.lock:
                         item = self._start(worker, job)
                     if item is not None:
                         live.append(item)
-                        free -= job.slots
+                        free -= job.sequences
                     continue
                 break
             with worker.lock:

@@ -44,24 +44,24 @@ async def read_json(request: Request, limit: int, *, optional: bool = False) -> 
             too_big = int(declared) > limit
         except ValueError:
             raise ApiError(400, "the Content-Length header is not a number") from None
-    chunks: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
     if not too_big or int(declared or 0) <= 16 * limit:
-        async for chunk in request.stream():
-            size += len(chunk)
+        async for part in request.stream():
+            size += len(part)
             if size > limit:
                 too_big = True
                 if size > 16 * limit:
                     break
                 continue
-            chunks.append(chunk)
+            parts.append(part)
     if too_big:
         raise ApiError(
             413,
             f"the request body exceeds {limit} bytes (the server's max_body_bytes)",
             code="request_too_large",
         )
-    raw = b"".join(chunks)
+    raw = b"".join(parts)
     if optional and not raw.strip():
         return {}
     return parse_json(raw)
@@ -95,15 +95,15 @@ async def job_events(request: Request, job: Job) -> AsyncIterator[Event]:
             getter.cancel()
 
 
-def submit(pool: EnginePool, fn: Callable[[Worker, Job], JobRun], slots: int = 1) -> Job:
+def submit(pool: EnginePool, fn: Callable[[Worker, Job], JobRun], sequences: int = 1) -> Job:
     """Queue a job; a full server answers 503 with Retry-After."""
-    job = Job(fn, asyncio.get_running_loop(), slots)
+    job = Job(fn, asyncio.get_running_loop(), sequences)
     try:
         pool.submit(job)
     except QueueFullError as exc:
         raise ApiError(
             503,
-            f"all {pool.slots} sequence(s) are busy and {pool.max_queue} request(s) wait; "
+            f"all {pool.sequences} sequence(s) are busy and {pool.max_queue} request(s) wait; "
             f"retry in {exc.retry_after} s",
             type="server_error",
             code="server_busy",

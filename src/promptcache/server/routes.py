@@ -87,8 +87,8 @@ async def _released(
     stream: AsyncIterator[bytes], release: Callable[[], None]
 ) -> AsyncIterator[bytes]:
     try:
-        async for chunk in stream:
-            yield chunk
+        async for part in stream:
+            yield part
     finally:
         release()
 
@@ -264,7 +264,7 @@ def _install_status_routes(app: FastAPI, server: Server) -> None:
             "workers": {
                 "size": pool.size,
                 "parallel": pool.parallel,
-                "slots": pool.slots,
+                "slots": pool.sequences,
                 "busy": pool.busy,
                 "kv_bytes": pool.kv_bytes,
                 "batching": pool.engine_stats(),
@@ -372,7 +372,7 @@ def _install_fleet_routes(app: FastAPI, server: Server) -> None:
             "model_path": server.model_path,
             "served_model_name": server.model_id,
             "context_length": server.n_ctx,
-            "max_running_requests": server.pool.slots,
+            "max_running_requests": server.pool.sequences,
             "version": __version__,
             "kv_events": (
                 {

@@ -270,10 +270,12 @@ class Engine(SequenceOps, Closing):
     def check(self, tokens: Sequence[int], what: str = "a query") -> list[int]:
         return check_token_ids(tokens, self.n_vocab, what)
 
-    def prefill(self, tokens: Sequence[int], *, pin: bool = False, keep: bool = True) -> np.ndarray:
-        """Logits after `tokens`, left live (pinned with pin=True) and, with keep, in the prefix cache."""
+    def prefill(
+        self, tokens: Sequence[int], *, pin: bool = False, insert: bool = True
+    ) -> np.ndarray:
+        """Logits after `tokens`, left live (pinned with pin=True) and, with insert, in the prefix cache."""
         with self._lock:
-            query = Query(self.check(tokens), insert=keep and self.cache is not None)
+            query = Query(self.check(tokens), insert=insert and self.cache is not None)
             (logits,) = self.evaluate([query])
             held = next((h for h in self._table if h.tokens == query.tokens), None)
             if held is not None:
@@ -357,22 +359,22 @@ class Engine(SequenceOps, Closing):
         return self._context
 
     def _free_id(
-        self, keep: set[int], spare: set[int] | frozenset[int] = frozenset()
+        self, protected: set[int], spare: set[int] | frozenset[int] = frozenset()
     ) -> int | None:
-        """A free sequence id, evicting the least recently used sequence outside `keep` (and
+        """A free sequence id, evicting the least recently used sequence outside `protected` (and
         outside `spare` while another victim exists); None when every sequence is kept or pinned."""
         free = self._table.free_id()
         if free is not None:
             return free
-        victim = self._table.victim(keep | spare) or self._table.victim(keep)
+        victim = self._table.victim(protected | spare) or self._table.victim(protected)
         if victim is None:
             return None
         self._drop(victim.seq_id)
         self.stats.evictions += 1
         return victim.seq_id
 
-    def _evict(self, keep: set[int]) -> bool:
-        victim = self._table.victim(keep)
+    def _evict(self, protected: set[int]) -> bool:
+        victim = self._table.victim(protected)
         if victim is None:
             return False
         self._drop(victim.seq_id)

@@ -129,13 +129,13 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
     with np.errstate(over="ignore"):
         probs = np.exp((x[order] - x[order[0]]) / config.temperature)
     probs /= probs.sum()
-    keep = len(probs)
+    n_kept = len(probs)
     if config.top_p < 1.0:
-        keep = min(keep, int(np.searchsorted(np.cumsum(probs), config.top_p) + 1))
+        n_kept = min(n_kept, int(np.searchsorted(np.cumsum(probs), config.top_p) + 1))
     if config.min_p > 0:
-        keep = min(keep, max(1, int(np.sum(probs >= config.min_p * probs[0]))))
-    probs = probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(keep, p=probs)])
+        n_kept = min(n_kept, max(1, int(np.sum(probs >= config.min_p * probs[0]))))
+    probs = probs[:n_kept] / probs[:n_kept].sum()
+    return int(order[rng.choice(n_kept, p=probs)])
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ class Query:
 
 @dataclass(frozen=True)
 class Prefill:
-    """How to bring a context to an n-token prompt: keep or restore `reused` tokens, then decode
+    """How to bring a context to an n-token prompt: hold or restore `reused` tokens, then decode
     `batches` ((start, stop) token ranges, in order, covering [reused, n)). At each of
     `checkpoints` (ascending, each `reused` or a batch's stop), save a whole state once the batches
     reach that position (at `reused`: before decoding).
@@ -139,11 +139,11 @@ class Prefill:
 
 @dataclass(frozen=True)
 class Finish:
-    """What the live sequence becomes after a reply: drop every cell from `keep` on, decode
-    `tokens[keep:]` in `batches`, then hold `tokens` with `n_reusable` of them reusable; save whole
+    """What the live sequence becomes after a reply: drop every cell from `kept` on, decode
+    `tokens[kept:]` in `batches`, then hold `tokens` with `n_reusable` of them reusable; save whole
     states at `checkpoints` as Prefill does."""
 
-    keep: int
+    kept: int
     tokens: list[int]
     n_reusable: int
     batches: tuple[tuple[int, int], ...] = ()
@@ -298,8 +298,8 @@ class ReuseRules:
                 f"cannot reuse {reused} of {n} tokens: at most {limit}, a restore point"
             )
         if self.chunk:
-            whole = caching and not self.splittable  # (a state ending at n is cached whole)
-            points = self.checkpoints(reused, limit) if whole else ()
+            checkpointing = caching and not self.splittable  # a state ending at n is cached whole
+            points = self.checkpoints(reused, limit) if checkpointing else ()
             return Prefill(reused, self.batches(reused, n), n, points)
         n_reusable = n if n >= self.exact_batch or not self.exact else 0
         if (
@@ -367,13 +367,13 @@ class ReuseRules:
             read = list(tokens)
         if read is None:
             return Finish(p, list(tokens[:p]), p)
-        keep = self.align(p)
+        kept = self.align(p)
         points = (
-            self.checkpoints(keep + 1, self.limit(len(read)))[-1:]
+            self.checkpoints(kept + 1, self.limit(len(read)))[-1:]
             if caching and not self.splittable
             else ()
         )
-        return Finish(keep, read, len(read), self.batches(keep, len(read)), points)
+        return Finish(kept, read, len(read), self.batches(kept, len(read)), points)
 
 
 __all__ = [

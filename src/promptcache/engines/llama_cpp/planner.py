@@ -42,7 +42,7 @@ class _Round:
         self.shares = engine.may_reuse or not engine.exact
 
     @property
-    def keep(self) -> set[int]:
+    def protected(self) -> set[int]:
         return self.claimed | self.sources
 
 
@@ -104,7 +104,7 @@ def _plan_query(r: _Round, i: int, q: Query, match: Match) -> Step | None:
     if step is None and match.held is not None and match.reused > 0:
         step = _reuse_live(r, i, q, match)
     if step is None:
-        seq = engine._free_id(r.keep, r.spare)
+        seq = engine._free_id(r.protected, r.spare)
         if seq is None:
             return None
         engine._table.add(seq, [], 0)
@@ -118,13 +118,13 @@ def _reuse_live(r: _Round, i: int, q: Query, match: Match) -> Step | None:
     tail that is not a prefix of q)."""
     engine, held, n = r.engine, match.held, match.reused
     assert held is not None
-    in_place = held.seq_id not in r.keep and not held.pinned
+    in_place = held.seq_id not in r.protected and not held.pinned
     if in_place and not match.whole and engine._table.free_id() is not None:
         in_place = False  # keep its tail (another particle may come back to it) while ids are free
     if in_place:
         step = Step(i, q, held.seq_id, n, cut=n < len(held.tokens), source="live", reused=n)
     else:
-        seq = engine._free_id(r.keep | {held.seq_id}, r.spare)
+        seq = engine._free_id(r.protected | {held.seq_id}, r.spare)
         if seq is None:
             return None
         r.sources.add(held.seq_id)
@@ -149,7 +149,7 @@ def _restore(r: _Round, i: int, q: Query, have: int, limit: int) -> Step | None:
         hit = cached.cut(hit, n, have)
         if hit is None:
             return None
-    seq = engine._free_id(r.keep, r.spare)
+    seq = engine._free_id(r.protected, r.spare)
     if seq is None:
         return None
     context = engine._ctx()

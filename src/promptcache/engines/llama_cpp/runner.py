@@ -63,7 +63,7 @@ def _decode(engine: Engine, batch: list[Unit], busy: set[int]) -> dict[int, np.n
             break
         except KVFullError:
             # Only a unified KV (fast mode) runs out of cells for a sequence that fits n_ctx.
-            if not engine._evict(keep=busy):
+            if not engine._evict(protected=busy):
                 raise ContextOverflowError(
                     f"the KV cells are full with {len(engine._table)} live sequences: raise n_ctx"
                 ) from None

@@ -42,7 +42,7 @@ class SequenceOps:
         raise NotImplementedError
 
     def _free_id(
-        self, keep: set[int], spare: set[int] | frozenset[int] = frozenset()
+        self, protected: set[int], spare: set[int] | frozenset[int] = frozenset()
     ) -> int | None:
         raise NotImplementedError  # pragma: no cover - the Engine's
 
@@ -71,7 +71,7 @@ class SequenceOps:
             n = len(src.tokens) if n_tokens is None else int(n_tokens)
             if not 0 <= n <= len(src.tokens):
                 raise ValueError(f"n_tokens must be in [0, {len(src.tokens)}]")
-            dst = self._free_id(keep={seq})
+            dst = self._free_id(protected={seq})
             if dst is None:
                 raise PromptCacheError(f"all {self.n_seq} sequences are pinned: unpin one")
             self._ctx().copy(seq, dst, n)
@@ -154,7 +154,7 @@ class SequenceOps:
         with self._lock:
             tokens = list(tokens)
             self.reserve(len(tokens) + 1)
-            seq = self._free_id(keep=set())
+            seq = self._free_id(protected=set())
             if seq is None:
                 raise PromptCacheError(f"all {self.n_seq} sequences are pinned: unpin one")
             if not self._ctx().load_state(seq, state):

@@ -141,9 +141,9 @@ class SequenceTable:
         """A sequence id no live sequence uses, or None when all are taken."""
         return next((i for i in range(self.n_seq) if i not in self._held), None)
 
-    def victim(self, keep: Iterable[int]) -> Held | None:
-        """The least recently used sequence that is neither pinned nor in `keep`."""
-        kept = set(keep)
+    def victim(self, protected: Iterable[int]) -> Held | None:
+        """The least recently used sequence that is neither pinned nor in `protected`."""
+        kept = set(protected)
         victims = [h for h in self._held.values() if h.seq_id not in kept and not h.pinned]
         return min(victims, key=lambda h: h.last_used) if victims else None
 
