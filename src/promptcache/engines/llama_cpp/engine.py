@@ -238,16 +238,8 @@ class Engine(SequenceOps, Closing):
             self._n_ctx_seq = min(size, self.model.n_ctx_train)
             self._free_context()
             self.exactness.probe()  # the probe's own context comes and goes before this one exists
-            s = self.settings
-            self._context = Context(
-                self.model,
-                n_seq=self.n_seq,
-                n_ctx_seq=self._n_ctx_seq,
-                n_batch=s.n_batch,
-                n_threads=s.n_threads,
-                flash_attn=s.flash_attn,
-                split_streams=self.exact,
-                verbose=s.verbose,
+            self._context = self.settings.context(
+                self.model, n_seq=self.n_seq, n_ctx_seq=self._n_ctx_seq, split_streams=self.exact
             )
             self.stats.contexts_created += 1
             return self._context

@@ -39,6 +39,19 @@ class Settings:
     min_restore: int = 1
     verbose: bool = False
 
+    def context(self, model: Model, *, n_seq: int, n_ctx_seq: int, split_streams: bool) -> Context:
+        """A llama.cpp context over `model` with these settings' batch, threads and attention."""
+        return Context(
+            model,
+            n_seq=n_seq,
+            n_ctx_seq=n_ctx_seq,
+            n_batch=self.n_batch,
+            n_threads=self.n_threads,
+            flash_attn=self.flash_attn,
+            split_streams=split_streams,
+            verbose=self.verbose,
+        )
+
 
 def check_settings(s: Settings) -> None:
     """Settings checked before anything is loaded. Raises ValueError."""
@@ -94,14 +107,10 @@ class Exactness:
         return self._probed
 
     def _measure(self) -> probe.ProbeResult:
-        s = self.settings
-        context = Context(
+        context = self.settings.context(
             self.model,
             n_seq=probe.PROBE_SEQUENCES,
             n_ctx_seq=probe.PROBE_CELLS,
-            n_batch=s.n_batch,
-            n_threads=s.n_threads,
-            flash_attn=s.flash_attn,
             split_streams=True,
         )
         try:
