@@ -176,3 +176,23 @@ def test_a_short_prompt_is_cached_only_when_kept(model, prompt):
     assert engine.stats.inserts == 1
     hit = engine.cache.lookup(prompt[:24], engine.fingerprint, codec=engine.codec)
     assert hit is not None and hit.tokens_reused > 16
+
+
+def test_the_engine_takes_every_cache_its_docstring_names(model, tmp_path, monkeypatch):
+    """A PromptCache, "ram", "disk", "tiered", "none" and None (promptcache.config.build_cache)."""
+    from promptcache.store import MemoryStore
+
+    monkeypatch.setenv("PROMPTCACHE_DISK_PATH", str(tmp_path / "kv"))
+    monkeypatch.setenv("PROMPTCACHE_REDIS_URL", "")
+    mine = PromptCache()
+    assert Engine(model, cache=mine).cache is mine
+    assert isinstance(Engine(model, cache="ram").cache.store, MemoryStore)
+    assert isinstance(Engine(model, cache="disk").cache.store, DiskStore)
+    assert list(Engine(model, cache="tiered").cache.store.tier_stats()) == ["memory", "disk"]
+    assert Engine(model, cache="none").cache is None and Engine(model, cache=None).cache is None
+    with pytest.raises(ValueError, match="'ram', 'disk', 'tiered'"):
+        Engine(model, cache="redis-please")
+    engine = Engine(model, cache=None, n_seq=2, n_ctx=256)
+    engine.use_cache("ram")  # LLM.cache = ... switches the same way
+    engine.prefill(engine.model.tokenize(PROMPT))
+    assert engine.stats.inserts == 1 and len(engine.cache) == 1

