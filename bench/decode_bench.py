@@ -21,10 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_section  # noqa: E402
 
-PROMPT = (
-    "Northwind Outfitters sells tents, boots and stoves. Write a long, friendly letter to a customer "
-    "explaining the refund policy, the warranty on boots, and how to care for a camping stove."
-)
+# A continuation both models carry on for hundreds of tokens (an instruction makes SmolLM2 stop at once).
+PROMPT = "The history of camping equipment begins in the nineteenth century, when"
 
 WORKER = r"""
 import json, sys, time
@@ -57,6 +55,7 @@ rates = []
 for _ in range(reps):
     stamps = run()
     rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+assert len(stamps) > n_tokens // 2, f"only {len(stamps)} tokens: the prompt ends the generation"
 print(json.dumps({"kind": kind, "rates": rates, "tokens": len(stamps)}))
 """
 
@@ -80,9 +79,10 @@ for _ in range(steps):
         s.append(int(np.argmax(a.logits)))
 context = engine.context
 raw = []
-pos = [len(s) for s in seqs]
-for i in range(steps):  # one raw llama_decode of the same rows (one per sequence), on spare cells
-    rows = [(int(seqs[j][-1]), pos[j] + i, j, True) for j in range(users)]
+ids = [a.seq for a in out]
+pos = [len(s) - 1 for s in seqs]  # each sequence holds every token but its last
+for i in range(steps):  # one raw llama_decode of the same rows (one per sequence), going on from there
+    rows = [(int(seqs[j][-1]), pos[j] + i, ids[j], True) for j in range(users)]
     t0 = time.perf_counter()
     context.decode(rows)
     raw.append(time.perf_counter() - t0)
