@@ -104,13 +104,14 @@ class Runner:
             from promptcache import LLM
 
             self.llm = LLM(cache=promptcache_cache(name, cache_dir), n_ctx=4096)
-            self.llm.exact_batch  # noqa: B018 - probe once, before timing
-            self.llm.reserve()  # llama_cpp.Llama creates its context up front too
-            # Process start-up, timed apart in fresh_worker: the model file's identity hash (LLM.fingerprint)
-            # and numpy.random's first import (the sampler's), which the first request would otherwise pay.
+            # Process start-up, timed apart in fresh_worker: the model file's identity (LLM.fingerprint:
+            # hashed once per machine, then read from the identity record) and numpy.random's first
+            # import (the sampler's), which the first request would otherwise pay.
             t0 = time.perf_counter()
             self.llm.fingerprint  # noqa: B018
             self.startup_ms = {"fingerprint_ms": (time.perf_counter() - t0) * 1000}
+            self.llm.exact_batch  # noqa: B018 - probe once, before timing
+            self.llm.reserve()  # llama_cpp.Llama creates its context up front too
             t0 = time.perf_counter()
             import numpy.random  # noqa: F401
 
@@ -427,7 +428,7 @@ def report(results: dict) -> str:
                 f"- Where the fresh process's {fresh_pc:.0f} ms go (medians): lookup and restore "
                 f"{median([f['restore_ms'] for f in fr]):.1f} ms ({read}), evaluating the last tokens "
                 f"{median([f['prefill_ms'] for f in fr]):.1f} ms, the rest is the first token's sampling and "
-                f"streaming. Process start-up, before the timer: model identity hash "
+                f"streaming. Process start-up, before the timer: model identity (read from the machine's identity record, the file hashed once per machine) "
                 f"{median([f['fingerprint_ms'] for f in fr]):.1f} ms, numpy.random import "
                 f"{median([f['numpy_random_import_ms'] for f in fr]):.1f} ms; the context (KV buffers) "
                 "is created at start-up too (LLM.reserve, as llama_cpp.Llama does), also before the timer."

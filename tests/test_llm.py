@@ -55,11 +55,12 @@ def uncached_greedy(ref: LLM, tokens: list[int]) -> list[int]:
 def test_repeated_prompt_is_bit_exact_and_evaluates_only_the_last_tokens(llm, ref):
     tokens = llm.tokenize(DOC + "Question: how long do refunds take?")
     first = llm.logits(tokens)
-    assert llm.last_stats.tokens_reused == 0
+    assert llm.last_stats.tokens_reused == 0 and llm.last_stats.restore_ms == 0
     llm.reset_context()  # the hit must come from the PromptCache, not the live context
     again = llm.logits(tokens)
     s = llm.last_stats
     assert s.source == "memory" and s.strategy == "token" and s.chunk == 0
+    assert 0 < s.restore_ms and 0 < s.prefill_ms  # lookup + load, then the last tokens' evaluation
     assert s.tokens_evaluated == llm.exact_batch
     assert s.tokens_reused == len(tokens) - llm.exact_batch
     assert np.array_equal(again, first)

@@ -74,7 +74,8 @@ class Advance:
     """What one query got from a round: the logits after its last token (None while it waits or its
     tokens are still being evaluated); the sequence holding it (None while it waits); how many of its
     tokens the round started from and where they came from (live, memory, disk, redis, none); with
-    Query.rows, (first position, logits of each evaluated position) per batch of the round."""
+    Query.rows, (first position, logits of each evaluated position) per batch of the round;
+    restore_ms: the cache lookup and state load that fed the sequence this round (0 if none)."""
 
     logits: np.ndarray | None
     seq: int | None
@@ -82,6 +83,7 @@ class Advance:
     source: str = "none"
     rows: list[tuple[int, np.ndarray]] = field(default_factory=list)
     done: bool = False
+    restore_ms: float = 0.0
 
 
 class Engine(SequenceOps, Closing):
@@ -339,6 +341,7 @@ class Engine(SequenceOps, Closing):
                     step.source,
                     step.rows,  # type: ignore[arg-type]
                     step.done,
+                    step.restore_ms,
                 )
             self.stats.queries += sum(1 for s in steps if s.done)
         return [results[first[q.key]] for q in asked]

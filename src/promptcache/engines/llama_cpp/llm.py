@@ -173,14 +173,21 @@ class LLM(EngineView, SessionMethods, Closing):
             rows += adv.rows
             if adv.done:
                 assert first is not None
-                return replace(adv, reused=first.reused, source=first.source, rows=rows)
+                return replace(
+                    adv,
+                    reused=first.reused,
+                    source=first.source,
+                    rows=rows,
+                    restore_ms=first.restore_ms,
+                )
 
     def _prefill(self, prompt: list[int], stats: RunStats, **query: Any) -> Advance:
         """Bring this conversation's sequence to `prompt` (restoring what the live sequence or the
         cache holds); the answer carries the last token's logits."""
         t0 = time.perf_counter()
         adv = self._ask(Query(prompt, insert=False, **query))
-        stats.prefill_ms = (time.perf_counter() - t0) * 1000
+        stats.restore_ms = adv.restore_ms  # lookup and state load, inside the round
+        stats.prefill_ms = (time.perf_counter() - t0) * 1000 - adv.restore_ms
         rules = self.engine.rules
         stats.prompt_tokens, stats.tokens_reused, stats.source = len(prompt), adv.reused, adv.source
         stats.strategy, stats.chunk = rules.strategy, rules.chunk

@@ -9,6 +9,7 @@ rounds.pack. Never decodes (engine.py does).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from promptcache.engines.llama_cpp.plan import Query, ReuseRules, common_prefix
@@ -141,6 +142,7 @@ def _restore(r: _Round, i: int, q: Query, have: int, limit: int) -> Step | None:
     sequence; None when there is none, no sequence is free, or llama.cpp refuses the state."""
     engine, cached = r.engine, r.engine._cached
     assert cached is not None
+    t0 = time.perf_counter()
     hit = cached.lookup(q.tokens, limit, have, r.rules.chunk)
     if hit is None:
         return None
@@ -167,7 +169,8 @@ def _restore(r: _Round, i: int, q: Query, have: int, limit: int) -> Step | None:
     engine._table.add(seq, q.tokens[:n], n)
     engine.stats.restores += 1
     engine.stats.tokens_restored += n
-    return Step(i, q, seq, n, source=hit.source, reused=n)
+    restore_ms = (time.perf_counter() - t0) * 1000
+    return Step(i, q, seq, n, source=hit.source, reused=n, restore_ms=restore_ms)
 
 
 def _schedule(r: _Round, step: Step) -> None:

@@ -21,7 +21,8 @@ class Step:
     is not None, or cut back to `start` tokens when `cut`) evaluates `batches` ((lo, hi) ranges of the
     query's prefill part) and then, when `decode` is set, the token at position `decode` alone.
     `checkpoints`: positions after which a whole state is saved. `source`/`reused`: where the tokens
-    it started from came from (live, memory, disk, redis, none) and how many."""
+    it started from came from (live, memory, disk, redis, none) and how many; `restore_ms`: the cache
+    lookup and state load that fed it (0 unless restored)."""
 
     index: int
     query: Query
@@ -33,6 +34,7 @@ class Step:
     cut: bool = False
     source: str = "none"
     reused: int = 0
+    restore_ms: float = 0.0
     checkpoints: tuple[int, ...] = ()
     rows: list[tuple[int, object]] = field(
         default_factory=list
