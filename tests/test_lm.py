@@ -105,6 +105,18 @@ def test_tokenizer_and_vocabularies_are_hugging_face_shaped(lm):
     assert masks.EOS == {tok.eos_token_id} and lm.str_vocab.index(".") in masks.END_PUNCTUATION
     assert lm.str_vocab.index(" the") in masks.STARTS_NEW_WORD
     assert all(masks._token_lengths[i] == 0 for i in tok.all_special_ids)
+    # LLaMPPL deep-copies every particle's LMContext, which holds a mask (ALL_TOKENS after each
+    # token): the masks are immutable and shared, and the masks derived from them too
+    from llamppl import LMContext
+
+    context = LMContext(lm, PROMPT)
+    assert copy.deepcopy(context).model_mask is context.model_mask is masks.ALL_TOKENS
+    banned = masks.ALL_TOKENS - masks.CONTAINS_WHITESPACE
+    assert copy.deepcopy(banned) is banned and banned == set(masks.ALL_TOKENS) - set(
+        masks.CONTAINS_WHITESPACE
+    )
+    with pytest.raises(AttributeError):
+        masks.ALL_TOKENS.add(0)  # type: ignore[attr-defined]
     with pytest.warns(DeprecationWarning):
         assert lm.vocab is lm.str_vocab
     assert copy.deepcopy(lm) is lm  # particles are deep-copied, their LM is shared
