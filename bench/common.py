@@ -14,7 +14,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ["index", "prefix", "exactness", "server", "fleet", "tiers", "artefacts", "smc"]
+ORDER = [
+    "index",
+    "prefix",
+    "exactness",
+    "server",
+    "fleet",
+    "fleet_document",
+    "tiers",
+    "artefacts",
+    "smc",
+]
 
 
 def median(xs: list[float]) -> float:

@@ -12,6 +12,8 @@ bench/fleet.png and BENCHMARKS.md; `--quick` is a smoke run that writes nothing.
 
     python bench/fleet_bench.py                   # the full run: tens of minutes on 2 cores, a quiet machine
     python bench/fleet_bench.py --quick           # smoke run (2 users, 2 turns, short prompts): minutes
+    python bench/fleet_bench.py --document 400    # each user's first turn also pastes its own document
+                                                  # (400 words): section "fleet, a document per user"
 
 Needs vllm-router (pip install -e '.[bench]') and redis-server on PATH.
 """
@@ -62,10 +64,37 @@ class Turn:
     source: str | None
 
 
+def user_document(user: int, n_words: int) -> str:
+    """A deterministic text of about n_words words that is this user's alone (an order history)."""
+    import random
+
+    rng = random.Random(user)
+    items = ["tent", "stove", "boots", "lantern", "backpack", "sleeping bag", "filter", "compass"]
+    states = ["delivered", "returned", "refunded", "in transit", "exchanged", "on hold"]
+    lines, words = [], 0
+    while words < n_words:
+        line = (
+            f"Order {user + 1}-{len(lines) + 1:03d}: {rng.randint(1, 4)} x {rng.choice(items)}, "
+            f"{rng.randint(5, 300)} EUR, placed on day {rng.randint(1, 365)}, {rng.choice(states)}."
+        )
+        lines.append(line)
+        words += len(line.split())
+    return "\n".join(lines)
+
+
+_issued: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this run (the kernel may offer a port again
+    once its socket closes, and the servers, event sockets, Redis and router bind theirs later)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _issued:
+            _issued.add(port)
+            return port
 
 
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -170,6 +199,8 @@ def run_users(
         start.wait()
         for t in range(args.turns):
             question = f"I am customer {user + 1}. {QUESTIONS[t % len(QUESTIONS)]}"
+            if t == 0 and args.document:
+                question = f"My orders:\n{user_document(user, args.document)}\n\n{question}"
             messages.append({"role": "user", "content": question})
             reply, measured = chat(url, messages, args.max_tokens, f"{tag}-user-{user}")
             messages.append({"role": "assistant", "content": reply})
@@ -303,13 +334,20 @@ def _ms(x: object) -> str:
 
 
 def markdown(rows: list[dict], setup: dict) -> str:
+    document = setup.get("document") or 0
     lines = [
-        "## fleet",
+        "## fleet, a document per user" if document else "## fleet",
         "",
-        f"`bench/fleet_bench.py`: two `promptcache serve --threads 1 --parallel {setup['parallel']}` "
+        f"`bench/fleet_bench.py{f' --document {document}' if document else ''}`: two `promptcache serve --threads 1 --parallel {setup['parallel']}` "
         f"behind vllm-router {setup['router']} (KV events on, blocks of {BLOCK}); {setup['users']} "
         f"users at once, each a {setup['turns']}-turn chat over one {setup['system_tokens']:,}-token "
-        f"system prompt (max_tokens {setup['max_tokens']}, streamed); consistent_hash keys on one "
+        f"system prompt (max_tokens {setup['max_tokens']}, streamed)"
+        + (
+            f", each user's first message pasting its own {document}-word order history"
+            if document
+            else ""
+        )
+        + "; consistent_hash keys on one "
         "x-session-id per conversation. Redis: a shared Redis tier beside each server's RAM tier. "
         "'live, turns 2+': turns that reused at least their previous turn's prompt from a live "
         f"sequence. Load average at the start: {setup['load']}.",
@@ -338,8 +376,12 @@ def markdown(rows: list[dict], setup: dict) -> str:
             f"0.5x), and {kv['landed_live']:.0%} of its turns 2+ found their conversation live "
             "(target: at least 90%).",
         ]
-    lines += ["", "![fleet time to first token](bench/fleet.png)"]
+    lines += ["", f"![fleet time to first token](bench/{_name(setup)}.png)"]
     return "\n".join(lines)
+
+
+def _name(setup: dict) -> str:
+    return "fleet_document" if setup.get("document") else "fleet"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -381,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--redis", choices=("both", "no", "yes"), default="both")
     parser.add_argument("--quick", action="store_true", help="smoke run; writes nothing")
+    parser.add_argument(
+        "--document", type=int, default=0, help="words of each user's own document (turn 1)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.turns, args.max_tokens, args.rules = 2, 2, 4, 2
@@ -391,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "users": args.users,
         "turns": args.turns,
         "max_tokens": args.max_tokens,
+        "document": args.document,
         "parallel": args.parallel,
         "router": _router_version(),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -407,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, setup)
     print(md)
     if not args.quick:
-        plot(rows, HERE / "fleet.png")
-        write_section("fleet", md, {"setup": setup, "rows": rows})
+        plot(rows, HERE / f"{_name(setup)}.png")
+        write_section(_name(setup), md, {"setup": setup, "rows": rows})
     return 0
 
 
