@@ -17,6 +17,8 @@ from server_process import ServerProcess, free_port, serving
 from promptcache.server.kv_blocks import ROOT, Removed, Stored, chain_hash
 from promptcache.server.kv_events import encode
 
+pytest_plugins = ["redis_fixture"]  # a real redis-server on a free loopback port
+
 BLOCK = 16
 SYSTEM = "You are the terse assistant of the Northwind outdoor shop. " * 4
 STORED_KEYS = {
@@ -345,3 +347,27 @@ def test_stats_command_shows_reuse_by_source_and_events(server: ServerProcess) -
     assert values['promptcache_prompt_tokens_reused_total{source="live"}'] > 0
     assert values['promptcache_kv_events_total{type="BlockStored"}'] > 0
     assert values["promptcache_kv_event_batches_total"] >= stats["kv_events"]["batches"]
+
+
+def test_cache_medium_names_a_servers_own_tiers_only(tmp_path, redis_url: str) -> None:
+    """RAM entries are announced as CPU, a disk tier of its own as DISK; a shared Redis tier alone
+    says nothing about where to route (None), and a named cache's view reads its tiers' names."""
+    from promptcache.server.kv_events import DISK, RAM, cache_medium
+    from promptcache.store import DiskStore, MemoryStore
+    from promptcache.store.redis import RedisStore
+    from promptcache.store.tiered import NamespacedStore, TieredStore
+
+    disk = DiskStore(tmp_path / "d", 1 << 20)
+    shared = RedisStore(redis_url, 1 << 20, namespace="medium-test")
+    try:
+        assert cache_medium(MemoryStore(1 << 20)) == RAM
+        assert cache_medium(disk) == DISK
+        assert cache_medium(shared) is None
+        assert cache_medium(TieredStore([disk, shared])) == DISK
+        tiers = TieredStore([MemoryStore(1 << 20), disk, shared])
+        assert cache_medium(tiers) == RAM
+        assert cache_medium(NamespacedStore(tiers, "team")) == RAM
+        assert cache_medium(NamespacedStore(TieredStore([shared]), "team")) is None
+    finally:
+        disk.close()
+        shared.close()

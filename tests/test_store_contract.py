@@ -103,6 +103,7 @@ class StoreContract:
         assert store.capacity_bytes == CAPACITY
         names = list(tier_rows(store))
         assert names and all(isinstance(n, str) for n in names)
+        assert store.tier_names() == tuple(names)  # what the KV events name a medium by
         ranks = [store.tier_rank(n) for n in names]
         assert ranks == sorted(set(ranks)), "tiers are listed fastest first, each slower"
         assert store.slowest(names) == names[-1] and store.slowest([]) == "none"

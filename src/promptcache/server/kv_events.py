@@ -25,11 +25,14 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from promptcache.holdings import TokenIds
 from promptcache.keys import token_bytes
 from promptcache.server.kv_blocks import BlockCounts, Removed, Stored
+
+if TYPE_CHECKING:
+    from promptcache.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +309,11 @@ class KVEventPublisher:
             self.counts.replays += 1
 
 
-def cache_medium(store: Any) -> str | None:
+def cache_medium(store: Store) -> str | None:
     """The medium a prefix cache's entries are published under: CPU when it has a RAM tier, DISK
     when its own tier is a disk, None when it is only a shared tier (Redis: every server of the
     fleet can restore from it, so it says nothing about where to route)."""
-    store = getattr(store, "store", store)  # a NamespacedStore's tiers
-    names = {t.name for t in getattr(store, "tiers", (store,))}
+    names = set(store.tier_names())
     if "memory" in names:
         return RAM
     if "disk" in names:

@@ -89,6 +89,10 @@ class Store(Protocol):
         """(value, name of the tier that answered); (None, "none") on a miss."""
         ...
 
+    def tier_names(self) -> tuple[str, ...]:
+        """The names of the tiers this store reads through, fastest first ("memory", "disk", ...)."""
+        ...
+
     def tier_rank(self, tier: str) -> int:
         """Latency rank of a tier by name, fastest 0."""
         ...

@@ -56,6 +56,10 @@ class BaseStore:
         value = self.get_view(key, fingerprint=fingerprint)
         return value, (self.name if value is not None else "none")
 
+    def tier_names(self) -> tuple[str, ...]:
+        """The names of this store's tiers, fastest first (a single store is its one tier)."""
+        return (self.name,)
+
     def tier_rank(self, tier: str) -> int:
         """Latency rank of one of this store's tiers by name (a single store has one tier)."""
         return self.latency_rank if tier == self.name else 99

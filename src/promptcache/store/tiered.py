@@ -94,6 +94,9 @@ class TieredStore(BaseStore):
         """The tier called `name` ("memory", "disk", "redis"), or None."""
         return next((t for t in self.tiers if t.name == name), None)
 
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
     def tier_rank(self, tier: str) -> int:
         """A tier's latency rank: its own, else its position in this chain (first = fastest)."""
         for i, t in enumerate(self.tiers):
@@ -363,6 +366,9 @@ class NamespacedStore(BaseStore):
     @property
     def persistent(self) -> bool:
         return self.store.persistent
+
+    def tier_names(self) -> tuple[str, ...]:
+        return self.store.tier_names()
 
     def tier_rank(self, tier: str) -> int:
         return self.store.tier_rank(tier)
