@@ -140,8 +140,13 @@ def start_fleet(args: argparse.Namespace, tmp: Path, redis_url: str | None) -> l
         server = Server(cmd, port, tmp / f"server{i}.log")
         server.worker = Worker(server.url, events, replay)  # type: ignore[attr-defined]
         servers.append(server)
-    for server in servers:
-        server.wait_ready()
+    try:
+        for server in servers:
+            server.wait_ready()
+    except BaseException:  # one did not start: stop the others, which the caller never sees
+        for server in servers:
+            server.stop()
+        raise
     return servers
 
 
