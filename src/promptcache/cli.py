@@ -342,9 +342,17 @@ def stats(
     with _cache_manager(config) as manager:
         report = manager.stats()
     # How exact mode reuses on this machine, per model the probe measured (LLM.exact_strategy).
+    # One record per model and kernel settings (flash_attn, threads; None in records written
+    # before they were kept); "probe" is the record's key (exactness.py's probe_key).
     report["exact"] = [
-        {k: row.get(k) for k in ("model", "strategy", "exact_batch", "chunk")}
-        for row in probe.records().values()
+        {
+            "probe": key,
+            **{
+                k: row.get(k)
+                for k in ("model", "strategy", "exact_batch", "chunk", "flash_attn", "threads")
+            },
+        }
+        for key, row in probe.records().items()
     ]
     if as_json:
         console.print_json(json.dumps(report, default=str))
@@ -355,11 +363,13 @@ def stats(
         console.print(_artefact_table(name, row))
     if report["exact"]:
         table = Table(title="exact mode on this machine (probed per model)", title_justify="left")
-        for column in ("model", "strategy", "exact batch", "chunk C"):
+        for column in ("model", "flash_attn", "threads", "strategy", "exact batch", "chunk C"):
             table.add_column(column)
         for row in report["exact"]:
             table.add_row(
                 str(row["model"]),
+                "-" if row["flash_attn"] is None else str(row["flash_attn"]),
+                str(row["threads"] or "-"),
                 str(row["strategy"] or "-"),
                 str(row["exact_batch"]),
                 str(row["chunk"] or "-"),

@@ -92,7 +92,8 @@ class Exactness:
         if self._probed is None:
             s = self.settings
             key = probe.probe_key(self.model.path, flash_attn=s.flash_attn, n_threads=s.n_threads)
-            self._probed = probe.recorded(key, self._measure, self.model.name)
+            kernels = {"flash_attn": s.flash_attn, "threads": s.n_threads}
+            self._probed = probe.recorded(key, self._measure, self.model.name, kernels)
             b, layout_ok, chunk = self._probed[:3]
             if b == 0 and self.settings.exact:
                 log.info(

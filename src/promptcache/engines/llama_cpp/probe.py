@@ -111,7 +111,9 @@ def _load(key: str) -> ProbeResult | None:
         return None
 
 
-def _save(key: str, value: ProbeResult, model: str = "") -> ProbeResult:
+def _save(
+    key: str, value: ProbeResult, model: str = "", settings: dict | None = None
+) -> ProbeResult:
     """Record a probe result for this machine (best effort: a read-only cache dir just re-probes)."""
     path = record_file()
     try:
@@ -122,7 +124,12 @@ def _save(key: str, value: ProbeResult, model: str = "") -> ProbeResult:
             known = {}
         if not isinstance(known, dict):
             known = {}
-        known[key] = {**value._asdict(), "model": model, "strategy": strategy(value)}
+        known[key] = {
+            **value._asdict(),
+            "model": model,
+            "strategy": strategy(value),
+            **(settings or {}),
+        }
         atomic_write(path, json.dumps(known))
     except OSError as exc:
         log.debug("could not keep the probe result: %s", exc)
@@ -134,11 +141,14 @@ def strategy(result: ProbeResult) -> str:
     return "token" if result.exact_batch else "aligned"
 
 
-def recorded(key: str, measure: Callable[[], ProbeResult], model: str = "") -> ProbeResult:
+def recorded(
+    key: str, measure: Callable[[], ProbeResult], model: str = "", settings: dict | None = None
+) -> ProbeResult:
     """The probe result for `key`: from this process, else the record file, else measured and
-    recorded (with `model`, a name for people reading the record, e.g. `promptcache stats`)."""
+    recorded (with `model` and the kernels' `settings`, for people reading the record, e.g.
+    `promptcache stats`: one model has a record per setting of flash_attn and threads)."""
     if key not in _memo:
-        _memo[key] = _load(key) or _save(key, measure(), model)
+        _memo[key] = _load(key) or _save(key, measure(), model, settings)
     return _memo[key]
 
 
