@@ -13,6 +13,7 @@ import argparse
 import llama_cpp
 import llama_cpp._logger
 import numpy as np
+from raw_context import RawContext
 
 from promptcache.model import default_model_path
 
@@ -24,35 +25,9 @@ TEXT = (
 ) * 12
 
 
-class Ctx:
+class Ctx(RawContext):
     def __init__(self, model, n_seq: int, n_ctx_seq: int = 1024, unified: bool = False) -> None:
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = n_ctx_seq * n_seq
-        p.n_batch = p.n_ubatch = 512
-        p.n_seq_max, p.kv_unified = n_seq, unified
-        p.n_threads = p.n_threads_batch = 2
-        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        p.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(model, p)
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(512, 0, 1)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-
-    def decode(self, rows: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
-        b = self.batch
-        for i, (tok, pos, seq, want) in enumerate(rows):
-            b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = want
-        b.n_tokens = len(rows)
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        assert rc == 0, rc
-        out = []
-        for i, r in enumerate(rows):
-            if r[3]:
-                ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
-                out.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        return out
+        super().__init__(model, n_seq, n_ctx_seq * n_seq, unified)
 
     def chunks(self, tokens, seqs, start, stop, size):
         """Decode tokens[start:stop] in chunks of `size` aligned to multiples of size, into every
@@ -63,10 +38,6 @@ class Ctx:
             rows = [(tokens[p], p, s, p == hi - 1) for s in seqs for p in range(lo, hi)]
             out = self.decode(rows)
         return out
-
-    def close(self) -> None:
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
 
 
 def tokens_of(model, text: str) -> list[int]:
