@@ -13,16 +13,11 @@ import argparse
 import llama_cpp
 import llama_cpp._logger
 import numpy as np
-from raw_context import RawContext
+from raw_context import TEXT, RawContext
 
 from promptcache.model import default_model_path
 
 llama_cpp._logger.set_verbose(False)
-
-TEXT = (
-    "Northwind Outfitters sells tents, boots and stoves. Refunds take five business days; "
-    "returns of damaged items are free within thirty days, and gift cards never expire. "
-) * 12
 
 
 class Ctx(RawContext):

@@ -7,6 +7,11 @@ from __future__ import annotations
 import llama_cpp
 import numpy as np
 
+TEXT = (  # the prompts' text: every measured sequence reads (part of) it
+    "Northwind Outfitters sells tents, boots and stoves. Refunds take five business days; "
+    "returns of damaged items are free within thirty days, and gift cards never expire. "
+) * 12
+
 
 class RawContext:
     """n_seq sequences in n_ctx cells (one KV for all when unified, else a stream per sequence),

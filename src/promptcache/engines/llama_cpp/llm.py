@@ -347,15 +347,21 @@ class LLM(EngineView, SessionMethods, Closing):
             for _token, piece, reason, logprobs in self._run(prompt_tokens, cfg, keep_reply):
                 yield Step(piece, reason, logprobs)
 
+    def _start_prompt(self, prompt: str | Sequence[int]) -> tuple[list[int], RunStats, float]:
+        """(tokens, fresh last_stats, start time) of a call that reads a prompt's logits, once the
+        context has room for them (ContextOverflowError when the model's context has none)."""
+        tokens = self._prompt_tokens(prompt)
+        stats = RunStats()
+        self.last_stats = stats
+        t0 = time.perf_counter()
+        check_room(len(tokens) + 1, self.n_ctx_train)
+        self.engine.reserve(len(tokens) + 1)
+        return tokens, stats, t0
+
     def logits(self, prompt: str | Sequence[int]) -> np.ndarray:
         """Next-token logits after `prompt`, computed with the same caching as generation."""
         with self._lock:
-            tokens = self._prompt_tokens(prompt)
-            stats = RunStats()
-            self.last_stats = stats
-            t0 = time.perf_counter()
-            check_room(len(tokens) + 1, self.n_ctx_train)
-            self.engine.reserve(len(tokens) + 1)
+            tokens, stats, t0 = self._start_prompt(prompt)
             out = self._prefill(tokens, stats).logits
             stats.ttft_ms = (time.perf_counter() - t0) * 1000
             self._remember(tokens, stats)
@@ -376,12 +382,7 @@ class LLM(EngineView, SessionMethods, Closing):
         if not isinstance(top_k, int) or not 0 <= top_k <= TOP_LOGPROBS_MAX:
             raise ValueError(f"top_k must be an int in [0, {TOP_LOGPROBS_MAX}]")
         with self._lock:
-            tokens = self._prompt_tokens(prompt)
-            stats = RunStats()
-            self.last_stats = stats
-            t0 = time.perf_counter()
-            check_room(len(tokens) + 1, self.n_ctx_train)
-            self.engine.reserve(len(tokens) + 1)
+            tokens, stats, t0 = self._start_prompt(prompt)
             memo = self.prompt_logprob_memo if self.cache is not None else None
             keys = position_keys(self.fingerprint, tokens) if memo is not None else []
             known = memo.covered(keys) if memo is not None else []
