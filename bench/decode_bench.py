@@ -90,6 +90,33 @@ print(json.dumps({"users": users, "engine_ms": [t * 1000 for t in times], "raw_m
                   "decode_group": engine.decode_group, "batches": engine.stats.batches}))
 """
 
+# The same round after a long shared prompt (as a server's users after one system prompt): exact mode
+# holds each sequence's stream of its own (the prompt copied per sequence), fast mode holds the prompt
+# once and lets every sequence attend over one KV.
+LONG = r"""
+import json, sys, time
+import numpy as np
+from promptcache.engines.llama_cpp import Engine, Query
+users, steps, model, exact, n_prompt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None, sys.argv[4] == "exact", int(sys.argv[5])
+engine = Engine(model, cache=None, n_seq=users, n_ctx=2048, exact=exact)
+m = engine.model
+text = " ".join(f"Rule {i}: a customer who returns item {i} within {i + 10} days gets a full refund." for i in range(400))
+base = m.tokenize(text)[:n_prompt]
+prompts = [base + m.tokenize(f" Customer {i} asks about tents. Answer:")[1:] for i in range(users)]
+first = engine.evaluate(prompts)
+seqs = [list(p) + [int(np.argmax(x))] for p, x in zip(prompts, first)]
+times = []
+for _ in range(steps):
+    queries = [Query(s, len(p)) for s, p in zip(seqs, prompts)]
+    t0 = time.perf_counter()
+    out = engine.advance(queries)
+    times.append(time.perf_counter() - t0)
+    for s, a in zip(seqs, out):
+        s.append(int(np.argmax(a.logits)))
+print(json.dumps({"users": users, "prompt": len(prompts[0]), "engine_ms": [t * 1000 for t in times]}))
+"""
+LONG_PROMPT = 1000
+
 
 def _run(code: str, *args: str) -> dict:
     out = subprocess.run(
@@ -137,20 +164,39 @@ def main(argv: list[str] | None = None) -> int:
                 f"{median(r['raw_ms']):.1f} ms (decode group {r['decode_group']})",
                 flush=True,
             )
+    long_rounds = {}
+    for name, path in models.items():
+        for users in (8, 16):
+            for kind in ("exact", "fast"):
+                r = _run(LONG, str(users), str(args.steps), path, kind, str(LONG_PROMPT))
+                long_rounds[(name, users, kind)] = r
+                print(
+                    f"{name} U={users} {kind}, {r['prompt']}-token prompt: round "
+                    f"{median(r['engine_ms']):.1f} ms",
+                    flush=True,
+                )
     after = load()
-    md = markdown(decode, rounds, args, before, after)
+    md = markdown(decode, rounds, args, before, after, long_rounds)
     print(md)
     if not args.quick:
         data = {
             "decode": {f"{m}/{k}": v for (m, k), v in decode.items()},
             "rounds": {f"{m}/{u}": v for (m, u), v in rounds.items()},
+            "long_rounds": {f"{m}/{u}/{k}": v for (m, u, k), v in long_rounds.items()},
             "load": [before, after],
         }
         write_section("exactness", md, data)
     return 0
 
 
-def markdown(decode: dict, rounds: dict, args: argparse.Namespace, before: str, after: str) -> str:
+def markdown(
+    decode: dict,
+    rounds: dict,
+    args: argparse.Namespace,
+    before: str,
+    after: str,
+    long_rounds: dict | None = None,
+) -> str:
     lines = [
         "## Exactness, measured (bench/decode_bench.py)",
         "",
@@ -179,6 +225,24 @@ def markdown(decode: dict, rounds: dict, args: argparse.Namespace, before: str, 
         lines.append(
             f"| {model} | {users} | {r['decode_group']} | {eng:.1f} ms | {raw:.1f} ms | {eng / raw:.2f}x |"
         )
+    if long_rounds:
+        lines += [
+            "",
+            "The same round after a long shared prompt (each sequence's prompt is the same "
+            f"{LONG_PROMPT} tokens and its own question, as a server's users after one system "
+            "prompt), exact against fast mode (median of "
+            f"{args.steps} steps): exact mode copies the prompt into each sequence's own KV stream "
+            "and every row attends over its stream; fast mode holds the prompt once in one KV.",
+            "",
+            "| model | U | prompt tokens | exact round | fast round | exact / fast |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for model, users in sorted({(m, u) for m, u, _ in long_rounds}):
+            ex, fa = (long_rounds[(model, users, k)] for k in ("exact", "fast"))
+            e, f = median(ex["engine_ms"]), median(fa["engine_ms"])
+            lines.append(
+                f"| {model} | {users} | {ex['prompt']:,} | {e:.1f} ms | {f:.1f} ms | {e / f:.2f}x |"
+            )
     lines += ["", f"Load average (1/5/15 min) before: {before}; after: {after}."]
     return "\n".join(lines)
 
