@@ -381,6 +381,15 @@ def markdown(rows: list[dict], setup: dict) -> str:
             f"0.5x), and {kv['landed_live']:.0%} of its turns 2+ found their conversation live "
             "(target: at least 90%).",
         ]
+    shared = base.get(("round_robin", True))
+    if rr and shared:
+        lines += [
+            "",
+            f"The shared Redis tier gives round_robin a TTFT p50 of {_ms(shared['ttft_p50_ms'])} "
+            f"against {_ms(rr['ttft_p50_ms'])} without it (turns 2+: "
+            f"{_ms(shared['ttft_p50_later_ms'])} against {_ms(rr['ttft_p50_later_ms'])}), "
+            f"{shared['reused'].get('redis', 0):,} prompt tokens restored from Redis.",
+        ]
     lines += ["", f"![fleet time to first token](bench/{_name(setup)}.png)"]
     return "\n".join(lines)
 
