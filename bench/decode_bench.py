@@ -59,14 +59,10 @@ assert len(stamps) > n_tokens // 2, f"only {len(stamps)} tokens: the prompt ends
 print(json.dumps({"kind": kind, "rates": rates, "tokens": len(stamps)}))
 """
 
-ROUND = r"""
-import json, sys, time
-import numpy as np
-from promptcache.engines.llama_cpp import Engine, Query
-users, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None
-engine = Engine(model, cache=None, n_seq=users, n_ctx=512)
-model_ = engine.model
-prompts = [model_.tokenize(f"Customer {i} asks about tents, boots and stoves. Answer:") for i in range(users)]
+# Every round benchmark's loop: each user's prompt evaluated, then `steps` rounds of one greedy
+# token per user, each round timed (engine.advance); the worker scripts below define engine, prompts
+# and steps before it.
+STEPS = r"""
 first = engine.evaluate(prompts)
 seqs = [list(p) + [int(np.argmax(x))] for p, x in zip(prompts, first)]
 times = []
@@ -77,6 +73,20 @@ for _ in range(steps):
     times.append(time.perf_counter() - t0)
     for s, a in zip(seqs, out):
         s.append(int(np.argmax(a.logits)))
+"""
+
+ROUND = (
+    r"""
+import json, sys, time
+import numpy as np
+from promptcache.engines.llama_cpp import Engine, Query
+users, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None
+engine = Engine(model, cache=None, n_seq=users, n_ctx=512)
+model_ = engine.model
+prompts = [model_.tokenize(f"Customer {i} asks about tents, boots and stoves. Answer:") for i in range(users)]
+"""
+    + STEPS
+    + r"""
 context = engine.context
 raw = []
 ids = [a.seq for a in out]
@@ -89,11 +99,13 @@ for i in range(steps):  # one raw llama_decode of the same rows (one per sequenc
 print(json.dumps({"users": users, "engine_ms": [t * 1000 for t in times], "raw_ms": [t * 1000 for t in raw],
                   "decode_group": engine.decode_group, "batches": engine.stats.batches}))
 """
+)
 
 # The same round after a long shared prompt (as a server's users after one system prompt): exact mode
 # holds each sequence's stream of its own (the prompt copied per sequence), fast mode holds the prompt
 # once and lets every sequence attend over one KV.
-LONG = r"""
+LONG = (
+    r"""
 import json, sys, time
 import numpy as np
 from promptcache.engines.llama_cpp import Engine, Query
@@ -103,18 +115,12 @@ m = engine.model
 text = " ".join(f"Rule {i}: a customer who returns item {i} within {i + 10} days gets a full refund." for i in range(400))
 base = m.tokenize(text)[:n_prompt]
 prompts = [base + m.tokenize(f" Customer {i} asks about tents. Answer:")[1:] for i in range(users)]
-first = engine.evaluate(prompts)
-seqs = [list(p) + [int(np.argmax(x))] for p, x in zip(prompts, first)]
-times = []
-for _ in range(steps):
-    queries = [Query(s, len(p)) for s, p in zip(seqs, prompts)]
-    t0 = time.perf_counter()
-    out = engine.advance(queries)
-    times.append(time.perf_counter() - t0)
-    for s, a in zip(seqs, out):
-        s.append(int(np.argmax(a.logits)))
+"""
+    + STEPS
+    + r"""
 print(json.dumps({"users": users, "prompt": len(prompts[0]), "engine_ms": [t * 1000 for t in times]}))
 """
+)
 LONG_PROMPT = 1000
 
 

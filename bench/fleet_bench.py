@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -66,8 +67,6 @@ class Turn:
 
 def user_document(user: int, n_words: int) -> str:
     """A deterministic text of about n_words words that is this user's alone (an order history)."""
-    import random
-
     rng = random.Random(user)
     items = ["tent", "stove", "boots", "lantern", "backpack", "sleeping bag", "filter", "compass"]
     states = ["delivered", "returned", "refunded", "in transit", "exchanged", "on hold"]
